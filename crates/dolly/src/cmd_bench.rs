@@ -1,0 +1,168 @@
+//! `dolly bench train|generate`: time our engine on a Pythia-shaped random model and print one JSON object
+//! (median step time / tokens per second, peak RSS). `tools/bench_torch.py` runs PyTorch on the same shapes and
+//! this command in one invocation and prints the ratios.
+
+use crate::cmd_model::preset;
+use clap::{Args, Subcommand};
+use common::Rng;
+use neox::{clip_grad_norm, Activations, AdamW, AdamWConfig, Model, OwnedBatch};
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One full training step (forward, backward, clip, AdamW) on random tokens.
+    Train(TrainBench),
+    /// Batch greedy decoding with the KV cache.
+    Generate(GenBench),
+}
+
+#[derive(Args)]
+pub struct TrainBench {
+    #[arg(long, default_value = "pythia-70m")]
+    preset: String,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Timed steps (after `--warmup` untimed ones).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Recompute activations per layer in the backward (gradient checkpointing).
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Print one JSON object instead of a sentence.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct GenBench {
+    #[arg(long, default_value = "pythia-70m")]
+    preset: String,
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Peak resident set size of this process in MiB (Linux VmHWM), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+pub fn run(c: BenchCommand) -> anyhow::Result<()> {
+    match c {
+        BenchCommand::Train(a) => train(a),
+        BenchCommand::Generate(a) => generate(a),
+    }
+}
+
+fn train(a: TrainBench) -> anyhow::Result<()> {
+    anyhow::ensure!(a.steps > 0 && a.batch_size > 0 && a.seq_len > 1, "steps, batch size and seq len must be > 0");
+    let cfg = preset(&a.preset)?;
+    let model_cfg = cfg.clone();
+    let mut model = Model::new_random(cfg, 0);
+    let (b, t, v) = (a.batch_size, a.seq_len, model_cfg.vocab_size);
+    let mut r = Rng::new(1);
+    let ids: Vec<u32> = (0..b * t).map(|_| r.below(v as u64) as u32).collect();
+    let batch = OwnedBatch::dense(b, t, ids.clone(), ids.iter().map(|&x| x as i32).collect());
+    let mut acts = Activations::new(&model_cfg, b, t, a.gradient_checkpointing);
+    let mut grads = vec![0f32; model.num_params()];
+    let mut opt = AdamW::new(AdamWConfig::default(), model.num_params());
+    let count = batch.view().target_count();
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for step in 0..a.warmup + a.steps {
+        let t0 = Instant::now();
+        grads.iter_mut().for_each(|g| *g = 0.0);
+        let (sum, n) = model.forward_backward(&batch.view(), &mut acts, &mut grads, 1.0 / count as f32)?;
+        clip_grad_norm(&mut grads, 1.0);
+        let layout = model.layout.clone();
+        opt.step(&mut model.params, &grads, 1e-5, &layout);
+        let dt = t0.elapsed().as_secs_f64();
+        losses.push(sum / n as f64);
+        if step >= a.warmup {
+            times.push(dt);
+        }
+    }
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let med = median(&mut times);
+    let out = json!({
+        "bench": "train", "engine": "dolly", "preset": a.preset, "batch_size": b, "seq_len": t,
+        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing,
+        "steps": a.steps, "median_step_s": med, "min_step_s": min, "tokens_per_s": (b * t) as f64 / med,
+        "loss_first": losses[0], "loss_last": losses[losses.len() - 1], "peak_rss_mb": peak_rss_mb(),
+        "activation_mb": acts.bytes() as f64 / (1 << 20) as f64,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "train step {} b{}x{}: median {:.3} s/step, {:.0} tokens/s, peak RSS {:.0} MiB",
+            a.preset,
+            b,
+            t,
+            med,
+            (b * t) as f64 / med,
+            peak_rss_mb().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+fn generate(a: GenBench) -> anyhow::Result<()> {
+    anyhow::ensure!(a.runs > 0 && a.new_tokens > 0 && a.prompt_len > 0, "runs, tokens and prompt len must be > 0");
+    let cfg = preset(&a.preset)?;
+    let model = Model::new_random(cfg, 0);
+    let v = model.config.vocab_size;
+    let mut r = Rng::new(2);
+    let prompts: Vec<Vec<u32>> =
+        (0..a.batch_size).map(|_| (0..a.prompt_len).map(|_| r.below(v as u64) as u32).collect()).collect();
+    let mut tps = Vec::new();
+    let mut ttft = Vec::new();
+    for _ in 0..a.runs {
+        let t0 = Instant::now();
+        neox::generate::greedy(&model, &prompts, 1)?;
+        ttft.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let out = neox::generate::greedy(&model, &prompts, a.new_tokens)?;
+        let dt = t0.elapsed().as_secs_f64();
+        tps.push(out.iter().map(|o| o.len()).sum::<usize>() as f64 / dt);
+    }
+    let out = json!({
+        "bench": "generate", "engine": "dolly", "preset": a.preset, "batch_size": a.batch_size,
+        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "threads": rayon::current_num_threads(),
+        "runs": a.runs, "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "generate {}: {:.1} tokens/s, time to first token {:.4} s",
+            a.preset, out["tokens_per_s"], out["ttft_s"]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! `dolly` command-line front-end: parses flags and dispatches to the library crates. The only place for
+//! `anyhow`; holds no model, data or training logic of its own.
+
+use clap::{Parser, Subcommand};
+
+mod cmd_bench;
+mod cmd_data;
+mod cmd_model;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "dolly",
+    version,
+    about = "Instruction-tune Pythia (GPT-NeoX) on databricks-dolly-15k and answer instructions"
+)]
+struct Cli {
+    /// Worker threads for compute (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a randomly initialised GPT-NeoX model in Hugging Face layout.
+    InitModel(cmd_model::InitModelArgs),
+    /// Measure training-step time or generation speed.
+    #[command(subcommand)]
+    Bench(cmd_bench::BenchCommand),
+    /// Download databricks-dolly-15k (or another dataset) into the Hugging Face cache.
+    CacheDataset(cmd_data::CacheDatasetArgs),
+    /// Inspect the training data: statistics and single examples.
+    #[command(subcommand)]
+    Data(cmd_data::DataCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global() {
+            eprintln!("error: cannot set up {n} threads: {e}");
+            std::process::exit(2);
+        }
+    }
+    let result = match cli.command {
+        Command::InitModel(a) => cmd_model::run_init(a),
+        Command::Bench(c) => cmd_bench::run(c),
+        Command::CacheDataset(a) => cmd_data::run_cache(a),
+        Command::Data(c) => cmd_data::run(c),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,249 @@
+//! Inference forward with a KV cache, batched: feed (B, Tn) new tokens per call (a left-padded prompt, then one
+//! token at a time) and get the last position's logits per row. Positions count real tokens only, so a row's
+//! first real token has position 0 whatever its left padding (as HF's `generate` does with an attention mask);
+//! padded slots are never attended to. The model is not mutated; all per-request state is in `KvCache`.
+
+use crate::error::{Error, Result};
+use crate::kernels::layernorm::layernorm_fwd;
+use crate::kernels::math::{self, gelu_fwd};
+use crate::kernels::matmul::linear_fwd;
+use crate::kernels::rotary::{rope_apply, rope_table};
+use crate::kernels::SendPtr;
+use crate::model::Model;
+use rayon::prelude::*;
+
+/// Per-sequence keys and values of every layer, plus which cache slots hold real tokens.
+pub struct KvCache {
+    pub batch: usize,
+    pub capacity: usize,
+    /// Slots filled so far (same for every row; padding fills slots too).
+    pub len: usize,
+    k: Vec<f32>,    // (L, B, H, cap, D)
+    v: Vec<f32>,    // (L, B, H, cap, D)
+    valid: Vec<u8>, // (B, cap)
+    real: Vec<u32>, // (B) real tokens seen per row = next position
+    // scratch for one call, sized on demand
+    x: Vec<f32>,
+    ln: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    mid: Vec<f32>,
+    fc: Vec<f32>,
+    fc2: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pos: Vec<u32>,
+    last: Vec<f32>,
+}
+
+impl KvCache {
+    /// Number of real (non-padding) tokens seen by row `b`.
+    pub fn real_len(&self, b: usize) -> usize {
+        self.real[b] as usize
+    }
+
+    /// Forget everything (reuse the allocation for a new batch).
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.valid.fill(0);
+        self.real.fill(0);
+    }
+}
+
+impl Model {
+    pub fn new_kv_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        let c = &self.config;
+        let per = c.num_hidden_layers * batch * c.hidden_size * capacity;
+        KvCache {
+            batch,
+            capacity,
+            len: 0,
+            k: vec![0.0; per],
+            v: vec![0.0; per],
+            valid: vec![0; batch * capacity],
+            real: vec![0; batch],
+            x: Vec::new(),
+            ln: Vec::new(),
+            mean: Vec::new(),
+            rstd: Vec::new(),
+            qkv: Vec::new(),
+            y: Vec::new(),
+            mid: Vec::new(),
+            fc: Vec::new(),
+            fc2: Vec::new(),
+            cos: Vec::new(),
+            sin: Vec::new(),
+            pos: Vec::new(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Feed `ids` (B, Tn) with `mask` (B, Tn; 0 = padding) into the cache and write the logits of the last fed
+    /// position of each row into `logits` (B, V).
+    pub fn forward_cached(&self, ids: &[u32], mask: &[u8], cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
+        let cfg = &self.config;
+        let (bsz, c, f, v) = (cache.batch, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (h, d, r) = (cfg.num_attention_heads, cfg.head_dim(), cfg.rotary_ndims());
+        if ids.is_empty() || ids.len() % bsz != 0 || mask.len() != ids.len() {
+            return Err(Error::invalid(format!(
+                "forward_cached: {} ids / {} mask entries for batch {bsz}",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        let tn = ids.len() / bsz;
+        if cache.len + tn > cache.capacity {
+            return Err(Error::invalid(format!(
+                "KV cache full: {} + {tn} tokens exceed its capacity {}",
+                cache.len, cache.capacity
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&x| x as usize >= v) {
+            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary (0..{v})")));
+        }
+        if logits.len() < bsz * v {
+            return Err(Error::invalid("logits buffer too small"));
+        }
+        let n = bsz * tn;
+        let s = cache;
+        for buf in [&mut s.x, &mut s.ln, &mut s.y, &mut s.mid] {
+            buf.resize(n * c, 0.0);
+        }
+        s.mean.resize(n, 0.0);
+        s.rstd.resize(n, 0.0);
+        s.qkv.resize(n * 3 * c, 0.0);
+        s.fc.resize(n * f, 0.0);
+        s.fc2.resize(n * f, 0.0);
+        s.cos.resize(n * r / 2, 0.0);
+        s.sin.resize(n * r / 2, 0.0);
+        // positions and validity of the new slots
+        s.pos.clear();
+        for b in 0..bsz {
+            for i in 0..tn {
+                let slot = s.len + i;
+                let real = mask[b * tn + i] != 0;
+                s.valid[b * s.capacity + slot] = real as u8;
+                s.pos.push(if real { s.real[b] } else { 0 });
+                if real {
+                    s.real[b] += 1;
+                }
+            }
+        }
+        if let Some(&p) = s.pos.iter().max() {
+            if p as usize >= cfg.max_position_embeddings {
+                return Err(Error::invalid(format!(
+                    "sequence reaches position {p}, beyond max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
+        rope_table(&mut s.cos, &mut s.sin, &s.pos, r, cfg.rotary_emb_base);
+        let emb = &self.params[self.layout.embed_in..self.layout.embed_in + v * c];
+        for (row, &id) in s.x.chunks_mut(c).zip(ids) {
+            row.copy_from_slice(&emb[id as usize * c..(id as usize + 1) * c]);
+        }
+        let eps = cfg.layer_norm_eps as f32;
+        let p = |off: usize, len: usize| &self.params[off..off + len];
+        let start = s.len;
+        for l in 0..cfg.num_hidden_layers {
+            let o = self.layout.layers[l];
+            layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln1_w, c), p(o.ln1_b, c), n, c, eps);
+            linear_fwd(&mut s.qkv, &s.ln, p(o.qkv_w, 3 * c * c), Some(p(o.qkv_b, 3 * c)), n, c, 3 * c, false);
+            rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
+            // append k, v of the new tokens: cache layout (L, B, H, cap, D)
+            let lbase = l * bsz * h * s.capacity * d;
+            for b in 0..bsz {
+                for i in 0..tn {
+                    let src = &s.qkv[(b * tn + i) * 3 * c..(b * tn + i + 1) * 3 * c];
+                    for hh in 0..h {
+                        let dst = lbase + ((b * h + hh) * s.capacity + start + i) * d;
+                        s.k[dst..dst + d].copy_from_slice(&src[hh * 3 * d + d..hh * 3 * d + 2 * d]);
+                        s.v[dst..dst + d].copy_from_slice(&src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
+                    }
+                }
+            }
+            cached_attention(s, l, tn, start, h, d);
+            linear_fwd(&mut s.mid, &s.y, p(o.dense_w, c * c), Some(p(o.dense_b, c)), n, c, c, false);
+            if cfg.use_parallel_residual {
+                // x += attn(ln1(x)) + mlp(ln2(x))
+                layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
+                s.x.iter_mut().zip(&s.mid).for_each(|(x, a)| *x += a);
+            } else {
+                // x = x + attn(ln1(x)); x += mlp(ln2(x))
+                s.x.iter_mut().zip(&s.mid).for_each(|(x, a)| *x += a);
+                layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
+            }
+            linear_fwd(&mut s.fc, &s.ln, p(o.fc_w, f * c), Some(p(o.fc_b, f)), n, c, f, false);
+            gelu_fwd(&mut s.fc2, &s.fc);
+            linear_fwd(&mut s.x, &s.fc2, p(o.proj_w, c * f), Some(p(o.proj_b, c)), n, f, c, true);
+        }
+        s.len += tn;
+        // final LayerNorm and head on the last new position of each row: (B,C) -> (B,V)
+        s.last.resize(bsz * c, 0.0);
+        for b in 0..bsz {
+            let row = b * tn + tn - 1;
+            s.last[b * c..(b + 1) * c].copy_from_slice(&s.x[row * c..(row + 1) * c]);
+        }
+        let (lw, lb) = (p(self.layout.lnf_w, c), p(self.layout.lnf_b, c));
+        layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.last, lw, lb, bsz, c, eps);
+        linear_fwd(logits, &s.ln, p(self.layout.embed_out, v * c), None, bsz, c, v, false);
+        Ok(())
+    }
+}
+
+/// y (B·Tn, C) = attention of the new queries over every valid cached slot up to their own.
+fn cached_attention(s: &mut KvCache, l: usize, tn: usize, start: usize, h: usize, d: usize) {
+    let (bsz, cap, c) = (s.batch, s.capacity, h * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let lbase = l * bsz * h * cap * d;
+    let y = SendPtr(s.y.as_mut_ptr());
+    let (k, v, qkv, valid) = (&s.k, &s.v, &s.qkv, &s.valid);
+    (0..bsz * h).into_par_iter().for_each_init(
+        || vec![0f32; cap],
+        |scores, bh| {
+            let (b, hh) = (bh / h, bh % h);
+            let kb = &k[lbase + bh * cap * d..];
+            let vb = &v[lbase + bh * cap * d..];
+            let y = y;
+            for i in 0..tn {
+                let row = b * tn + i;
+                let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
+                let upto = start + i + 1;
+                let mut mx = f32::NEG_INFINITY;
+                for j in 0..upto {
+                    if valid[b * cap + j] != 0 {
+                        let kj = &kb[j * d..(j + 1) * d];
+                        let sc =
+                            pulp::Arch::new().dispatch(|| q.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>()) * scale;
+                        scores[j] = sc;
+                        mx = mx.max(sc);
+                    }
+                }
+                // SAFETY: (row, head hh) output block is written by this task only; bounds: row < B·Tn.
+                let out = unsafe { std::slice::from_raw_parts_mut(y.0.add(row * c + hh * d), d) };
+                out.fill(0.0);
+                if mx == f32::NEG_INFINITY || valid[b * cap + start + i] == 0 {
+                    continue;
+                }
+                let mut sum = 0f32;
+                for j in 0..upto {
+                    if valid[b * cap + j] != 0 {
+                        let e = math::exp(scores[j] - mx);
+                        scores[j] = e;
+                        sum += e;
+                    }
+                }
+                let inv = 1.0 / sum;
+                for j in 0..upto {
+                    if valid[b * cap + j] != 0 {
+                        let w = scores[j] * inv;
+                        let vj = &vb[j * d..(j + 1) * d];
+                        out.iter_mut().zip(vj).for_each(|(o, x)| *o += w * x);
+                    }
+                }
+            }
+        },
+    );
+}

@@ -1,0 +1,237 @@
+//! Causal multi-head attention for training, one (batch, head) pair per task: scores with `gemm`, masked
+//! softmax in float32, probabilities kept for the backward. Visibility of key j from query i in row b:
+//! `j <= i && attention_mask[b,j] != 0 && doc[b,j] == doc[b,i]` (per-document masking for packed rows). A query
+//! that sees no key gets a zero output. Letters: B batch, T time, H heads, D head dim, C = H·D; the fused qkv
+//! buffer has rows of `(H, 3D)` (HF interleaves q,k,v per head).
+
+use super::matmul::gemm_strided;
+use super::{math, SendPtr};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Which keys each query may see.
+#[derive(Clone, Copy)]
+pub struct Visibility<'a> {
+    /// (B,T): 0 = padding.
+    pub attention_mask: &'a [u8],
+    /// (B,T): document index per token for packed rows; None = one document per row.
+    pub doc_ids: Option<&'a [u32]>,
+}
+
+impl Visibility<'_> {
+    #[inline(always)]
+    fn visible(&self, row0: usize, i: usize, j: usize) -> bool {
+        j <= i && self.attention_mask[row0 + j] != 0 && self.doc_ids.is_none_or(|d| d[row0 + j] == d[row0 + i])
+    }
+}
+
+/// Forward. out (N,C) = merged heads of softmax(q kᵀ/√D + mask) v; att (B,H,T,T) = probabilities.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    vis: Visibility<'_>,
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) {
+    let (c, row) = (h * d, 3 * h * d);
+    assert!(out.len() >= b * t * c && att.len() >= b * h * t * t && qkv.len() >= b * t * row);
+    assert!(vis.attention_mask.len() >= b * t && vis.doc_ids.is_none_or(|x| x.len() >= b * t));
+    let scale = 1.0 / (d as f32).sqrt();
+    let out_p = SendPtr(out.as_mut_ptr());
+    att[..b * h * t * t].par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+        let (bi, hi) = (bh / h, bh % h);
+        let base = qkv[bi * t * row..].as_ptr();
+        let out_p = out_p;
+        // SAFETY: all strided reads stay inside qkv rows of batch bi (sizes asserted above); p is this task's
+        // own (T,T) block; the output block (rows of bi, columns of head hi) is written by this task only.
+        unsafe {
+            let q = base.add(hi * 3 * d);
+            let k = q.add(d);
+            let v = q.add(2 * d);
+            // (T,D) x (D,T) -> (T,T) scores
+            gemm_strided(
+                t,
+                t,
+                d,
+                p.as_mut_ptr(),
+                t as isize,
+                1,
+                false,
+                q,
+                row as isize,
+                1,
+                k,
+                1,
+                row as isize,
+                scale,
+                Parallelism::None,
+            );
+            masked_softmax_rows(p, vis, bi * t, t);
+            // (T,T) x (T,D) -> (T,D) into out[bi, :, hi*D..]
+            gemm_strided(
+                t,
+                d,
+                t,
+                out_p.0.add(bi * t * c + hi * d),
+                c as isize,
+                1,
+                false,
+                p.as_ptr(),
+                t as isize,
+                1,
+                v,
+                row as isize,
+                1,
+                1.0,
+                Parallelism::None,
+            );
+        }
+    });
+}
+
+/// In-place masked softmax of a (T,T) score block; invisible entries become exactly 0.
+fn masked_softmax_rows(p: &mut [f32], vis: Visibility<'_>, row0: usize, t: usize) {
+    for i in 0..t {
+        let s = &mut p[i * t..(i + 1) * t];
+        let mut mx = f32::NEG_INFINITY;
+        for (j, &x) in s.iter().enumerate().take(i + 1) {
+            if vis.visible(row0, i, j) && x > mx {
+                mx = x;
+            }
+        }
+        if mx == f32::NEG_INFINITY {
+            s.fill(0.0);
+            continue;
+        }
+        let mut sum = 0f32;
+        for j in 0..t {
+            let e = if vis.visible(row0, i, j) { math::exp(s[j] - mx) } else { 0.0 };
+            s[j] = e;
+            sum += e;
+        }
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// Backward. Given dout (N,C), att (B,H,T,T) and qkv, writes dqkv (N, H·3D) (overwrites) using datt as
+/// (B,H,T,T) scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    dqkv: &mut [f32],
+    datt: &mut [f32],
+    dout: &[f32],
+    att: &[f32],
+    qkv: &[f32],
+    b: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+) {
+    let (c, row) = (h * d, 3 * h * d);
+    assert!(dqkv.len() >= b * t * row && datt.len() >= b * h * t * t && att.len() >= b * h * t * t);
+    assert!(dout.len() >= b * t * c && qkv.len() >= b * t * row);
+    let scale = 1.0 / (d as f32).sqrt();
+    let dqkv_p = SendPtr(dqkv.as_mut_ptr());
+    datt[..b * h * t * t].par_chunks_mut(t * t).enumerate().for_each(|(bh, dp)| {
+        let (bi, hi) = (bh / h, bh % h);
+        let p = &att[bh * t * t..(bh + 1) * t * t];
+        let dqkv_p = dqkv_p;
+        // SAFETY: reads stay inside the batch-bi rows of qkv/dout; writes go to the q,k,v columns of head hi in
+        // the batch-bi rows of dqkv, which no other task touches; dp is this task's block.
+        unsafe {
+            let q = qkv.as_ptr().add(bi * t * row + hi * 3 * d);
+            let k = q.add(d);
+            let v = q.add(2 * d);
+            let dq = dqkv_p.0.add(bi * t * row + hi * 3 * d);
+            let dk = dq.add(d);
+            let dv = dq.add(2 * d);
+            let go = dout.as_ptr().add(bi * t * c + hi * d);
+            // dP (T,T) = dO (T,D) · Vᵀ
+            gemm_strided(
+                t,
+                t,
+                d,
+                dp.as_mut_ptr(),
+                t as isize,
+                1,
+                false,
+                go,
+                c as isize,
+                1,
+                v,
+                1,
+                row as isize,
+                1.0,
+                Parallelism::None,
+            );
+            // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
+            for i in 0..t {
+                let pr = &p[i * t..(i + 1) * t];
+                let dr = &mut dp[i * t..(i + 1) * t];
+                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                for j in 0..t {
+                    dr[j] = pr[j] * (dr[j] - dot) * scale;
+                }
+            }
+            // dV (T,D) = Pᵀ · dO
+            gemm_strided(
+                t,
+                d,
+                t,
+                dv,
+                row as isize,
+                1,
+                false,
+                p.as_ptr(),
+                1,
+                t as isize,
+                go,
+                c as isize,
+                1,
+                1.0,
+                Parallelism::None,
+            );
+            // dQ (T,D) = dS · K
+            gemm_strided(
+                t,
+                d,
+                t,
+                dq,
+                row as isize,
+                1,
+                false,
+                dp.as_ptr(),
+                t as isize,
+                1,
+                k,
+                row as isize,
+                1,
+                1.0,
+                Parallelism::None,
+            );
+            // dK (T,D) = dSᵀ · Q
+            gemm_strided(
+                t,
+                d,
+                t,
+                dk,
+                row as isize,
+                1,
+                false,
+                dp.as_ptr(),
+                1,
+                t as isize,
+                q,
+                row as isize,
+                1,
+                1.0,
+                Parallelism::None,
+            );
+        }
+    });
+}

@@ -1,0 +1,100 @@
+//! LayerNorm over the last dimension with affine weight and bias (PyTorch semantics, biased variance, eps inside
+//! the square root). Forward saves mean and 1/std per row for the backward. Backward accumulates into the input
+//! gradient (residual streams add several branches) and into the parameter gradients in a fixed order.
+
+use rayon::prelude::*;
+
+/// out (N,C) = (inp - mean) * rstd * w + b; mean, rstd (N).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_fwd(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    c: usize,
+    eps: f32,
+) {
+    assert!(out.len() >= n * c && inp.len() >= n * c && mean.len() >= n && rstd.len() >= n);
+    assert!(w.len() == c && b.len() == c);
+    out[..n * c]
+        .par_chunks_mut(c)
+        .zip(inp[..n * c].par_chunks(c))
+        .zip(mean[..n].par_iter_mut().zip(rstd[..n].par_iter_mut()))
+        .for_each(|((o, x), (m, r))| {
+            pulp::Arch::new().dispatch(|| {
+                let mu = x.iter().sum::<f32>() / c as f32;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                let rs = 1.0 / (var + eps).sqrt();
+                for i in 0..c {
+                    o[i] = (x[i] - mu) * rs * w[i] + b[i];
+                }
+                *m = mu;
+                *r = rs;
+            })
+        });
+}
+
+/// dinp (N,C) += ∂L/∂inp; dw, db (C) += parameter gradients. `dout` is ∂L/∂out.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_bwd(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+) {
+    assert!(dinp.len() >= n * c && dout.len() >= n * c && inp.len() >= n * c && mean.len() >= n && rstd.len() >= n);
+    assert!(dw.len() == c && db.len() == c && w.len() == c);
+    const ROWS: usize = 64;
+    let chunks = n.div_ceil(ROWS);
+    // Per-chunk partial sums of dw and db, reduced in chunk order below (deterministic).
+    let mut partial = vec![0f32; chunks * 2 * c];
+    partial.par_chunks_mut(2 * c).zip(dinp[..n * c].par_chunks_mut(ROWS * c)).enumerate().for_each(
+        |(ci, (part, dinp_rows))| {
+            let (pw, pb) = part.split_at_mut(c);
+            let r0 = ci * ROWS;
+            let rows = dinp_rows.len() / c;
+            pulp::Arch::new().dispatch(|| {
+                for r in 0..rows {
+                    let row = r0 + r;
+                    let x = &inp[row * c..(row + 1) * c];
+                    let g = &dout[row * c..(row + 1) * c];
+                    let (mu, rs) = (mean[row], rstd[row]);
+                    let mut sum_dn = 0f32;
+                    let mut sum_dn_n = 0f32;
+                    for i in 0..c {
+                        let norm = (x[i] - mu) * rs;
+                        let dn = g[i] * w[i];
+                        sum_dn += dn;
+                        sum_dn_n += dn * norm;
+                        pw[i] += g[i] * norm;
+                        pb[i] += g[i];
+                    }
+                    let mean_dn = sum_dn / c as f32;
+                    let mean_dn_n = sum_dn_n / c as f32;
+                    let d = &mut dinp_rows[r * c..(r + 1) * c];
+                    for i in 0..c {
+                        let norm = (x[i] - mu) * rs;
+                        let dn = g[i] * w[i];
+                        d[i] += (dn - mean_dn - norm * mean_dn_n) * rs;
+                    }
+                }
+            })
+        },
+    );
+    for part in partial.chunks(2 * c) {
+        let (pw, pb) = part.split_at(c);
+        for i in 0..c {
+            dw[i] += pw[i];
+            db[i] += pb[i];
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Scalar math written to auto-vectorise (no table lookups, no branches): `exp`, `erf`, exact-erf GELU forward
+//! and backward over slices. Accuracy: exp ~1-2 ulp; erf absolute error < 1.2e-7 (Numerical Recipes' erfc
+//! Chebyshev fit), well inside float32 parity with PyTorch at 1e-4. Not for f64.
+
+use rayon::prelude::*;
+
+/// exp(x) for f32, Cephes-style range reduction + degree-6 polynomial. Clamped to avoid inf/denormal paths:
+/// exp(-88) ~ 6e-39 (smallest normal region) and exp(88) ~ 1.6e38.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let r2 = r * r;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * r2 + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    y * scale
+}
+
+/// erf(x), |error| < 1.2e-7.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let erfc = t * exp(-z * z + poly);
+    let r = 1.0 - erfc;
+    if x < 0.0 {
+        -r
+    } else {
+        r
+    }
+}
+
+const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * INV_SQRT2))
+}
+
+/// d gelu(x) / dx = Phi(x) + x * phi(x).
+#[inline(always)]
+pub fn gelu_grad(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * INV_SQRT2)) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+const PAR_CHUNK: usize = 1 << 14;
+
+/// out = gelu(inp), elementwise.
+pub fn gelu_fwd(out: &mut [f32], inp: &[f32]) {
+    assert_eq!(out.len(), inp.len());
+    out.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(o, i)| {
+        pulp::Arch::new().dispatch(|| {
+            for (o, &x) in o.iter_mut().zip(i) {
+                *o = gelu(x);
+            }
+        })
+    });
+}
+
+/// dinp = dout * gelu'(inp), elementwise (dinp may alias nothing; it is overwritten).
+pub fn gelu_bwd(dinp: &mut [f32], dout: &[f32], inp: &[f32]) {
+    assert!(dinp.len() == dout.len() && dout.len() == inp.len());
+    dinp.par_chunks_mut(PAR_CHUNK).zip(dout.par_chunks(PAR_CHUNK)).zip(inp.par_chunks(PAR_CHUNK)).for_each(
+        |((d, g), i)| {
+            pulp::Arch::new().dispatch(|| {
+                for ((d, &g), &x) in d.iter_mut().zip(g).zip(i) {
+                    *d = g * gelu_grad(x);
+                }
+            })
+        },
+    );
+}
+
+/// Same as `gelu_bwd` but in place: `d` holds dout on entry and dinp on exit.
+pub fn gelu_bwd_inplace(d: &mut [f32], inp: &[f32]) {
+    assert_eq!(d.len(), inp.len());
+    d.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(d, i)| {
+        pulp::Arch::new().dispatch(|| {
+            for (d, &x) in d.iter_mut().zip(i) {
+                *d *= gelu_grad(x);
+            }
+        })
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn erf64(x: f64) -> f64 {
+        // Abramowitz-Stegun 7.1.5 series, converges fast for |x| <= 3; used only as a reference here.
+        let mut sum = 0.0;
+        let mut term = x;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 || n < 5.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -x * x / n;
+            if n > 200.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst: f64 = 0.0;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let got = exp(x) as f64;
+            let want = (x as f64).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "max rel err {worst}");
+        assert_eq!(exp(-1000.0), exp(-87.3));
+        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+    }
+
+    #[test]
+    fn erf_and_gelu_are_accurate() {
+        let mut x = -3.0f32;
+        while x <= 3.0 {
+            let e = (erf(x) as f64 - erf64(x as f64)).abs();
+            assert!(e < 2.5e-7, "erf({x}) err {e}");
+            x += 0.01;
+        }
+        assert_eq!(erf(10.0), 1.0);
+        assert_eq!(erf(-10.0), -1.0);
+        // gelu' by central differences in f64 of the f64 reference.
+        let g = |x: f64| 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2));
+        for &x in &[-2.5f32, -0.7, 0.0, 0.3, 1.9] {
+            let h = 1e-5;
+            let fd = (g(x as f64 + h) - g(x as f64 - h)) / (2.0 * h);
+            assert!((gelu_grad(x) as f64 - fd).abs() < 1e-6, "gelu'({x})");
+            assert!((gelu(x) as f64 - g(x as f64)).abs() < 1e-6, "gelu({x})");
+        }
+    }
+}

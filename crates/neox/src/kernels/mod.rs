@@ -1,0 +1,16 @@
+//! CPU kernels for the GPT-NeoX engine: everything but matrix multiplication is written here (fused, vectorisable
+//! loops dispatched to AVX2/AVX-512 at run time through `pulp`); matmul goes to the `gemm` crate. No allocation
+//! on the hot path beyond what callers pass in. Shapes: N rows (= B*T), C channels, etc. per function.
+
+pub mod attention;
+pub mod layernorm;
+pub mod math;
+pub mod matmul;
+pub mod rotary;
+pub mod xent;
+
+/// A raw pointer that may cross rayon threads; each user writes disjoint ranges (documented at each use).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}

@@ -1,0 +1,55 @@
+//! Rotary position embedding on the first `r` dims of each head's q and k (GPT-NeoX `rotate_half` convention:
+//! pairs (i, i + r/2)), applied in place inside the fused qkv buffer, whose rows are `(H, 3D)` = per head
+//! `[q | k | v]`. Backward applies the transposed (inverse) rotation. cos/sin are computed per row from the
+//! row's position, as HF does in float32: `inv_freq[j] = 1 / base^(2j/r)`, angle = pos * inv_freq[j].
+
+use rayon::prelude::*;
+
+/// Fill cos/sin (N, r/2) for the given positions.
+pub fn rope_table(cos: &mut [f32], sin: &mut [f32], positions: &[u32], r: usize, base: f64) {
+    let half = r / 2;
+    assert!(cos.len() >= positions.len() * half && sin.len() >= positions.len() * half);
+    if half == 0 {
+        return;
+    }
+    let inv_freq: Vec<f32> = (0..half).map(|j| 1.0 / (base as f32).powf((2 * j) as f32 / r as f32)).collect();
+    cos[..positions.len() * half]
+        .par_chunks_mut(half)
+        .zip(sin[..positions.len() * half].par_chunks_mut(half))
+        .zip(positions.par_iter())
+        .for_each(|((c, s), &p)| {
+            for j in 0..half {
+                let a = (p as f32 * inv_freq[j]) as f64;
+                c[j] = a.cos() as f32;
+                s[j] = a.sin() as f32;
+            }
+        });
+}
+
+/// Rotate q and k of every row/head in `qkv` (N, H·3D). `inverse` applies the transpose (for backward).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_apply(qkv: &mut [f32], cos: &[f32], sin: &[f32], n: usize, h: usize, d: usize, r: usize, inverse: bool) {
+    let half = r / 2;
+    if half == 0 {
+        return;
+    }
+    let row = h * 3 * d;
+    assert!(qkv.len() >= n * row && cos.len() >= n * half && sin.len() >= n * half);
+    let sgn = if inverse { -1.0f32 } else { 1.0 };
+    qkv[..n * row].par_chunks_mut(row).enumerate().for_each(|(i, x)| {
+        let c = &cos[i * half..(i + 1) * half];
+        let s = &sin[i * half..(i + 1) * half];
+        for head in 0..h {
+            for part in 0..2 {
+                let base = head * 3 * d + part * d;
+                let (lo, hi) = x[base..base + r].split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (lo[j], hi[j]);
+                    let sj = sgn * s[j];
+                    lo[j] = a * c[j] - b * sj;
+                    hi[j] = b * c[j] + a * sj;
+                }
+            }
+        }
+    });
+}

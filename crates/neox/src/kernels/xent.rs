@@ -1,0 +1,149 @@
+//! Fused LM head + softmax cross-entropy: logits are computed only for rows that have a target, a chunk of rows
+//! at a time, turned into (softmax − onehot)·scale in place, and immediately pushed back through the head, so at
+//! most `chunk × V` logits exist at once. Returns the loss SUM and leaves normalisation (÷ target count, which
+//! may span micro-batches and ranks) to the caller via `scale`.
+
+use super::math;
+use super::matmul::{gemm_strided, par_all};
+use rayon::prelude::*;
+
+/// Reusable buffers for `lm_head_xent`.
+#[derive(Default)]
+pub struct XentScratch {
+    x: Vec<f32>,
+    logits: Vec<f32>,
+    dx: Vec<f32>,
+    loss: Vec<f64>,
+}
+
+/// Gradient outputs: dx (N,C) += ∂/∂x, dw (V,C) += ∂/∂w, both of `scale · Σ loss`.
+pub struct XentGrad<'a> {
+    pub dx: &'a mut [f32],
+    pub dw: &'a mut [f32],
+    pub scale: f32,
+}
+
+/// Rows per chunk: bounded so a chunk's logits stay near 64 MiB.
+pub fn chunk_rows(v: usize) -> usize {
+    ((16 << 20) / v.max(1)).clamp(16, 512)
+}
+
+/// Σ over `targets` (row, target id) of −log softmax(x[row] · wᵀ)[target]. x (N,C), w (V,C).
+pub fn lm_head_xent(
+    x: &[f32],
+    w: &[f32],
+    targets: &[(u32, u32)],
+    mut grad: Option<XentGrad<'_>>,
+    s: &mut XentScratch,
+    c: usize,
+    v: usize,
+) -> f64 {
+    assert!(w.len() >= v * c);
+    let r_max = chunk_rows(v).min(targets.len().max(1));
+    s.x.resize(r_max * c, 0.0);
+    s.logits.resize(r_max * v, 0.0);
+    s.dx.resize(r_max * c, 0.0);
+    s.loss.resize(r_max, 0.0);
+    let mut total = 0f64;
+    for chunk in targets.chunks(r_max) {
+        let r = chunk.len();
+        for (k, &(row, _)) in chunk.iter().enumerate() {
+            let row = row as usize;
+            s.x[k * c..(k + 1) * c].copy_from_slice(&x[row * c..(row + 1) * c]);
+        }
+        // logits (R,V) = X (R,C) · wᵀ
+        // SAFETY: buffers sized above; w asserted (V,C).
+        unsafe {
+            gemm_strided(
+                r,
+                v,
+                c,
+                s.logits.as_mut_ptr(),
+                v as isize,
+                1,
+                false,
+                s.x.as_ptr(),
+                c as isize,
+                1,
+                w.as_ptr(),
+                1,
+                c as isize,
+                1.0,
+                par_all(),
+            );
+        }
+        let scale = grad.as_ref().map(|g| g.scale);
+        s.logits[..r * v].par_chunks_mut(v).zip(s.loss[..r].par_iter_mut()).zip(chunk.par_iter()).for_each(
+            |((l, loss), &(_, tgt))| {
+                pulp::Arch::new().dispatch(|| {
+                    let mx = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let lt = l[tgt as usize];
+                    let mut sum = 0f32;
+                    for x in l.iter_mut() {
+                        *x = math::exp(*x - mx);
+                        sum += *x;
+                    }
+                    *loss = mx as f64 + (sum as f64).ln() - lt as f64;
+                    if let Some(sc) = scale {
+                        let inv = sc / sum;
+                        for x in l.iter_mut() {
+                            *x *= inv;
+                        }
+                        l[tgt as usize] -= sc;
+                    }
+                })
+            },
+        );
+        total += s.loss[..r].iter().sum::<f64>();
+        if let Some(g) = grad.as_mut() {
+            // SAFETY: as above; dw asserted by caller's layout (V,C).
+            unsafe {
+                // dX (R,C) = dlogits (R,V) · w (V,C)
+                gemm_strided(
+                    r,
+                    c,
+                    v,
+                    s.dx.as_mut_ptr(),
+                    c as isize,
+                    1,
+                    false,
+                    s.logits.as_ptr(),
+                    v as isize,
+                    1,
+                    w.as_ptr(),
+                    c as isize,
+                    1,
+                    1.0,
+                    par_all(),
+                );
+                assert!(g.dw.len() >= v * c);
+                // dW (V,C) += dlogitsᵀ (V,R) · X (R,C)
+                gemm_strided(
+                    v,
+                    c,
+                    r,
+                    g.dw.as_mut_ptr(),
+                    c as isize,
+                    1,
+                    true,
+                    s.logits.as_ptr(),
+                    1,
+                    v as isize,
+                    s.x.as_ptr(),
+                    c as isize,
+                    1,
+                    1.0,
+                    par_all(),
+                );
+            }
+            for (k, &(row, _)) in chunk.iter().enumerate() {
+                let row = row as usize;
+                let d = &mut g.dx[row * c..(row + 1) * c];
+                for (a, b) in d.iter_mut().zip(&s.dx[k * c..(k + 1) * c]) {
+                    *a += b;
+                }
+            }
+        }
+    }
+    total
+}

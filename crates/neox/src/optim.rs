@@ -1,0 +1,112 @@
+//! AdamW with PyTorch semantics (`torch.optim.AdamW`, non-amsgrad): decoupled weight decay applied as
+//! `p *= 1 - lr·wd` before the Adam update, bias-corrected moments, `eps` added after the square root. Works on
+//! flat buffers with a per-tensor decay mask (HF Trainer excludes biases and LayerNorm). Also global-norm
+//! clipping as `torch.nn.utils.clip_grad_norm_`. Schedules live with the training loop, not here.
+
+use crate::layout::Layout;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// Optimizer state: first and second moments (flat, layout order) and the step count.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub step: u64,
+}
+
+const CHUNK: usize = 1 << 15;
+
+impl AdamW {
+    pub fn new(cfg: AdamWConfig, n: usize) -> Self {
+        AdamW { cfg, m: vec![0.0; n], v: vec![0.0; n], step: 0 }
+    }
+
+    /// One update of `params` with `grads` at learning rate `lr`. Tensors whose `decay` flag is false in
+    /// `layout` get no weight decay.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, layout: &Layout) {
+        assert!(params.len() == grads.len() && params.len() == self.m.len());
+        self.step += 1;
+        let c = self.cfg;
+        // Scalars in f64 as PyTorch computes them in Python floats.
+        let t = self.step as i32;
+        let bc1 = 1.0 - (c.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (c.beta2 as f64).powi(t);
+        let step_size = (lr as f64 / bc1) as f32;
+        let bc2_sqrt = bc2.sqrt() as f32;
+        for info in &layout.params {
+            let r = info.range();
+            let decay = if info.decay { (1.0 - lr as f64 * c.weight_decay as f64) as f32 } else { 1.0 };
+            params[r.clone()]
+                .par_chunks_mut(CHUNK)
+                .zip(grads[r.clone()].par_chunks(CHUNK))
+                .zip(self.m[r.clone()].par_chunks_mut(CHUNK).zip(self.v[r.clone()].par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| {
+                    pulp::Arch::new().dispatch(|| {
+                        for i in 0..p.len() {
+                            let gi = g[i];
+                            let mi = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
+                            let vi = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+                            m[i] = mi;
+                            v[i] = vi;
+                            let denom = vi.sqrt() / bc2_sqrt + c.eps;
+                            p[i] = p[i] * decay - step_size * (mi / denom);
+                        }
+                    })
+                });
+        }
+    }
+}
+
+/// Global L2 norm of `grads` (accumulated in f64, in fixed chunk order).
+pub fn grad_norm(grads: &[f32]) -> f64 {
+    let parts: Vec<f64> = grads
+        .par_chunks(CHUNK)
+        .map(|g| {
+            pulp::Arch::new().dispatch(|| {
+                let mut acc = [0f32; 16];
+                let mut it = g.chunks_exact(16);
+                for c in &mut it {
+                    for k in 0..16 {
+                        acc[k] += c[k] * c[k];
+                    }
+                }
+                let tail: f32 = it.remainder().iter().map(|x| x * x).sum();
+                acc.iter().map(|&x| x as f64).sum::<f64>() + tail as f64
+            })
+        })
+        .collect();
+    parts.iter().sum::<f64>().sqrt()
+}
+
+/// Scale `grads` so their global norm is at most `max_norm` (PyTorch: coef = max_norm / (norm + 1e-6), clamped
+/// to 1). Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
+    let norm = grad_norm(grads);
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        let coef = coef as f32;
+        grads.par_chunks_mut(CHUNK).for_each(|g| g.iter_mut().for_each(|x| *x *= coef));
+    }
+    norm
+}
+
+/// True when every gradient is finite.
+pub fn all_finite(grads: &[f32]) -> bool {
+    grads.par_chunks(CHUNK).all(|g| g.iter().all(|x| x.is_finite()))
+}

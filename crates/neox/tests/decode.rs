@@ -1,0 +1,58 @@
+//! KV-cache decoding against the full forward: prefill + one-token steps must give, at every position, the
+//! logits the training forward gives for the same prefix; a left-padded row must equal the same row alone.
+
+mod common;
+use common::*;
+use neox::{Activations, OwnedBatch};
+
+#[test]
+fn kv_cache_equals_full_forward_at_every_position() {
+    for parallel in [true, false] {
+        let m = perturbed_model(tiny_config(parallel, 40), 21);
+        let v = 40;
+        let mut r = ::common::Rng::new(4);
+        let ids: Vec<u32> = (0..14).map(|_| r.below(v as u64) as u32).collect();
+        let full = OwnedBatch::dense(1, ids.len(), ids.clone(), vec![-100; ids.len()]);
+        let mut acts = Activations::new(&m.config, 1, ids.len(), false);
+        let logits = m.forward_logits(&full.view(), &mut acts).unwrap();
+        let mut cache = m.new_kv_cache(1, 32);
+        let mut out = vec![0f32; v];
+        let prefill = 5;
+        m.forward_cached(&ids[..prefill], &[1; 5], &mut cache, &mut out).unwrap();
+        assert_close("prefill", &out, &logits[(prefill - 1) * v..prefill * v], 1e-5, 1e-4);
+        for t in prefill..ids.len() {
+            m.forward_cached(&ids[t..t + 1], &[1], &mut cache, &mut out).unwrap();
+            assert_close(&format!("pos {t}"), &out, &logits[t * v..(t + 1) * v], 1e-5, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn left_padded_row_equals_row_alone() {
+    let m = perturbed_model(tiny_config(true, 40), 22);
+    let v = 40;
+    let long: Vec<u32> = vec![5, 9, 13, 2, 7, 30, 31];
+    let short: Vec<u32> = vec![8, 3, 17, 4];
+    let pad = long.len() - short.len();
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    ids.extend(std::iter::repeat_n(0, pad).chain(short.iter().copied()));
+    mask.extend(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1, short.len())));
+    ids.extend(&long);
+    mask.extend(std::iter::repeat_n(1u8, long.len()));
+    let mut cache = m.new_kv_cache(2, 16);
+    let mut out = vec![0f32; 2 * v];
+    m.forward_cached(&ids, &mask, &mut cache, &mut out).unwrap();
+    let mut alone = m.new_kv_cache(1, 16);
+    let mut out1 = vec![0f32; v];
+    m.forward_cached(&short, &[1; 4], &mut alone, &mut out1).unwrap();
+    assert_close("prefill row 0", &out[..v], &out1, 1e-5, 1e-4);
+    for step in [11u32, 23, 6] {
+        m.forward_cached(&[step, step + 1], &[1, 1], &mut cache, &mut out).unwrap();
+        m.forward_cached(&[step], &[1], &mut alone, &mut out1).unwrap();
+        assert_close("decode row 0", &out[..v], &out1, 1e-5, 1e-4);
+    }
+    assert_eq!(cache.real_len(0), short.len() + 3);
+    let e = m.forward_cached(&[1; 2 * 20], &[1; 40], &mut cache, &mut out).unwrap_err().to_string();
+    assert!(e.contains("KV cache full"), "{e}");
+}
