@@ -88,6 +88,9 @@ impl NeoxConfig {
         if act != "gelu" {
             return Err(Error::file(path, format!("hidden_act `{act}` is not supported (GPT-NeoX uses exact `gelu`)")));
         }
+        if m.get("attention_bias").and_then(|x| x.as_bool()) == Some(false) {
+            return Err(Error::file(path, "attention_bias=false is not supported (GPT-NeoX has qkv/dense biases)"));
+        }
         if m.get("tie_word_embeddings").and_then(|x| x.as_bool()) == Some(true) {
             return Err(Error::file(path, "tie_word_embeddings=true is not supported (Pythia's embed_out is untied)"));
         }
@@ -126,7 +129,7 @@ impl NeoxConfig {
                 return Err(format!("`{k}` must be > 0"));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -135,13 +138,13 @@ impl NeoxConfig {
         if !(0.0..=1.0).contains(&self.rotary_pct) {
             return Err(format!("rotary_pct must be in [0, 1], got {}", self.rotary_pct));
         }
-        if self.rotary_ndims() % 2 != 0 {
+        if !self.rotary_ndims().is_multiple_of(2) {
             return Err(format!("rotary dims int(head_dim * rotary_pct) = {} must be even", self.rotary_ndims()));
         }
-        if !(self.rotary_emb_base > 0.0) {
+        if self.rotary_emb_base.is_nan() || self.rotary_emb_base <= 0.0 {
             return Err(format!("rotary base must be > 0, got {}", self.rotary_emb_base));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(format!("layer_norm_eps must be > 0, got {}", self.layer_norm_eps));
         }
         Ok(())

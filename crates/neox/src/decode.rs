@@ -86,7 +86,7 @@ impl Model {
         let cfg = &self.config;
         let (bsz, c, f, v) = (cache.batch, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (h, d, r) = (cfg.num_attention_heads, cfg.head_dim(), cfg.rotary_ndims());
-        if ids.is_empty() || ids.len() % bsz != 0 || mask.len() != ids.len() {
+        if ids.is_empty() || !ids.len().is_multiple_of(bsz) || mask.len() != ids.len() {
             return Err(Error::invalid(format!(
                 "forward_cached: {} ids / {} mask entries for batch {bsz}",
                 ids.len(),
@@ -206,7 +206,6 @@ fn cached_attention(s: &mut KvCache, l: usize, tn: usize, start: usize, h: usize
             let (b, hh) = (bh / h, bh % h);
             let kb = &k[lbase + bh * cap * d..];
             let vb = &v[lbase + bh * cap * d..];
-            let y = y;
             for i in 0..tn {
                 let row = b * tn + i;
                 let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
@@ -222,7 +221,7 @@ fn cached_attention(s: &mut KvCache, l: usize, tn: usize, start: usize, h: usize
                     }
                 }
                 // SAFETY: (row, head hh) output block is written by this task only; bounds: row < B·Tn.
-                let out = unsafe { std::slice::from_raw_parts_mut(y.0.add(row * c + hh * d), d) };
+                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
                 out.fill(0.0);
                 if mx == f32::NEG_INFINITY || valid[b * cap + start + i] == 0 {
                     continue;

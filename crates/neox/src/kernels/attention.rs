@@ -45,7 +45,6 @@ pub fn attention_fwd(
     att[..b * h * t * t].par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
         let (bi, hi) = (bh / h, bh % h);
         let base = qkv[bi * t * row..].as_ptr();
-        let out_p = out_p;
         // SAFETY: all strided reads stay inside qkv rows of batch bi (sizes asserted above); p is this task's
         // own (T,T) block; the output block (rows of bi, columns of head hi) is written by this task only.
         unsafe {
@@ -76,7 +75,7 @@ pub fn attention_fwd(
                 t,
                 d,
                 t,
-                out_p.0.add(bi * t * c + hi * d),
+                out_p.get().add(bi * t * c + hi * d),
                 c as isize,
                 1,
                 false,
@@ -108,9 +107,9 @@ fn masked_softmax_rows(p: &mut [f32], vis: Visibility<'_>, row0: usize, t: usize
             continue;
         }
         let mut sum = 0f32;
-        for j in 0..t {
-            let e = if vis.visible(row0, i, j) { math::exp(s[j] - mx) } else { 0.0 };
-            s[j] = e;
+        for (j, x) in s.iter_mut().enumerate() {
+            let e = if vis.visible(row0, i, j) { math::exp(*x - mx) } else { 0.0 };
+            *x = e;
             sum += e;
         }
         let inv = 1.0 / sum;
@@ -140,14 +139,13 @@ pub fn attention_bwd(
     datt[..b * h * t * t].par_chunks_mut(t * t).enumerate().for_each(|(bh, dp)| {
         let (bi, hi) = (bh / h, bh % h);
         let p = &att[bh * t * t..(bh + 1) * t * t];
-        let dqkv_p = dqkv_p;
         // SAFETY: reads stay inside the batch-bi rows of qkv/dout; writes go to the q,k,v columns of head hi in
         // the batch-bi rows of dqkv, which no other task touches; dp is this task's block.
         unsafe {
             let q = qkv.as_ptr().add(bi * t * row + hi * 3 * d);
             let k = q.add(d);
             let v = q.add(2 * d);
-            let dq = dqkv_p.0.add(bi * t * row + hi * 3 * d);
+            let dq = dqkv_p.get().add(bi * t * row + hi * 3 * d);
             let dk = dq.add(d);
             let dv = dq.add(2 * d);
             let go = dout.as_ptr().add(bi * t * c + hi * d);

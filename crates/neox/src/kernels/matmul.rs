@@ -160,10 +160,9 @@ pub fn col_sum_acc(acc: &mut [f32], x: &[f32], n: usize, c: usize) {
     let xp = SendPtr(x.as_ptr() as *mut f32);
     acc.par_chunks_mut(COLS).enumerate().for_each(|(ci, a)| {
         let c0 = ci * COLS;
-        let xp = xp;
         for r in 0..n {
             // SAFETY: r < n and c0 + a.len() <= c, inside x (asserted); read-only.
-            let row = unsafe { std::slice::from_raw_parts(xp.0.add(r * c + c0), a.len()) };
+            let row = unsafe { std::slice::from_raw_parts(xp.get().add(r * c + c0), a.len()) };
             pulp::Arch::new().dispatch(|| {
                 for (a, &v) in a.iter_mut().zip(row) {
                     *a += v;
