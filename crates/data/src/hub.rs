@@ -1,0 +1,687 @@
+//! A small Hugging Face hub client for datasets and models, speaking the hub's HTTP protocol and writing the hub
+//! cache layout that the Python `huggingface_hub` library reads and writes (`{cache}/datasets--owner--name/`
+//! `blobs/{etag}`, `snapshots/{commit}/{file}` -> relative symlink to the blob, `refs/{revision}` = commit).
+//! Honours HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN (and HF_TOKEN_PATH / `$HF_HOME/token`).
+//! Verifies the size (`X-Linked-Size`/`Content-Length`) and, for LFS files whose etag is a sha256, the sha256
+//! while streaming; writes every blob through `common::atomic_write_with`; retries 5xx/429/network errors;
+//! falls back to the cache (with a warning) when the hub cannot be reached, and uses only the cache offline.
+//! Does not upload, resume partial downloads (a failed download restarts) or speak the Xet protocol (the hub
+//! serves Xet-backed files over plain HTTP too). Never prints the token.
+
+use crate::error::{DataError, Result};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The public hub.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// Model or dataset repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepoType {
+    Model,
+    Dataset,
+}
+
+/// A repository at a revision (branch, tag or commit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repo {
+    pub id: String,
+    pub repo_type: RepoType,
+    pub revision: String,
+}
+
+impl Repo {
+    pub fn dataset(id: &str, revision: &str) -> Repo {
+        Repo { id: id.to_string(), repo_type: RepoType::Dataset, revision: revision.to_string() }
+    }
+    pub fn model(id: &str, revision: &str) -> Repo {
+        Repo { id: id.to_string(), repo_type: RepoType::Model, revision: revision.to_string() }
+    }
+    /// `datasets--owner--name` / `models--owner--name`.
+    pub fn folder_name(&self) -> String {
+        let kind = match self.repo_type {
+            RepoType::Model => "models",
+            RepoType::Dataset => "datasets",
+        };
+        format!("{kind}--{}", self.id.replace('/', "--"))
+    }
+    fn url_prefix(&self) -> &'static str {
+        match self.repo_type {
+            RepoType::Model => "",
+            RepoType::Dataset => "datasets/",
+        }
+    }
+    fn api_kind(&self) -> &'static str {
+        match self.repo_type {
+            RepoType::Model => "models",
+            RepoType::Dataset => "datasets",
+        }
+    }
+}
+
+/// True when `s` can be a hub repository id (`name` or `owner/name`; letters, digits, `-`, `_`, `.`).
+pub fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    let ok_part = |p: &&str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && !p.contains("..")
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    (1..=2).contains(&parts.len()) && parts.iter().all(ok_part)
+}
+
+/// Where and how to talk to the hub.
+#[derive(Clone, Debug)]
+pub struct HubOptions {
+    pub endpoint: String,
+    /// The hub cache root (holds `datasets--owner--name/` folders).
+    pub cache_dir: PathBuf,
+    pub token: Option<String>,
+    pub offline: bool,
+    pub progress: bool,
+    /// Extra tries after a 5xx, 429 or network error.
+    pub retries: u32,
+    /// First back-off; doubles each retry.
+    pub retry_delay: Duration,
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
+}
+
+impl HubOptions {
+    /// From the process environment.
+    pub fn from_env() -> HubOptions {
+        Self::from_env_fn(|k| std::env::var(k).ok())
+    }
+
+    /// From any variable lookup (tests pass a map; the process environment is global).
+    pub fn from_env_fn(get: impl Fn(&str) -> Option<String>) -> HubOptions {
+        let get = |k: &str| get(k).filter(|v| !v.is_empty());
+        let hf_home = get("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            let cache = get("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(get("HOME").unwrap_or_else(|| ".".into())).join(".cache"));
+            cache.join("huggingface")
+        });
+        let cache_dir = get("HF_HUB_CACHE")
+            .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| hf_home.join("hub"));
+        let token = get("HF_TOKEN").or_else(|| {
+            let path = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
+            std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        });
+        HubOptions {
+            endpoint: get("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.into()).trim_end_matches('/').to_string(),
+            cache_dir,
+            token,
+            offline: get("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v)),
+            progress: true,
+            retries: 3,
+            retry_delay: Duration::from_millis(500),
+        }
+    }
+
+    fn repo_dir(&self, repo: &Repo) -> PathBuf {
+        self.cache_dir.join(repo.folder_name())
+    }
+}
+
+/// A repository snapshot present in the cache.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub commit: String,
+    pub dir: PathBuf,
+    /// Files fetched (repo-relative names), in order.
+    pub files: Vec<String>,
+}
+
+fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Percent-encode a path segment (keeps `/` when `keep_slash`).
+fn encode(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (keep_slash && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Reject repo-relative names that would escape the snapshot folder.
+fn check_filename(name: &str) -> Result<()> {
+    let bad = name.is_empty()
+        || name.starts_with('/')
+        || name.contains('\\')
+        || name.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+    if bad {
+        return Err(DataError::hub(format!("refusing unsafe file name from the hub: {name:?}")));
+    }
+    Ok(())
+}
+
+/// The commit a cached revision points to.
+pub fn cached_commit(opts: &HubOptions, repo: &Repo) -> Option<String> {
+    if is_commit_hash(&repo.revision) {
+        return Some(repo.revision.clone());
+    }
+    let r = std::fs::read_to_string(opts.repo_dir(repo).join("refs").join(&repo.revision)).ok()?;
+    let r = r.trim();
+    is_commit_hash(r).then(|| r.to_string())
+}
+
+/// The cached path of one file at the repo's revision, if present.
+pub fn cached_file(opts: &HubOptions, repo: &Repo, filename: &str) -> Option<PathBuf> {
+    let commit = cached_commit(opts, repo)?;
+    let p = opts.repo_dir(repo).join("snapshots").join(commit).join(filename);
+    p.exists().then_some(p)
+}
+
+/// The cached snapshot of the repo's revision with its files, if present.
+pub fn cached_snapshot(opts: &HubOptions, repo: &Repo) -> Option<Snapshot> {
+    let commit = cached_commit(opts, repo)?;
+    let dir = opts.repo_dir(repo).join("snapshots").join(&commit);
+    let mut files = Vec::new();
+    list_dir(&dir, &dir, &mut files);
+    files.sort();
+    (!files.is_empty()).then_some(Snapshot { commit, dir, files })
+}
+
+fn list_dir(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            list_dir(root, &p, out);
+        } else if p.exists() {
+            if let Ok(rel) = p.strip_prefix(root) {
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+}
+
+/// An HTTP client bound to the options.
+pub struct Hub {
+    opts: HubOptions,
+    no_redirect: ureq::Agent,
+    follow: ureq::Agent,
+}
+
+/// What a HEAD on `resolve/` told us.
+#[derive(Clone, Debug)]
+struct FileMeta {
+    commit: String,
+    etag: String,
+    size: Option<u64>,
+    download_url: String,
+}
+
+enum Attempt<T> {
+    Done(T),
+    /// Worth retrying (5xx, 429, network); the message says what happened.
+    Retry(String),
+}
+
+fn agent(max_redirects: u32) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(max_redirects)
+        .max_redirects_will_error(false)
+        .timeout_connect(Some(Duration::from_secs(20)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .user_agent(concat!("dolly/", env!("CARGO_PKG_VERSION"), "; hf-hub-protocol"))
+        .build()
+        .new_agent()
+}
+
+fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.to_string())
+}
+
+fn clean_etag(e: &str) -> String {
+    e.trim().trim_start_matches("W/").trim_matches('"').to_string()
+}
+
+impl Hub {
+    pub fn new(opts: HubOptions) -> Hub {
+        Hub { opts, no_redirect: agent(0), follow: agent(10) }
+    }
+
+    pub fn options(&self) -> &HubOptions {
+        &self.opts
+    }
+
+    fn file_url(&self, repo: &Repo, filename: &str) -> String {
+        format!(
+            "{}/{}{}/resolve/{}/{}",
+            self.opts.endpoint,
+            repo.url_prefix(),
+            repo.id,
+            encode(&repo.revision, false),
+            encode(filename, true)
+        )
+    }
+
+    fn with_auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.opts.token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// Run `f` with retries; a network-level failure after all tries is returned as `Err((message, true))`.
+    fn retrying<T>(&self, what: &str, mut f: impl FnMut() -> Result<Attempt<T>>) -> Result<T> {
+        let mut delay = self.opts.retry_delay;
+        let mut last = String::new();
+        for attempt in 0..=self.opts.retries {
+            if attempt > 0 {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            match f()? {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Retry(msg) => last = msg,
+            }
+        }
+        Err(DataError::hub(format!("{what}: {last} (gave up after {} tries)", self.opts.retries + 1)))
+    }
+
+    fn status_error(&self, status: u16, url: &str, repo: &Repo, code: Option<String>) -> DataError {
+        let what = match (status, code.as_deref()) {
+            (404, Some("RepoNotFound")) | (401, Some("RepoNotFound")) => {
+                format!("repository {:?} not found (or private: set HF_TOKEN)", repo.id)
+            }
+            (404, Some("RevisionNotFound")) => format!("revision {:?} not found in {:?}", repo.revision, repo.id),
+            (404, Some("EntryNotFound")) => format!("file not found in {:?} at revision {:?}", repo.id, repo.revision),
+            (404, _) => format!(
+                "not found (check the repository id {:?}, the revision {:?} and the file name)",
+                repo.id, repo.revision
+            ),
+            (401, _) => "unauthorized: set HF_TOKEN (or log in) for private or gated repositories".to_string(),
+            (403, _) => "forbidden: the repository is gated or your token lacks access".to_string(),
+            _ => format!("unexpected HTTP status {status}"),
+        };
+        DataError::hub(format!("{url}: HTTP {status}: {what}"))
+    }
+
+    fn head(&self, repo: &Repo, filename: &str) -> Result<Attempt<FileMeta>> {
+        let mut url = self.file_url(repo, filename);
+        for _ in 0..5 {
+            let req = self.with_auth(self.no_redirect.head(&url)).header("Accept-Encoding", "identity");
+            let resp = match req.call() {
+                Ok(r) => r,
+                Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+            };
+            let status = resp.status().as_u16();
+            if status >= 500 || status == 429 {
+                return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
+            }
+            let location = header(&resp, "location");
+            if (300..400).contains(&status) {
+                let Some(loc) = location.clone() else {
+                    return Err(DataError::hub(format!("{url}: HTTP {status} redirect without a Location header")));
+                };
+                if loc.starts_with('/') {
+                    // Relative redirect (renamed repo): follow it with the same checks.
+                    url = format!("{}{loc}", self.opts.endpoint);
+                    if header(&resp, "x-repo-commit").is_none() {
+                        continue;
+                    }
+                }
+            } else if status >= 400 {
+                return Err(self.status_error(status, &url, repo, header(&resp, "x-error-code")));
+            }
+            let commit = header(&resp, "x-repo-commit").ok_or_else(|| {
+                DataError::hub(format!("{url}: the server sent no X-Repo-Commit header: is HF_ENDPOINT a hub?"))
+            })?;
+            let etag = header(&resp, "x-linked-etag")
+                .or_else(|| header(&resp, "etag"))
+                .map(|e| clean_etag(&e))
+                .filter(|e| !e.is_empty() && !e.contains('/'))
+                .ok_or_else(|| DataError::hub(format!("{url}: the server sent no usable ETag")))?;
+            let size = header(&resp, "x-linked-size")
+                .or_else(|| if (300..400).contains(&status) { None } else { header(&resp, "content-length") })
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            let download_url = match location {
+                Some(loc) if (300..400).contains(&status) && !loc.starts_with('/') => loc,
+                _ => url.clone(),
+            };
+            if !is_commit_hash(&commit) {
+                return Err(DataError::hub(format!("{url}: X-Repo-Commit {commit:?} is not a commit hash")));
+            }
+            return Ok(Attempt::Done(FileMeta { commit, etag, size, download_url }));
+        }
+        Err(DataError::hub(format!("{url}: too many redirects")))
+    }
+
+    /// Stream the body into `blob` atomically, verifying size and (LFS) sha256.
+    fn get_blob(&self, meta: &FileMeta, blob: &Path, filename: &str) -> Result<Attempt<()>> {
+        let url = &meta.download_url;
+        // The token goes to the hub only, never to a CDN on another host.
+        let same_host = url.starts_with(&self.opts.endpoint);
+        let mut req = self.follow.get(url).header("Accept-Encoding", "identity");
+        if same_host {
+            req = self.with_auth(req);
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+        };
+        let status = resp.status().as_u16();
+        if status >= 500 || status == 429 {
+            return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
+        }
+        if status >= 300 {
+            return Err(DataError::hub(format!("{url}: HTTP {status} while downloading {filename}")));
+        }
+        let expected = meta.size.or_else(|| header(&resp, "content-length").and_then(|s| s.parse().ok()));
+        let want_sha = (meta.etag.len() == 64 && meta.etag.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| meta.etag.to_ascii_lowercase());
+        let bar = progress_bar(self.opts.progress, expected, filename);
+        let mut reader = resp.into_body().into_reader();
+        let mut got = 0u64;
+        let mut failure: Option<Attempt<()>> = None;
+        let res = common::atomic_write_with(blob, |w: &mut dyn Write| {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let msg = match expected {
+                            Some(x) => format!("{url}: download truncated: got {got} of {x} bytes ({e})"),
+                            None => format!("{url}: download failed after {got} bytes ({e})"),
+                        };
+                        failure = Some(Attempt::Retry(msg.clone()));
+                        return Err(std::io::Error::other(msg));
+                    }
+                };
+                h.update(&buf[..n]);
+                w.write_all(&buf[..n])?;
+                got += n as u64;
+                bar.set_position(got);
+            }
+            if let Some(x) = expected {
+                if got != x {
+                    let msg = format!("{url}: download truncated: got {got} of {x} bytes");
+                    failure = Some(Attempt::Retry(msg.clone()));
+                    return Err(std::io::Error::other(msg));
+                }
+            }
+            if let Some(want) = &want_sha {
+                let have: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+                if &have != want {
+                    let msg = format!("{url}: sha256 mismatch: expected {want}, got {have} ({got} bytes)");
+                    return Err(std::io::Error::other(msg));
+                }
+            }
+            Ok(())
+        });
+        bar.finish_and_clear();
+        match (res, failure) {
+            (Ok(()), _) => Ok(Attempt::Done(())),
+            (Err(_), Some(retry)) => Ok(retry),
+            (Err(e), None) => Err(DataError::hub(format!("{filename}: {e}"))),
+        }
+    }
+
+    /// Download one file of `repo` into the cache (reusing a cached blob) and return its snapshot path.
+    /// Offline: the cached copy or an error. Hub unreachable: the cached copy with a warning, else the error.
+    pub fn download_file(&self, repo: &Repo, filename: &str) -> Result<PathBuf> {
+        check_filename(filename)?;
+        if self.opts.offline {
+            return cached_file(&self.opts, repo, filename).ok_or_else(|| self.offline_miss(repo, Some(filename)));
+        }
+        let what = format!("{}: cannot reach the hub for {filename}", self.opts.endpoint);
+        let meta = match self.retrying(&what, || self.head(repo, filename)) {
+            Ok(m) => m,
+            Err(e) if e.message.contains("gave up after") => {
+                if let Some(p) = cached_file(&self.opts, repo, filename) {
+                    eprintln!("warning: {e}; using the cached copy {}", p.display());
+                    return Ok(p);
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let dir = self.opts.repo_dir(repo);
+        let blobs = dir.join("blobs");
+        mkdirs(&blobs)?;
+        let blob = blobs.join(&meta.etag);
+        let cached_ok = std::fs::metadata(&blob).map(|m| meta.size.is_none_or(|s| m.len() == s)).unwrap_or(false);
+        if !cached_ok {
+            let what = format!("download of {filename}");
+            self.retrying(&what, || self.get_blob(&meta, &blob, filename))?;
+        }
+        let pointer = dir.join("snapshots").join(&meta.commit).join(filename);
+        link_pointer(&blob, &pointer)?;
+        if !is_commit_hash(&repo.revision) {
+            let refs = dir.join("refs").join(&repo.revision);
+            if let Some(parent) = refs.parent() {
+                mkdirs(parent)?;
+            }
+            let current = std::fs::read_to_string(&refs).unwrap_or_default();
+            if current.trim() != meta.commit {
+                common::atomic_write(&refs, meta.commit.as_bytes())
+                    .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
+            }
+        }
+        Ok(pointer)
+    }
+
+    /// The repo's commit and file names at its revision (hub API), or the cached snapshot's when offline or when
+    /// the hub cannot be reached.
+    pub fn list_files(&self, repo: &Repo) -> Result<(String, Vec<String>)> {
+        if self.opts.offline {
+            let s = cached_snapshot(&self.opts, repo).ok_or_else(|| self.offline_miss(repo, None))?;
+            return Ok((s.commit, s.files));
+        }
+        let url = format!(
+            "{}/api/{}/{}/revision/{}",
+            self.opts.endpoint,
+            repo.api_kind(),
+            repo.id,
+            encode(&repo.revision, false)
+        );
+        let what = format!("{}: cannot list {}", self.opts.endpoint, repo.id);
+        let res = self.retrying(&what, || {
+            let resp = match self.with_auth(self.follow.get(&url)).call() {
+                Ok(r) => r,
+                Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+            };
+            let status = resp.status().as_u16();
+            if status >= 500 || status == 429 {
+                return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
+            }
+            if status >= 300 {
+                return Err(self.status_error(status, &url, repo, header(&resp, "x-error-code")));
+            }
+            let body = resp
+                .into_body()
+                .with_config()
+                .limit(64 << 20)
+                .read_to_string()
+                .map_err(|e| DataError::hub(format!("{url}: cannot read the response: {e}")))?;
+            Ok(Attempt::Done(body))
+        });
+        let body = match res {
+            Ok(b) => b,
+            Err(e) if e.message.contains("gave up after") => {
+                if let Some(s) = cached_snapshot(&self.opts, repo) {
+                    eprintln!("warning: {e}; using the cached snapshot {}", s.dir.display());
+                    return Ok((s.commit, s.files));
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        #[derive(serde::Deserialize)]
+        struct Sibling {
+            rfilename: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Info {
+            sha: String,
+            #[serde(default)]
+            siblings: Vec<Sibling>,
+        }
+        let info: Info = serde_json::from_str(&body)
+            .map_err(|e| DataError::hub(format!("{url}: unexpected response (not repository info): {e}")))?;
+        Ok((info.sha, info.siblings.into_iter().map(|s| s.rfilename).collect()))
+    }
+
+    /// Download the files of `repo` accepted by `keep` and return the snapshot.
+    pub fn snapshot(&self, repo: &Repo, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
+        let (commit, names) = self.list_files(repo)?;
+        let files: Vec<String> = names.into_iter().filter(|n| keep(n)).collect();
+        if files.is_empty() {
+            return Err(DataError::hub(format!("{}: no matching files at revision {:?}", repo.id, repo.revision)));
+        }
+        // Pin the listed commit so that every file comes from the same snapshot.
+        let pinned = Repo { revision: commit.clone(), ..repo.clone() };
+        let mut dir = None;
+        for f in &files {
+            let p = self.download_file(if self.opts.offline { repo } else { &pinned }, f)?;
+            if dir.is_none() {
+                let depth = f.split('/').count();
+                dir = p.ancestors().nth(depth).map(Path::to_path_buf);
+            }
+        }
+        if !self.opts.offline && !is_commit_hash(&repo.revision) {
+            let refs = self.opts.repo_dir(repo).join("refs").join(&repo.revision);
+            if let Some(parent) = refs.parent() {
+                mkdirs(parent)?;
+            }
+            common::atomic_write(&refs, commit.as_bytes())
+                .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
+        }
+        let dir = dir.unwrap_or_else(|| self.opts.repo_dir(repo).join("snapshots").join(&commit));
+        Ok(Snapshot { commit, dir, files })
+    }
+
+    fn offline_miss(&self, repo: &Repo, file: Option<&str>) -> DataError {
+        let what = file.map(|f| format!("{f} of ")).unwrap_or_default();
+        DataError::hub(format!(
+            "HF_HUB_OFFLINE is set and {what}{:?} at revision {:?} is not in the cache {}: run \
+             `dolly cache-dataset --dataset {}` with network access first",
+            repo.id,
+            repo.revision,
+            self.opts.cache_dir.display(),
+            repo.id
+        ))
+    }
+}
+
+/// True for files that hold records (`.jsonl`, `.json`, `.parquet`), not the hub's metadata files.
+pub fn is_data_file(name: &str) -> bool {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    !base.starts_with('.')
+        && !matches!(base, "dataset_info.json" | "dataset_infos.json")
+        && crate::record::FileFormat::of(Path::new(base)).is_some()
+}
+
+fn mkdirs(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p).map_err(|e| DataError::io(format!("{}: cannot create directory: {e}", p.display())))
+}
+
+/// `snapshots/{commit}/{file}` -> relative symlink to `blobs/{etag}`, replaced atomically.
+fn link_pointer(blob: &Path, pointer: &Path) -> Result<()> {
+    let parent = pointer.parent().ok_or_else(|| DataError::io(format!("{}: no parent", pointer.display())))?;
+    mkdirs(parent)?;
+    let repo_dir = blob.parent().and_then(Path::parent).unwrap_or(Path::new("."));
+    let depth = parent.strip_prefix(repo_dir).map(|r| r.components().count()).unwrap_or(0);
+    let mut target = PathBuf::new();
+    for _ in 0..depth {
+        target.push("..");
+    }
+    target.push("blobs");
+    target.push(blob.file_name().unwrap_or_default());
+    if std::fs::read_link(pointer).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    let tmp = parent.join(format!(
+        ".{}.link-{}",
+        pointer.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&target, &tmp).map_err(|e| DataError::io(format!("{}: {e}", tmp.display())))?;
+    #[cfg(not(unix))]
+    std::fs::copy(blob, &tmp).map_err(|e| DataError::io(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, pointer).map_err(|e| DataError::io(format!("{}: {e}", pointer.display())))?;
+    common::sync_dir(parent).map_err(|e| DataError::io(e.to_string()))
+}
+
+fn progress_bar(show: bool, len: Option<u64>, name: &str) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let style =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .map(|s| s.progress_chars("=> "));
+    if let Ok(s) = style {
+        bar.set_style(s);
+    }
+    bar.set_message(name.to_string());
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn opts(vars: &[(&str, &str)]) -> HubOptions {
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        HubOptions::from_env_fn(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn environment_is_honoured_in_hf_order() {
+        let o = opts(&[("HOME", "/h")]);
+        assert_eq!(o.cache_dir, PathBuf::from("/h/.cache/huggingface/hub"));
+        assert_eq!(o.endpoint, DEFAULT_ENDPOINT);
+        assert!(!o.offline && o.token.is_none());
+        let o = opts(&[("HOME", "/h"), ("HF_HOME", "/x"), ("HF_ENDPOINT", "http://127.0.0.1:9/"), ("HF_TOKEN", "t")]);
+        assert_eq!(o.cache_dir, PathBuf::from("/x/hub"));
+        assert_eq!(o.endpoint, "http://127.0.0.1:9");
+        assert_eq!(o.token.as_deref(), Some("t"));
+        let o = opts(&[("HF_HOME", "/x"), ("HF_HUB_CACHE", "/c"), ("HF_HUB_OFFLINE", "yes")]);
+        assert_eq!(o.cache_dir, PathBuf::from("/c"));
+        assert!(o.offline);
+        assert!(!opts(&[("HF_HUB_OFFLINE", "0")]).offline);
+    }
+
+    #[test]
+    fn names_and_ids() {
+        assert_eq!(
+            Repo::dataset("databricks/databricks-dolly-15k", "main").folder_name(),
+            "datasets--databricks--databricks-dolly-15k"
+        );
+        assert!(looks_like_repo_id("databricks/databricks-dolly-15k"));
+        assert!(looks_like_repo_id("gpt2"));
+        assert!(!looks_like_repo_id("../x"));
+        assert!(!looks_like_repo_id("/abs/path"));
+        assert!(!looks_like_repo_id("a/b/c"));
+        assert_eq!(encode("refs/convert/parquet", false), "refs%2Fconvert%2Fparquet");
+        assert!(check_filename("data/x.jsonl").is_ok());
+        assert!(check_filename("../x").is_err());
+        assert!(is_data_file("data/train.parquet") && !is_data_file(".gitattributes") && !is_data_file("README.md"));
+    }
+}
