@@ -96,24 +96,22 @@ pub fn attention_fwd(
 fn masked_softmax_rows(p: &mut [f32], vis: Visibility<'_>, row0: usize, t: usize) {
     for i in 0..t {
         let s = &mut p[i * t..(i + 1) * t];
-        let mut mx = f32::NEG_INFINITY;
-        for (j, &x) in s.iter().enumerate().take(i + 1) {
-            if vis.visible(row0, i, j) && x > mx {
-                mx = x;
+        let (head, tail) = s.split_at_mut(i + 1);
+        tail.fill(0.0);
+        for (j, x) in head.iter_mut().enumerate() {
+            if !vis.visible(row0, i, j) {
+                *x = f32::NEG_INFINITY;
             }
         }
-        if mx == f32::NEG_INFINITY {
-            s.fill(0.0);
-            continue;
-        }
-        let mut sum = 0f32;
-        for (j, x) in s.iter_mut().enumerate() {
-            let e = if vis.visible(row0, i, j) { math::exp(*x - mx) } else { 0.0 };
-            *x = e;
-            sum += e;
-        }
-        let inv = 1.0 / sum;
-        s.iter_mut().for_each(|x| *x *= inv);
+        pulp::Arch::new().dispatch(|| {
+            let mx = math::max(head);
+            if mx == f32::NEG_INFINITY {
+                head.fill(0.0);
+                return;
+            }
+            let inv = 1.0 / math::exp_shift_sum(head, mx);
+            head.iter_mut().for_each(|x| *x *= inv);
+        });
     }
 }
 
@@ -168,14 +166,14 @@ pub fn attention_bwd(
                 Parallelism::None,
             );
             // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-            for i in 0..t {
-                let pr = &p[i * t..(i + 1) * t];
-                let dr = &mut dp[i * t..(i + 1) * t];
-                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                for j in 0..t {
-                    dr[j] = pr[j] * (dr[j] - dot) * scale;
+            pulp::Arch::new().dispatch(|| {
+                for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+                    let dot = math::dot(pr, dr);
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = pv * (*d - dot) * scale;
+                    }
                 }
-            }
+            });
             // dV (T,D) = Pᵀ · dO
             gemm_strided(
                 t,

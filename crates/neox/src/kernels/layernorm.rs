@@ -2,6 +2,7 @@
 //! the square root). Forward saves mean and 1/std per row for the backward. Backward accumulates into the input
 //! gradient (residual streams add several branches) and into the parameter gradients in a fixed order.
 
+use super::math;
 use rayon::prelude::*;
 
 /// out (N,C) = (inp - mean) * rstd * w + b; mean, rstd (N).
@@ -25,11 +26,14 @@ pub fn layernorm_fwd(
         .zip(mean[..n].par_iter_mut().zip(rstd[..n].par_iter_mut()))
         .for_each(|((o, x), (m, r))| {
             pulp::Arch::new().dispatch(|| {
-                let mu = x.iter().sum::<f32>() / c as f32;
-                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                let mu = math::sum(x) / c as f32;
+                for (oi, &xi) in o.iter_mut().zip(x) {
+                    *oi = xi - mu;
+                }
+                let var = math::dot(o, o) / c as f32;
                 let rs = 1.0 / (var + eps).sqrt();
                 for i in 0..c {
-                    o[i] = (x[i] - mu) * rs * w[i] + b[i];
+                    o[i] = o[i] * rs * w[i] + b[i];
                 }
                 *m = mu;
                 *r = rs;
@@ -68,19 +72,20 @@ pub fn layernorm_bwd(
                     let x = &inp[row * c..(row + 1) * c];
                     let g = &dout[row * c..(row + 1) * c];
                     let (mu, rs) = (mean[row], rstd[row]);
-                    let mut sum_dn = 0f32;
-                    let mut sum_dn_n = 0f32;
+                    // d holds dnorm = g·w for the two row reductions, then the input gradient
+                    let d = &mut dinp_rows[r * c..(r + 1) * c];
+                    let mut sum_dn_n = [0f32; 16];
+                    let mut sum_dn = [0f32; 16];
                     for i in 0..c {
                         let norm = (x[i] - mu) * rs;
                         let dn = g[i] * w[i];
-                        sum_dn += dn;
-                        sum_dn_n += dn * norm;
+                        sum_dn[i % 16] += dn;
+                        sum_dn_n[i % 16] += dn * norm;
                         pw[i] += g[i] * norm;
                         pb[i] += g[i];
                     }
-                    let mean_dn = sum_dn / c as f32;
-                    let mean_dn_n = sum_dn_n / c as f32;
-                    let d = &mut dinp_rows[r * c..(r + 1) * c];
+                    let mean_dn = sum_dn.iter().sum::<f32>() / c as f32;
+                    let mean_dn_n = sum_dn_n.iter().sum::<f32>() / c as f32;
                     for i in 0..c {
                         let norm = (x[i] - mu) * rs;
                         let dn = g[i] * w[i];

@@ -4,13 +4,13 @@
 
 use rayon::prelude::*;
 
-/// exp(x) for f32, Cephes-style range reduction + degree-6 polynomial. Clamped to avoid inf/denormal paths:
-/// exp(-88) ~ 6e-39 (smallest normal region) and exp(88) ~ 1.6e38.
+/// exp(x) for f32, Cephes-style range reduction + degree-6 polynomial; 0 below -87.3 (so exp(-inf) = 0, as
+/// masking needs) and clamped at exp(88) ~ 1.6e38. Uses `floor`, which vectorises (`round` would be a libm call).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.3, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let xc = x.clamp(-87.3, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let r2 = r * r;
     let p = 1.987_569_1e-4f32;
     let p = p * r + 1.398_199_9e-3;
@@ -20,7 +20,11 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 0.5;
     let y = p * r2 + r + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    y * scale
+    if x < -87.3 {
+        0.0
+    } else {
+        y * scale
+    }
 }
 
 /// erf(x), |error| < 1.2e-7.
@@ -42,6 +46,60 @@ pub fn erf(x: f32) -> f32 {
     } else {
         r
     }
+}
+
+/// Σ x with 16 independent accumulators (vectorises; a plain `.sum()` is a serial chain of adds).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for k in 0..16 {
+            acc[k] += c[k];
+        }
+    }
+    let tail: f32 = it.remainder().iter().sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b with 16 independent accumulators.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 16];
+    let mut ia = a.chunks_exact(16);
+    let mut ib = b.chunks_exact(16);
+    for (ca, cb) in (&mut ia).zip(&mut ib) {
+        for k in 0..16 {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let tail: f32 = ia.remainder().iter().zip(ib.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// max x (−inf for an empty slice; NaNs are ignored as `f32::max` does).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut it = x.chunks_exact(16);
+    for c in &mut it {
+        for k in 0..16 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    let m = it.remainder().iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    acc.iter().fold(m, |a, &b| a.max(b))
+}
+
+/// x = exp(x - m) in place; returns Σ of the results.
+#[inline(always)]
+pub fn exp_shift_sum(x: &mut [f32], m: f32) -> f32 {
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+    }
+    sum(x)
 }
 
 const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -129,8 +187,9 @@ mod tests {
             x += 0.0137;
         }
         assert!(worst < 3e-7, "max rel err {worst}");
-        assert_eq!(exp(-1000.0), exp(-87.3));
-        assert!(exp(-1000.0) >= 0.0 && exp(-1000.0) < 1e-37);
+        assert_eq!(exp(-1000.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(-87.0) > 0.0);
     }
 
     #[test]

@@ -76,13 +76,9 @@ pub fn lm_head_xent(
         s.logits[..r * v].par_chunks_mut(v).zip(s.loss[..r].par_iter_mut()).zip(chunk.par_iter()).for_each(
             |((l, loss), &(_, tgt))| {
                 pulp::Arch::new().dispatch(|| {
-                    let mx = l.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mx = math::max(l);
                     let lt = l[tgt as usize];
-                    let mut sum = 0f32;
-                    for x in l.iter_mut() {
-                        *x = math::exp(*x - mx);
-                        sum += *x;
-                    }
+                    let sum = math::exp_shift_sum(l, mx);
                     *loss = mx as f64 + (sum as f64).ln() - lt as f64;
                     if let Some(sc) = scale {
                         let inv = sc / sum;
