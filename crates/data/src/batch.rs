@@ -149,6 +149,12 @@ pub fn pack_batch(
                 e.record
             )));
         }
+        if split && len > batch_size * seq_len {
+            return Err(DataError::config(format!(
+                "pack: example of record {} has {len} tokens, more than a whole batch ({batch_size} x {seq_len})",
+                e.record
+            )));
+        }
         let free = (seq_len - pos) + (batch_size - 1 - row) * seq_len;
         if !split && pos + len > seq_len {
             if row + 1 == batch_size {

@@ -239,7 +239,7 @@ mod tests {
     #[test]
     fn clean_up_matches_transformers() {
         assert_eq!(
-            clean_up_tokenization("Hi , you ! I 'm sure it 's done . Isn 't it ?"),
+            clean_up_tokenization("Hi , you ! I 'm sure it 's done . Is n't it ?"),
             "Hi, you! I'm sure it's done. Isn't it?"
         );
         assert_eq!(clean_up_tokenization("a ' b"), "a'b");

@@ -56,6 +56,20 @@ fn tokenizer_setup_matches_python() {
     assert_eq!(tok.check_model_vocab(50277).unwrap(), data::VocabFit::Grow { rows: 50277, to: 50280 });
     let err = tok.check_model_vocab(1024).unwrap_err();
     assert!(err.message.contains("does not belong to this model"), "{err}");
+
+    // The saved tokenizer files reload with the same ids and carry transformers' special-token settings.
+    let dir = tempfile::tempdir().unwrap();
+    tok.save_pretrained(dir.path(), Some(2048)).unwrap();
+    let again = DollyTokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
+    assert_eq!((again.special(), again.vocab_size()), (tok.special(), 50280));
+    let text = data::template::training_text("Say hi", "ctx", "Hi!");
+    assert_eq!(again.encode(&text).unwrap(), tok.encode(&text).unwrap());
+    let read = |n: &str| -> Value { serde_json::from_slice(&std::fs::read(dir.path().join(n)).unwrap()).unwrap() };
+    let map = read("special_tokens_map.json");
+    assert_eq!(map["pad_token"], "<|endoftext|>");
+    assert_eq!(map["additional_special_tokens"], serde_json::json!(["### End", "### Instruction:", "### Response:\n"]));
+    let cfg = read("tokenizer_config.json");
+    assert_eq!((cfg["model_max_length"].as_u64(), cfg["pad_token"].as_str()), (Some(2048), Some("<|endoftext|>")));
 }
 
 #[test]
@@ -140,8 +154,10 @@ fn prepare_splits_like_the_spec() {
     let a = prepare_examples(few, &tok, &small).unwrap();
     assert_eq!(a.test, prepare_examples(few, &tok, &small).unwrap().test);
     assert_ne!(a.test, prepare_examples(few, &tok, &PrepareOptions { seed: 7, ..small }).unwrap().test);
-    let d = prepare_examples(&records, &tok, &PrepareOptions { dedup: true, test_size: TestSize::Ratio(0.05), ..opts })
+    let mut dup = few.to_vec();
+    dup.extend_from_slice(&few[..3]);
+    let d = prepare_examples(&dup, &tok, &PrepareOptions { dedup: true, test_size: TestSize::Ratio(0.05), ..small })
         .unwrap();
-    assert_eq!(d.report.duplicates_removed, 8);
+    assert_eq!(d.report.duplicates_removed, 3);
     assert_eq!(d.report.test, (d.report.kept as f64 * 0.05).ceil() as usize);
 }
