@@ -97,9 +97,9 @@ pub fn run_cache(a: CacheDatasetArgs) -> anyhow::Result<()> {
     opts.progress = !a.no_progress;
     let snap = data::dataset::cache_hub_dataset(&opts, &a.dataset, &a.revision)
         .with_context(|| format!("cannot cache dataset {} at revision {}", a.dataset, a.revision))?;
-    println!("{} @ {} -> {}", a.dataset, snap.commit, snap.dir.display());
+    out(&format!("{} @ {} -> {}", a.dataset, snap.commit, snap.dir.display()))?;
     for f in &snap.files {
-        println!("  {f}");
+        out(&format!("  {f}"))?;
     }
     Ok(())
 }
@@ -134,9 +134,18 @@ fn load(src: &DataSourceArgs) -> anyhow::Result<Loaded> {
     Ok(Loaded { data, tok, max_length })
 }
 
+/// Print to stdout; a closed pipe (`| head`) ends output quietly instead of panicking.
+fn out(s: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    match writeln!(o, "{s}").and_then(|_| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    out(&serde_json::to_string_pretty(v)?)
 }
 
 fn stats(a: StatsArgs) -> anyhow::Result<()> {
@@ -153,8 +162,11 @@ fn stats(a: StatsArgs) -> anyhow::Result<()> {
         return print_json(&v);
     }
     let g = |k: &str| v[k].to_string();
-    println!("files: {}", l.data.report.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
-    println!(
+    out(&format!(
+        "files: {}",
+        l.data.report.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    ))?;
+    out(&format!(
         "records {}  skipped_bad {}  duplicates_removed {}  kept {}  dropped {} (length >= {})",
         g("records"),
         g("skipped_bad"),
@@ -162,16 +174,16 @@ fn stats(a: StatsArgs) -> anyhow::Result<()> {
         g("kept"),
         g("dropped"),
         l.max_length
-    );
+    ))?;
     let t = &v["tokens"];
-    println!("tokens: total {}  mean {:.1}  max {}", t["total"], t["mean"].as_f64().unwrap_or(0.0), t["max"]);
+    out(&format!("tokens: total {}  mean {:.1}  max {}", t["total"], t["mean"].as_f64().unwrap_or(0.0), t["max"]))?;
     if let Some(cats) = v["categories"].as_object() {
         let parts: Vec<String> = cats.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        println!("categories: {}", parts.join(", "));
+        out(&format!("categories: {}", parts.join(", ")))?;
     }
     for mode in ["padded", "packed"] {
         let w = &v["padding_waste"][mode];
-        println!("padding waste ({mode}): {:.1}%", 100.0 * w["waste"].as_f64().unwrap_or(0.0));
+        out(&format!("padding waste ({mode}): {:.1}%", 100.0 * w["waste"].as_f64().unwrap_or(0.0)))?;
     }
     Ok(())
 }
@@ -182,13 +194,13 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
     if a.src.json {
         return print_json(&v);
     }
-    println!("# record {} ({}), category {}", a.index, v["source"].as_str().unwrap_or(""), v["category"]);
-    println!(
+    out(&format!("# record {} ({}), category {}", a.index, v["source"].as_str().unwrap_or(""), v["category"]))?;
+    out(&format!(
         "# {} tokens, {} prompt, {} supervised, dropped at max length {}: {}",
         v["length"], v["prompt_tokens"], v["supervised_tokens"], l.max_length, v["dropped"]
-    );
-    println!("{}", v["text"].as_str().unwrap_or(""));
-    println!("# input_ids {}", v["input_ids"]);
-    println!("# labels {}", v["labels"]);
+    ))?;
+    out(&format!("{}", v["text"].as_str().unwrap_or("")))?;
+    out(&format!("# input_ids {}", v["input_ids"]))?;
+    out(&format!("# labels {}", v["labels"]))?;
     Ok(())
 }
