@@ -5,7 +5,9 @@ use clap::{Parser, Subcommand};
 
 mod cmd_bench;
 mod cmd_data;
+mod cmd_generate;
 mod cmd_model;
+mod cmd_serve;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +38,10 @@ enum Command {
     /// Inspect the training data: statistics and single examples.
     #[command(subcommand)]
     Data(cmd_data::DataCommand),
+    /// Answer instructions with a Dolly model: one, interactively, or a JSONL batch.
+    Generate(cmd_generate::GenerateArgs),
+    /// Serve a Dolly model over an OpenAI-compatible HTTP API.
+    Serve(cmd_serve::ServeArgs),
 }
 
 fn main() {
@@ -51,6 +57,8 @@ fn main() {
         Command::Bench(c) => cmd_bench::run(c),
         Command::CacheDataset(a) => cmd_data::run_cache(a),
         Command::Data(c) => cmd_data::run(c),
+        Command::Generate(a) => cmd_generate::run(a),
+        Command::Serve(a) => cmd_serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

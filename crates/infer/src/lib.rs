@@ -1,0 +1,43 @@
+//! `infer`: Dolly's instruction pipeline at inference time (dolly-spec section 9) — sampling (`sampling`), response
+//! extraction (`extract`), UTF-8-safe incremental text streaming (`stream`), batched generation on the KV cache
+//! with left padding and rows joining a running batch (`batch`), the request scheduler (`scheduler`) and the
+//! OpenAI-compatible HTTP server (`server`). Does not train, and never mutates the model: per-request state
+//! (KV cache rows, RNG, stop rules) lives in `batch::BatchDecoder`.
+
+pub mod batch;
+pub mod extract;
+pub mod sampling;
+pub mod scheduler;
+pub mod server;
+pub mod stream;
+
+pub use batch::{generate, BatchDecoder, FinishReason, GenOutput, SeqParams, TokenEvent};
+pub use extract::extract_response;
+pub use sampling::{sample, SamplingParams};
+pub use stream::TextStream;
+
+/// Errors of this crate, with context in the message.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<neox::Error> for Error {
+    fn from(e: neox::Error) -> Self {
+        Error(format!("engine: {e}"))
+    }
+}
+
+impl From<data::DataError> for Error {
+    fn from(e: data::DataError) -> Self {
+        Error(format!("tokenizer: {e}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

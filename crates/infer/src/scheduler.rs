@@ -1,0 +1,225 @@
+//! The server's decode loop: one thread owns the compute, takes jobs from a bounded FIFO queue and decodes every
+//! admitted job together in one `BatchDecoder` (jobs arriving while a batch runs join it while it has unused rows
+//! and cache slots; otherwise they wait for the batch to finish). Submitting to a full queue fails at once (the
+//! server answers 429). A job whose receiver is dropped (client gone) is cancelled at the next step, or skipped
+//! if still queued. `shutdown` lets queued and running jobs finish, then the thread exits.
+//! Does not tokenize, decode text or speak HTTP.
+
+use crate::batch::{BatchDecoder, FinishReason, SeqParams};
+use neox::Model;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// What a job's receiver gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobEvent {
+    Token {
+        id: u32,
+        finish: Option<FinishReason>,
+    },
+    /// The engine failed; the job is over.
+    Error(String),
+}
+
+/// Scheduler settings.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most sequences decoded together.
+    pub max_batch: usize,
+    /// Most jobs waiting for a row (beyond that, `submit` fails).
+    pub queue_size: usize,
+    /// KV cache slots per batch (prompt padding and decode steps of all rows share them).
+    pub kv_slots: usize,
+    /// Only ids below this are sampled (tokenizer size).
+    pub vocab_limit: usize,
+    pub stop_id: Option<u32>,
+    /// When idle, wait this long after the first arrival so that concurrent requests start in one batch.
+    pub batch_window: Duration,
+}
+
+/// Counters, readable at any time (`/health`).
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub queued: AtomicU64,
+    pub running: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+    pub tokens: AtomicU64,
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    params: SeqParams,
+    tx: UnboundedSender<JobEvent>,
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Job>>,
+    cv: Condvar,
+    shutdown: AtomicBool,
+}
+
+/// Handle for submitting jobs; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    pub stats: Arc<Stats>,
+    cfg: Arc<SchedulerConfig>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Why `submit` refused a job.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    ShuttingDown,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Scheduler {
+    pub fn start(model: Arc<Model>, cfg: SchedulerConfig) -> Self {
+        let shared =
+            Arc::new(Shared { queue: Mutex::new(VecDeque::new()), cv: Condvar::new(), shutdown: false.into() });
+        let stats = Arc::new(Stats::default());
+        let cfg = Arc::new(cfg);
+        let (s2, st2, c2) = (shared.clone(), stats.clone(), cfg.clone());
+        let handle = std::thread::Builder::new()
+            .name("dolly-decode".into())
+            .spawn(move || decode_loop(&model, &c2, &s2, &st2))
+            .expect("spawn decode thread");
+        Scheduler { shared, stats, cfg, thread: Arc::new(Mutex::new(Some(handle))) }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queue a job; its tokens arrive on the returned receiver. Dropping the receiver cancels the job.
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: SeqParams,
+    ) -> std::result::Result<UnboundedReceiver<JobEvent>, SubmitError> {
+        if self.shared.shutdown.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let (tx, rx) = unbounded_channel();
+        let mut q = lock(&self.shared.queue);
+        if q.len() >= self.cfg.queue_size {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(SubmitError::QueueFull);
+        }
+        q.push_back(Job { prompt, params, tx });
+        self.stats.queued.store(q.len() as u64, Ordering::Relaxed);
+        drop(q);
+        self.shared.cv.notify_all();
+        Ok(rx)
+    }
+
+    /// Refuse new jobs, finish the queued and running ones, and wait for the decode thread to end.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &Stats) {
+    let max_batch = cfg.max_batch.max(1);
+    loop {
+        // idle: wait for work (or exit when shutting down with nothing queued)
+        {
+            let mut q = lock(&shared.queue);
+            while q.is_empty() {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                q = shared
+                    .cv
+                    .wait_timeout(q, Duration::from_millis(200))
+                    .map(|r| r.0)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            if q.len() < max_batch && !cfg.batch_window.is_zero() {
+                drop(q);
+                std::thread::sleep(cfg.batch_window);
+            }
+        }
+        let waiting = lock(&shared.queue).len();
+        let batch = waiting.clamp(1, max_batch).next_power_of_two().min(max_batch);
+        let mut dec = BatchDecoder::new(model, batch, cfg.kv_slots, cfg.vocab_limit, cfg.stop_id);
+        let mut txs: Vec<Option<UnboundedSender<JobEvent>>> = vec![None; batch];
+        loop {
+            // admit queued jobs while rows and slots allow (FIFO: the head waits if it does not fit)
+            {
+                let mut q = lock(&shared.queue);
+                while let Some(job) = q.front() {
+                    if job.tx.is_closed() {
+                        q.pop_front();
+                        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if !dec.can_admit(job.prompt.len(), job.params.max_new_tokens) {
+                        break;
+                    }
+                    let Some(job) = q.pop_front() else { break };
+                    match dec.admit(job.prompt, job.params) {
+                        Ok(row) => txs[row] = Some(job.tx),
+                        Err(e) => {
+                            stats.failed.fetch_add(1, Ordering::Relaxed);
+                            let _ = job.tx.send(JobEvent::Error(e.to_string()));
+                        }
+                    }
+                }
+                stats.queued.store(q.len() as u64, Ordering::Relaxed);
+            }
+            // cancel rows whose client is gone
+            for (row, tx) in txs.iter_mut().enumerate() {
+                if tx.as_ref().is_some_and(|t| t.is_closed()) {
+                    dec.cancel(row);
+                    *tx = None;
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            stats.running.store(dec.running() as u64, Ordering::Relaxed);
+            if dec.running() == 0 {
+                break;
+            }
+            match dec.step() {
+                Ok(events) => {
+                    stats.tokens.fetch_add(events.len() as u64, Ordering::Relaxed);
+                    for e in events {
+                        let Some(tx) = &txs[e.row] else { continue };
+                        if tx.send(JobEvent::Token { id: e.token, finish: e.finish }).is_err() {
+                            dec.cancel(e.row);
+                            txs[e.row] = None;
+                            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        } else if e.finish.is_some() {
+                            txs[e.row] = None;
+                            stats.completed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for tx in txs.iter_mut().filter_map(|t| t.take()) {
+                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                        let _ = tx.send(JobEvent::Error(e.to_string()));
+                    }
+                    break;
+                }
+            }
+        }
+        stats.running.store(0, Ordering::Relaxed);
+    }
+}
