@@ -30,6 +30,7 @@ where
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("not a file path: {}", path.display())))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
+        fault_injected(path)?;
         let file = File::create(&tmp).map_err(|e| with_path(e, "cannot create", &tmp))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         write(&mut w).map_err(|e| with_path(e, "cannot write", &tmp))?;
@@ -43,6 +44,18 @@ where
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Test-only fault injection: when `DOLLY_FAULT_WRITE` is set and the path contains its value, the write fails
+/// as a full disk would. Lets tests check that a failed write leaves the previous state intact.
+fn fault_injected(path: &Path) -> io::Result<()> {
+    match std::env::var("DOLLY_FAULT_WRITE") {
+        Ok(pat) if !pat.is_empty() && path.to_string_lossy().contains(&pat) => Err(io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!("No space left on device (injected by DOLLY_FAULT_WRITE={pat})"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// fsync a directory so that a rename inside it is durable.

@@ -199,7 +199,7 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         "# {} tokens, {} prompt, {} supervised, dropped at max length {}: {}",
         v["length"], v["prompt_tokens"], v["supervised_tokens"], l.max_length, v["dropped"]
     ))?;
-    out(&format!("{}", v["text"].as_str().unwrap_or("")))?;
+    out(v["text"].as_str().unwrap_or(""))?;
     out(&format!("# input_ids {}", v["input_ids"]))?;
     out(&format!("# labels {}", v["labels"]))?;
     Ok(())

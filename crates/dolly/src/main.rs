@@ -8,6 +8,7 @@ mod cmd_data;
 mod cmd_generate;
 mod cmd_model;
 mod cmd_serve;
+mod cmd_train;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,6 +39,9 @@ enum Command {
     /// Inspect the training data: statistics and single examples.
     #[command(subcommand)]
     Data(cmd_data::DataCommand),
+    /// Fine-tune a GPT-NeoX model on Dolly data (the seed trainer's flags).
+    #[command(args_override_self = true)]
+    Train(Box<cmd_train::TrainArgs>),
     /// Answer instructions with a Dolly model: one, interactively, or a JSONL batch.
     Generate(cmd_generate::GenerateArgs),
     /// Serve a Dolly model over an OpenAI-compatible HTTP API.
@@ -57,6 +61,7 @@ fn main() {
         Command::Bench(c) => cmd_bench::run(c),
         Command::CacheDataset(a) => cmd_data::run_cache(a),
         Command::Data(c) => cmd_data::run(c),
+        Command::Train(a) => cmd_train::run(*a, cli.threads),
         Command::Generate(a) => cmd_generate::run(a),
         Command::Serve(a) => cmd_serve::run(a),
     };

@@ -112,6 +112,13 @@ impl Activations {
         }
     }
 
+    /// Make sure batches up to `b` x `t` fit, reallocating (larger) only when they do not.
+    pub fn ensure(&mut self, c: &NeoxConfig, b: usize, t: usize) {
+        if b > self.b || t > self.t {
+            *self = Activations::new(c, b.max(self.b), t.max(self.t), self.recompute);
+        }
+    }
+
     pub fn recompute(&self) -> bool {
         self.recompute
     }

@@ -187,16 +187,45 @@ pub fn load_params(dir: &Path, config: &NeoxConfig, layout: &Layout) -> Result<V
 
 /// Write `params` as `model.safetensors` in HF layout (names from `layout`), atomically.
 pub fn save_safetensors(path: &Path, layout: &Layout, params: &[f32], dtype: SaveDtype) -> Result<()> {
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice(), &params[p.range()])).collect();
+    save_tensors(path, &tensors, dtype)
+}
+
+/// Read named f32 tensors (any of F32/F16/BF16 on disk) from a safetensors file, checking each shape.
+pub fn load_tensors(path: &Path, wanted: &[(&str, &[usize])]) -> Result<Vec<Vec<f32>>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+    wanted
+        .iter()
+        .map(|(name, shape)| {
+            let view = st.tensor(name).map_err(|_| Error::tensor(path, name, "missing"))?;
+            if view.shape() != *shape {
+                return Err(Error::tensor(path, name, format!("shape {:?}, expected {shape:?}", view.shape())));
+            }
+            let mut out = vec![0f32; shape.iter().product()];
+            convert(path, name, view.dtype(), view.data(), &mut out)?;
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Write named tensors into one safetensors file, atomically, streaming (no second copy in memory).
+pub fn save_tensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: SaveDtype) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), "pt".into());
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut off = 0usize;
-    for p in &layout.params {
-        let n = p.numel() * dtype.size();
+    for (name, shape, data) in tensors {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(Error::tensor(path, name, format!("shape {shape:?} does not hold {} values", data.len())));
+        }
+        let n = data.len() * dtype.size();
         header.insert(
-            p.name.clone(),
-            serde_json::json!({"dtype": dtype.st_name(), "shape": p.shape, "data_offsets": [off, off + n]}),
+            name.to_string(),
+            serde_json::json!({"dtype": dtype.st_name(), "shape": shape, "data_offsets": [off, off + n]}),
         );
         off += n;
     }
@@ -208,8 +237,8 @@ pub fn save_safetensors(path: &Path, layout: &Layout, params: &[f32], dtype: Sav
         w.write_all(&(h.len() as u64).to_le_bytes())?;
         w.write_all(&h)?;
         let mut buf = Vec::with_capacity(1 << 16);
-        for p in &layout.params {
-            for chunk in params[p.range()].chunks(1 << 14) {
+        for (_, _, data) in tensors {
+            for chunk in data.chunks(1 << 14) {
                 buf.clear();
                 match dtype {
                     SaveDtype::F32 => chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),

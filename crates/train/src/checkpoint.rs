@@ -1,0 +1,185 @@
+//! Checkpoints `OUT/checkpoint-STEP/`: float32 master weights in HF layout (`config.json`, `model.safetensors`),
+//! AdamW moments (`optimizer.safetensors`), `trainer_state.json` (step, sampler cursor, RNG/scheduler state,
+//! log accumulators, resolved config), `manifest.json` (sha256 and size per file) and, written last, the
+//! `COMPLETE` marker. A directory without the marker, or whose files do not match the manifest, is not a
+//! checkpoint: `latest` skips it and saving the same step again replaces it. Retention keeps the newest N.
+
+use crate::config::TrainConfig;
+use crate::error::{io_ctx, Result, TrainError};
+use data::SamplerState;
+use neox::{AdamW, Model, SaveDtype};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const MARKER: &str = "COMPLETE";
+const FILES: [&str; 4] = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"];
+
+/// Everything besides tensors that an exact resume needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerState {
+    pub format_version: u32,
+    /// Optimizer steps completed.
+    pub global_step: u64,
+    pub total_steps: u64,
+    pub sampler: SamplerState,
+    /// AdamW's own step count (skipped non-finite steps do not advance it).
+    pub adam_step: u64,
+    /// Sum of per-step losses and number of steps since the last metrics row.
+    pub log_loss_sum: f64,
+    pub log_steps: u64,
+    /// Real (non-padding) tokens processed so far, and at the last metrics row.
+    pub tokens_seen: u64,
+    pub log_tokens: u64,
+    pub nonfinite_in_row: u32,
+    pub nonfinite_total: u64,
+    /// Wall time of the run so far (all sessions).
+    pub elapsed_s: f64,
+    pub elapsed_at_log: f64,
+    pub config: TrainConfig,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestEntry {
+    sha256: String,
+    bytes: u64,
+}
+
+pub fn dir_for(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("checkpoint-{step}"))
+}
+
+fn step_of(p: &Path) -> Option<u64> {
+    p.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse().ok()
+}
+
+/// Checkpoint directories under `out` with their step, complete or not, oldest first.
+pub fn list(out: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            Some((step_of(&p)?, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Marker present and every manifest file present with the recorded size (cheap; `verify` checks sha256).
+pub fn is_complete(dir: &Path) -> bool {
+    if !dir.join(MARKER).is_file() {
+        return false;
+    }
+    let Ok(text) = std::fs::read_to_string(dir.join("manifest.json")) else { return false };
+    let Ok(m) = serde_json::from_str::<std::collections::BTreeMap<String, ManifestEntry>>(&text) else {
+        return false;
+    };
+    FILES.iter().all(|f| m.get(*f).is_some_and(|e| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == e.bytes)))
+}
+
+/// Full check: every file's sha256 equals the manifest's.
+pub fn verify(dir: &Path) -> Result<()> {
+    if !is_complete(dir) {
+        crate::bail!("{}: not a complete checkpoint (no {MARKER} marker or files missing/truncated)", dir.display());
+    }
+    let text =
+        io_ctx(std::fs::read_to_string(dir.join("manifest.json")), || format!("{}/manifest.json", dir.display()))?;
+    let m: std::collections::BTreeMap<String, ManifestEntry> =
+        serde_json::from_str(&text).map_err(|e| TrainError(format!("{}/manifest.json: {e}", dir.display())))?;
+    for (name, e) in &m {
+        let p = dir.join(name);
+        let sha = io_ctx(common::sha256_file(&p), || p.display().to_string())?;
+        if sha != e.sha256 {
+            crate::bail!("{}: sha256 {sha} does not match the manifest ({})", p.display(), e.sha256);
+        }
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint under `out`.
+pub fn latest(out: &Path) -> Option<PathBuf> {
+    list(out).into_iter().rev().map(|(_, p)| p).find(|p| is_complete(p))
+}
+
+/// Write checkpoint `state.global_step` under `out`; returns its directory.
+pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+    let dir = dir_for(out, state.global_step);
+    if dir.exists() {
+        // A leftover from a crash (or a re-save of the same step): replace it whole.
+        io_ctx(std::fs::remove_dir_all(&dir), || format!("removing stale {}", dir.display()))?;
+    }
+    model.save(&dir, SaveDtype::F32)?;
+    let names: Vec<String> = model.layout.params.iter().map(|p| p.name.clone()).collect();
+    let mut tensors: Vec<(String, &[usize], &[f32])> = Vec::new();
+    for (p, name) in model.layout.params.iter().zip(&names) {
+        tensors.push((format!("exp_avg.{name}"), &p.shape, &opt.m[p.range()]));
+        tensors.push((format!("exp_avg_sq.{name}"), &p.shape, &opt.v[p.range()]));
+    }
+    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
+    neox::weights::save_tensors(&dir.join("optimizer.safetensors"), &refs, SaveDtype::F32)?;
+    if std::env::var("DOLLY_FAULT_ABORT_IN_CHECKPOINT").ok() == Some(state.global_step.to_string()) {
+        // Test-only: die like `kill -9` halfway through writing this checkpoint.
+        std::process::abort();
+    }
+    let st = serde_json::to_string_pretty(state).map_err(|e| TrainError(e.to_string()))?;
+    let sp = dir.join("trainer_state.json");
+    io_ctx(common::atomic_write(&sp, st.as_bytes()), || sp.display().to_string())?;
+    let mut manifest = std::collections::BTreeMap::new();
+    for f in FILES {
+        let p = dir.join(f);
+        let sha = io_ctx(common::sha256_file(&p), || p.display().to_string())?;
+        let bytes = io_ctx(std::fs::metadata(&p), || p.display().to_string())?.len();
+        manifest.insert(f.to_string(), ManifestEntry { sha256: sha, bytes });
+    }
+    let mp = dir.join("manifest.json");
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| TrainError(e.to_string()))?;
+    io_ctx(common::atomic_write(&mp, text.as_bytes()), || mp.display().to_string())?;
+    let marker = dir.join(MARKER);
+    io_ctx(common::atomic_write(&marker, format!("step {}\n", state.global_step).as_bytes()), || {
+        marker.display().to_string()
+    })?;
+    Ok(dir)
+}
+
+/// Load a verified checkpoint: (model, optimizer moments m and v, state).
+pub fn load(dir: &Path) -> Result<(Model, Vec<f32>, Vec<f32>, TrainerState)> {
+    verify(dir)?;
+    let model = Model::load(dir)?;
+    let sp = dir.join("trainer_state.json");
+    let text = io_ctx(std::fs::read_to_string(&sp), || sp.display().to_string())?;
+    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError(format!("{}: {e}", sp.display())))?;
+    let op = dir.join("optimizer.safetensors");
+    let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
+    for p in &model.layout.params {
+        wanted.push((format!("exp_avg.{}", p.name), p.shape.clone()));
+        wanted.push((format!("exp_avg_sq.{}", p.name), p.shape.clone()));
+    }
+    let refs: Vec<(&str, &[usize])> = wanted.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+    let tensors = neox::weights::load_tensors(&op, &refs)?;
+    let (mut m, mut v) = (vec![0f32; model.num_params()], vec![0f32; model.num_params()]);
+    for (k, p) in model.layout.params.iter().enumerate() {
+        m[p.range()].copy_from_slice(&tensors[2 * k]);
+        v[p.range()].copy_from_slice(&tensors[2 * k + 1]);
+    }
+    Ok((model, m, v, state))
+}
+
+/// Delete the oldest complete checkpoints beyond `keep` (and incomplete ones older than the newest complete).
+pub fn enforce_limit(out: &Path, keep: usize) -> Result<()> {
+    let all = list(out);
+    let complete: Vec<&(u64, PathBuf)> = all.iter().filter(|(_, p)| is_complete(p)).collect();
+    let newest = complete.last().map(|(s, _)| *s);
+    let excess = complete.len().saturating_sub(keep.max(1));
+    for (_, p) in complete.iter().take(excess) {
+        io_ctx(std::fs::remove_dir_all(p), || format!("removing old checkpoint {}", p.display()))?;
+    }
+    for (s, p) in &all {
+        if !is_complete(p) && newest.is_some_and(|n| *s < n) {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! `train`: Dolly fine-tuning on one machine — typed config (TOML + CLI), DeepSpeed JSON, schedules, the loop,
+//! checkpoints with exact resume, metrics, and the Hugging Face export. Model math lives in `neox`, data in
+//! `data`; this crate only orchestrates.
+
+pub mod batches;
+pub mod checkpoint;
+pub mod config;
+pub mod deepspeed;
+pub mod error;
+pub mod metrics;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::{LrScheduler, TestSize, TrainConfig};
+pub use error::{Result, TrainError};
+pub use trainer::{train, RunSummary};
