@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context};
 use clap::Args;
 use common::Rng;
 use data::{generation_prompt, DollyTokenizer};
-use infer::{extract_response, FinishReason, GenOutput, SamplingParams, SeqParams, TextStream};
+use infer::{extract_response, GenOutput, SamplingParams, SeqParams, TextStream};
 use neox::Model;
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -324,6 +324,5 @@ fn batch(p: &Pipeline, input: &Path, output: Option<&Path>, batch_size: usize) -
         items.len(),
         total as f64 / dt.max(1e-9)
     );
-    let _ = FinishReason::Stop;
     Ok(())
 }

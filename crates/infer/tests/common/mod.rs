@@ -62,9 +62,8 @@ impl Conn {
         let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
         let lower = head.to_ascii_lowercase();
         let chunked = lower.contains("transfer-encoding: chunked");
-        let left = lower
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
+        let left =
+            lower.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()));
         Conn { status, head, r, chunked, left, buf: Vec::new(), eof: false }
     }
 
@@ -121,7 +120,8 @@ impl Conn {
             if let Some(p) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let ev: Vec<u8> = self.buf.drain(..p + 2).collect();
                 let ev = String::from_utf8(ev).expect("utf-8 event");
-                let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim_start()).collect();
+                let data: Vec<&str> =
+                    ev.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim_start()).collect();
                 if data.is_empty() {
                     continue;
                 }
@@ -149,14 +149,15 @@ pub fn post(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Resp {
 
 /// Poll `cond` on /health up to ~60 s (a deadline, not a timing assertion).
 pub fn wait_health(addr: SocketAddr, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
     for _ in 0..6000 {
-        let h = get(addr, "/health").json();
-        if cond(&h) {
-            return h;
+        last = get(addr, "/health").json();
+        if cond(&last) {
+            return last;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("timed out waiting for: {what}");
+    panic!("timed out waiting for: {what}; last /health: {last}");
 }
 
 pub fn tokenizer_path() -> std::path::PathBuf {

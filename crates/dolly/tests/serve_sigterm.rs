@@ -1,0 +1,135 @@
+//! `dolly serve` as a process on 127.0.0.1 (ephemeral port): SIGTERM while a streamed completion is in flight lets
+//! it finish (graceful drain), then the process exits 0; plus `dolly generate` batch mode end to end (JSONL in
+//! input order, greedy output identical alone and in a batch). Random pythia-14m-shaped model (2 layers), the
+//! shared 20B tokenizer. No timing assertions.
+
+use neox::{Model, NeoxConfig, SaveDtype};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn tokenizer() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/20B_tokenizer.json")
+}
+
+fn model_dir(dir: &Path) -> PathBuf {
+    let mut cfg = NeoxConfig::preset("pythia-14m").unwrap();
+    cfg.num_hidden_layers = 2;
+    let out = dir.join("m");
+    Model::new_random(cfg, 3).save(&out, SaveDtype::F32).unwrap();
+    out
+}
+
+#[test]
+fn sigterm_drains_in_flight_stream_then_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_dir(tmp.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dolly"))
+        .args(["--threads", "1", "serve"])
+        .arg(&m)
+        .arg("--tokenizer")
+        .arg(tokenizer())
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
+        if let Some(a) = line.trim().split("http://").nth(1) {
+            break a.to_string();
+        }
+    };
+    let body = r#"{"prompt": "Count to ten.", "max_tokens": 48, "temperature": 0, "stream": true}"#;
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut first = String::new();
+    r.read_line(&mut first).unwrap();
+    assert!(first.contains("200"), "{first}");
+    // wait for the first event, then SIGTERM
+    let mut seen = String::new();
+    while !seen.contains("data:") {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0);
+        seen.push_str(&l);
+    }
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    seen.push_str(&rest);
+    assert!(seen.contains("data: [DONE]"), "stream cut short: {seen}");
+    assert!(seen.contains("\"finish_reason\":\"length\"") || seen.contains("\"finish_reason\":\"stop\""));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut log = String::new();
+    err.read_to_string(&mut log).unwrap();
+    assert!(log.contains("shutting down"), "{log}");
+}
+
+#[test]
+fn generate_batch_mode_jsonl_in_input_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model_dir(tmp.path());
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"instruction\": \"Name a fruit.\"}\n\n{\"instruction\": \"Summarize.\", \"context\": \"A long text about \
+         cats.\"}\n{\"instruction\": \"Why is the sky blue? Explain in detail.\", \"context\": null}\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str], out: &Path| {
+        let st = Command::new(env!("CARGO_BIN_EXE_dolly"))
+            .args(["--threads", "1", "generate"])
+            .arg(&m)
+            .arg("--tokenizer")
+            .arg(tokenizer())
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(out)
+            .args(["--greedy", "--max-new-tokens", "12"])
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let text = std::fs::read_to_string(out).unwrap();
+        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).collect::<Vec<_>>()
+    };
+    let batched = run(&["--batch-size", "8"], &tmp.path().join("a.jsonl"));
+    let alone = run(&["--batch-size", "1"], &tmp.path().join("b.jsonl"));
+    assert_eq!(batched.len(), 3);
+    assert_eq!(batched[0]["instruction"], "Name a fruit.");
+    assert_eq!(batched[1]["context"], "A long text about cats.");
+    for (b, a) in batched.iter().zip(&alone) {
+        assert_eq!(b["generated_token_ids"], a["generated_token_ids"]);
+        assert_eq!(b["response"], a["response"]);
+        let fr = b["finish_reason"].as_str().unwrap();
+        assert!(fr == "stop" || fr == "length");
+        assert!(b["response"].is_string());
+    }
+    // a bad line is reported with file:line
+    std::fs::write(&input, "{\"instruction\": \"ok\"}\n{\"context\": \"no instruction\"}\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dolly"))
+        .arg("generate")
+        .arg(&m)
+        .arg("--tokenizer")
+        .arg(tokenizer())
+        .arg("--input")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("in.jsonl:2"), "{e}");
+}
