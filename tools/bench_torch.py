@@ -14,7 +14,8 @@ generate: batch 1, 32 random prompt tokens, greedy 128 new tokens (min_new_token
           tokens_per_s = new tokens / generate() time, median of `--runs`; ttft_s = median time of
           generate(max_new_tokens=1).
 Each side runs in its own child process; peak_rss_mb is the child's ru_maxrss (from wait4), so PyTorch and
-dolly are measured the same way (dolly's self-reported value is shown too).
+dolly are measured the same way (dolly's self-reported value is kept as self_peak_rss_mb). dolly gets the same
+--warmup (train) and --runs (generate) when the binary accepts those flags.
 Timings are indicative on a shared machine: do not run while someone else benchmarks.
 """
 
@@ -209,11 +210,17 @@ def run_dolly(mode, exe, args):
     if mode == "train":
         sub = ["bench", "train", "--preset", "pythia-70m", "--batch-size", str(args.batch_size),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--json"]
+        parity = ["--warmup", str(args.warmup)]
     else:
         sub = ["bench", "generate", "--preset", "pythia-70m", "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--json"]
-    cmd = [exe, "--threads", str(args.threads)] + sub
+        parity = ["--runs", str(args.runs)]
+    # Same warmup / run count as the PyTorch side; retried without them if this dolly build lacks the flags.
+    cmd = [exe, "--threads", str(args.threads)] + sub + parity
     rc, out, err, rss, wall = run_child(cmd, args.timeout)
+    if rc == 2 and "unexpected argument" in err:
+        cmd = cmd[: len(cmd) - len(parity)]
+        rc, out, err, rss, wall = run_child(cmd, args.timeout)
     res = last_json(out)
     if rc != 0 or res is None:
         return {"error": f"dolly {mode} failed (rc={rc}): {(err or out).strip()[-2000:]}", "cmd": " ".join(cmd)}
@@ -265,9 +272,11 @@ def main():
     for mode in modes:
         print(f"[bench] pytorch {mode} ...", file=sys.stderr, flush=True)
         results[("torch", mode)] = run_torch(mode, args)
+        print(f"[bench] pytorch {mode}: {json.dumps(results[('torch', mode)])}", file=sys.stderr, flush=True)
         if exe:
             print(f"[bench] dolly {mode} ...", file=sys.stderr, flush=True)
             results[("dolly", mode)] = run_dolly(mode, exe, args)
+            print(f"[bench] dolly {mode}: {json.dumps(results[('dolly', mode)])}", file=sys.stderr, flush=True)
 
     # -------- table
     rows = []
