@@ -9,7 +9,8 @@
 //! `s = sin(0.7*j + 1.3*k)` in f64, then LayerNorm weight `1 + 0.1s`, biases `0.1s`, Linear/Embedding weights
 //! `0.2s`, cast to f32. Data: the 8 dolly-15k lines the fixture names (the first 8 with fewer than 512 tokens),
 //! one batch of 8, 5 steps (one batch per epoch, so every step sees the same 8 examples; the token-weighted mean
-//! does not depend on row order). Per-step loss must match within 1e-4 + 1e-4*|golden|.
+//! does not depend on row order). Per-step loss must match within 1e-4 + 1e-4*|golden|; so must the pre-clip
+//! gradient norm, against the float64 norm of torch's gradients; the lr exactly.
 
 use neox::{Layout, Model, NeoxConfig, SaveDtype};
 use serde_json::Value;
@@ -27,10 +28,6 @@ fn golden() -> Value {
 }
 
 /// The formula model of tools/train_trajectory_golden.py.
-pub fn formula_model_pub() -> Model {
-    formula_model()
-}
-
 fn formula_model() -> Model {
     let config = NeoxConfig::new_pythia(50280, 32, 2, 4, 2048);
     assert_eq!((config.intermediate_size, config.rotary_pct, config.use_parallel_residual), (128, 0.25, true));
@@ -49,7 +46,7 @@ fn formula_model() -> Model {
             *x = (shift + scale * (0.7 * j as f64 + ck).sin()) as f32;
         }
     }
-    Model { config, layout, params }
+    Model::from_parts(config, params).unwrap()
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -63,8 +60,8 @@ fn run(gradient_checkpointing: bool) {
     // The model, built by the formula; its checksums must equal the script's (same f32 values).
     let model = formula_model();
     assert_eq!(model.layout.params.len(), 28);
-    let sum: f64 = model.params.iter().map(|&x| x as f64).sum();
-    let sq: f64 = model.params.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    let sum: f64 = model.params().iter().map(|&x| x as f64).sum();
+    let sq: f64 = model.params().iter().map(|&x| (x as f64) * (x as f64)).sum();
     let (gs, gq) = (g["model"]["param_sum"].as_f64().unwrap(), g["model"]["param_sq_sum"].as_f64().unwrap());
     assert!((sum - gs).abs() <= 1e-6 * gq.sqrt() && (sq - gq).abs() <= 1e-9 * gq, "params: {sum} {sq} vs {gs} {gq}");
     let model_dir = dir.path().join("model");
@@ -119,17 +116,18 @@ fn run(gradient_checkpointing: bool) {
         let step = r["step"].as_u64().unwrap();
         assert_eq!(step, w["step"].as_u64().unwrap());
         let (loss, gloss) = (r["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
-        let (norm, gnorm) = (r["grad_norm"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
+        let (norm, gnorm) = (r["grad_norm"].as_f64().unwrap(), w["grad_norm_f64"].as_f64().unwrap());
         let (lr, glr) = (r["lr"].as_f64().unwrap(), w["lr"].as_f64().unwrap());
         report += &format!(
-            "step {step}: loss {loss:.8} vs {gloss:.8} (diff {:.2e})  grad_norm {norm:.6} vs {gnorm:.6}  lr {lr:.3e} vs {glr:.3e}\n",
+            "step {step}: loss {loss:.8} vs {gloss:.8} (diff {:.2e})  grad_norm {norm:.6} vs {gnorm:.6}  lr {lr:.3e}\n",
             loss - gloss
         );
         assert!((lr - glr).abs() <= 1e-12, "step {step}: lr {lr} vs golden {glr}\n{report}");
         if !close(loss, gloss) {
             bad.push(format!("step {step} loss"));
         }
-        // The pre-clip norm drives the update; same tolerance as the loss, reported with it.
+        // The pre-clip norm, against the float64 norm of torch's gradients (`grad_norm_f64`): torch's own
+        // float32 reduction in clip_grad_norm_ (`grad_norm` in the fixture) is up to ~5e-4 relative off here.
         if !close(norm, gnorm) {
             bad.push(format!("step {step} grad_norm"));
         }
