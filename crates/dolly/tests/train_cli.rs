@@ -121,7 +121,7 @@ fn resume_after_kill_is_bit_identical() {
 }
 
 fn final_params(dir: &Path) -> Vec<f32> {
-    neox::Model::load(dir).unwrap().params
+    neox::Model::load(dir).unwrap().params().to_vec()
 }
 
 #[test]

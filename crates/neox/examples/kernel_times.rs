@@ -23,6 +23,22 @@ fn time<F: FnMut()>(name: &str, flops: f64, mut f: F) {
     }
 }
 
+fn neox_transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    use rayon::prelude::*;
+    const B: usize = 32;
+    dst.par_chunks_mut(B * rows).enumerate().for_each(|(cb, d)| {
+        let c0 = cb * B;
+        let cn = (cols - c0).min(B);
+        for r0 in (0..rows).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for cc in 0..cn {
+                    d[cc * rows + r] = src[r * cols + c0 + cc];
+                }
+            }
+        }
+    });
+}
+
 fn main() {
     let cfg = NeoxConfig::preset("pythia-70m").unwrap();
     let (b, t) = (4, 256);
@@ -39,7 +55,32 @@ fn main() {
         let mut db = vec![0f32; oc];
         time(&format!("linear_bwd_weight {name}"), fl, || linear_bwd_weight(&mut dw, Some(&mut db), &x, &w, n, ic, oc));
     }
+    {
+        let wt = vec![0.01f32; c * v];
+        let mut o = vec![0f32; n * v];
+        time("logits with pre-transposed W (C,V)", 2.0 * (n * c * v) as f64, || {
+            linear_bwd_input(&mut o, &x, &wt, n, v, c, false)
+        });
+        let mut o2 = vec![0f32; n * 3 * c];
+        let wt2 = vec![0.01f32; c * 3 * c];
+        time("qkv with pre-transposed W", 2.0 * (n * c * 3 * c) as f64, || {
+            linear_bwd_input(&mut o2, &x, &wt2, n, 3 * c, c, false)
+        });
+        let mut big = vec![0f32; v * c];
+        time("transpose W_out (V,C)->(C,V)", 0.0, || neox_transpose(&mut big, &wt, c, v));
+    }
     time("logits (N,C)x(C,V)", 2.0 * (n * c * v) as f64, || linear_fwd(&mut out, &x, &w, None, n, c, v, false));
+    {
+        let big = vec![0.01f32; n * v];
+        let mut dx = vec![0f32; n * c];
+        let mut dw = vec![0f32; v * c];
+        time("head dX = dlogits (N,V) x W (V,C)", 2.0 * (n * c * v) as f64, || {
+            linear_bwd_input(&mut dx, &big, &w, n, c, v, false)
+        });
+        time("head dW += dlogits^T x X", 2.0 * (n * c * v) as f64, || {
+            linear_bwd_weight(&mut dw, None, &big, &x, n, c, v)
+        });
+    }
     drop(out);
     let mut model = Model::new_random(cfg.clone(), 0);
     let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % v as u32).collect();
@@ -52,11 +93,24 @@ fn main() {
     time("forward_backward", 0.0, || {
         model.forward_backward(&batch.view(), &mut acts, &mut g, 1e-3).unwrap();
     });
+    let c = cfg.hidden_size;
+    let xs = vec![0.01f32; n * c];
+    let targets: Vec<(u32, u32)> = (0..n as u32).map(|i| (i, (i * 31) % v as u32)).collect();
+    let mut scratch = neox::kernels::xent::XentScratch::default();
+    let mut dx = vec![0f32; n * c];
+    let mut dw = vec![0f32; v * c];
+    let w_out = model.params()[model.layout.embed_out..model.layout.embed_out + v * c].to_vec();
+    let mut w_out_t = vec![0f32; v * c];
+    neox::kernels::matmul::transpose(&mut w_out_t, &w_out, v, c);
+    time("lm_head_xent fwd+bwd (1024 targets)", 6.0 * (n * c * v) as f64, || {
+        let grad = neox::kernels::xent::XentGrad { dx: &mut dx, dw: &mut dw, scale: 1e-3 };
+        neox::kernels::xent::lm_head_xent(&xs, &w_out, &w_out_t, &targets, Some(grad), &mut scratch, c, v);
+    });
     time("zero grads", 0.0, || g.iter_mut().for_each(|x| *x = 0.0));
     time("clip", 0.0, || {
         neox::clip_grad_norm(&mut g, 1.0);
     });
     let mut opt = AdamW::new(AdamWConfig::default(), model.num_params());
     let layout = model.layout.clone();
-    time("adamw", 0.0, || opt.step(&mut model.params, &g, 1e-5, &layout));
+    time("adamw", 0.0, || opt.step(model.params_mut(), &g, 1e-5, &layout));
 }

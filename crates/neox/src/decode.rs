@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::layernorm::layernorm_fwd;
 use crate::kernels::math::{self, gelu_fwd};
-use crate::kernels::matmul::linear_fwd;
+use crate::kernels::matmul::linear_fwd_t;
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::SendPtr;
 use crate::model::Model;
@@ -140,17 +140,18 @@ impl Model {
             }
         }
         rope_table(&mut s.cos, &mut s.sin, &s.pos, r, cfg.rotary_emb_base);
-        let emb = &self.params[self.layout.embed_in..self.layout.embed_in + v * c];
+        let emb = &self.params()[self.layout.embed_in..self.layout.embed_in + v * c];
         for (row, &id) in s.x.chunks_mut(c).zip(ids) {
             row.copy_from_slice(&emb[id as usize * c..(id as usize + 1) * c]);
         }
         let eps = cfg.layer_norm_eps as f32;
-        let p = |off: usize, len: usize| &self.params[off..off + len];
+        let p = |off: usize, len: usize| &self.params()[off..off + len];
+        let t = |off: usize, len: usize| self.t(off, len);
         let start = s.len;
         for l in 0..cfg.num_hidden_layers {
             let o = self.layout.layers[l];
             layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln1_w, c), p(o.ln1_b, c), n, c, eps);
-            linear_fwd(&mut s.qkv, &s.ln, p(o.qkv_w, 3 * c * c), Some(p(o.qkv_b, 3 * c)), n, c, 3 * c, false);
+            linear_fwd_t(&mut s.qkv, &s.ln, t(o.qkv_w, 3 * c * c), Some(p(o.qkv_b, 3 * c)), n, c, 3 * c, false);
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
             // append k, v of the new tokens: cache layout (L, B, H, cap, D)
             let lbase = l * bsz * h * s.capacity * d;
@@ -165,7 +166,7 @@ impl Model {
                 }
             }
             cached_attention(s, l, tn, start, h, d);
-            linear_fwd(&mut s.mid, &s.y, p(o.dense_w, c * c), Some(p(o.dense_b, c)), n, c, c, false);
+            linear_fwd_t(&mut s.mid, &s.y, t(o.dense_w, c * c), Some(p(o.dense_b, c)), n, c, c, false);
             if cfg.use_parallel_residual {
                 // x += attn(ln1(x)) + mlp(ln2(x))
                 layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
@@ -175,9 +176,9 @@ impl Model {
                 s.x.iter_mut().zip(&s.mid).for_each(|(x, a)| *x += a);
                 layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
             }
-            linear_fwd(&mut s.fc, &s.ln, p(o.fc_w, f * c), Some(p(o.fc_b, f)), n, c, f, false);
+            linear_fwd_t(&mut s.fc, &s.ln, t(o.fc_w, f * c), Some(p(o.fc_b, f)), n, c, f, false);
             gelu_fwd(&mut s.fc2, &s.fc);
-            linear_fwd(&mut s.x, &s.fc2, p(o.proj_w, c * f), Some(p(o.proj_b, c)), n, f, c, true);
+            linear_fwd_t(&mut s.x, &s.fc2, t(o.proj_w, c * f), Some(p(o.proj_b, c)), n, f, c, true);
         }
         s.len += tn;
         // final LayerNorm and head on the last new position of each row: (B,C) -> (B,V)
@@ -188,7 +189,7 @@ impl Model {
         }
         let (lw, lb) = (p(self.layout.lnf_w, c), p(self.layout.lnf_b, c));
         layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.last, lw, lb, bsz, c, eps);
-        linear_fwd(logits, &s.ln, p(self.layout.embed_out, v * c), None, bsz, c, v, false);
+        linear_fwd_t(logits, &s.ln, t(self.layout.embed_out, v * c), None, bsz, c, v, false);
         Ok(())
     }
 }

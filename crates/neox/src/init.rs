@@ -27,6 +27,6 @@ impl Model {
                 });
             }
         }
-        Model { config, layout, params }
+        Model::from_parts(config, params).expect("layout-sized buffer")
     }
 }

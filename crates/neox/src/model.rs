@@ -11,18 +11,22 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd, attention_fwd, Visibility};
 use crate::kernels::layernorm::{layernorm_bwd, layernorm_fwd};
 use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd};
-use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd};
+use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd_t, transpose};
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::xent::{lm_head_xent, XentGrad, XentScratch};
 use crate::layout::{LayerOffsets, Layout};
 use crate::weights::{self, SaveDtype};
 use std::path::Path;
+use std::sync::OnceLock;
 
 pub struct Model {
     pub config: NeoxConfig,
     pub layout: Layout,
-    /// All parameters, flat, in `layout` order.
-    pub params: Vec<f32>,
+    /// All parameters, flat, in `layout` order. Mutable only through `params_mut`, which invalidates `wt`.
+    params: Vec<f32>,
+    /// Transposed copies (IC,OC) of the Linear weights and of embed_out, at the same offsets, built lazily:
+    /// `gemm` runs ~1.5x faster on x·Wᵀ when Wᵀ is stored row-major than when it transposes while packing.
+    wt: OnceLock<Vec<f32>>,
 }
 
 /// Activations of one layer for one batch, kept for the backward.
@@ -162,12 +166,51 @@ impl GradBuf<'_> {
 }
 
 impl Model {
+    /// A model from a config and a flat parameter buffer in `Layout` order.
+    pub fn from_parts(config: NeoxConfig, params: Vec<f32>) -> Result<Self> {
+        let layout = Layout::new(&config);
+        if params.len() != layout.total {
+            return Err(Error::invalid(format!(
+                "{} parameters given, the config needs {}",
+                params.len(),
+                layout.total
+            )));
+        }
+        Ok(Model { config, layout, params, wt: OnceLock::new() })
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// Mutable parameters (optimizer steps, tests); invalidates the transposed-weight cache.
+    pub fn params_mut(&mut self) -> &mut [f32] {
+        self.wt = OnceLock::new();
+        &mut self.params
+    }
+
+    /// Transposed Linear/head weights, built on first use after a change.
+    pub(crate) fn wt(&self) -> &[f32] {
+        self.wt.get_or_init(|| {
+            let mut wt = vec![0f32; self.layout.total];
+            let (c, f, v) = (self.config.hidden_size, self.config.intermediate_size, self.config.vocab_size);
+            let mut mats = vec![(self.layout.embed_out, v, c)];
+            for o in &self.layout.layers {
+                mats.extend([(o.qkv_w, 3 * c, c), (o.dense_w, c, c), (o.fc_w, f, c), (o.proj_w, c, f)]);
+            }
+            for (off, rows, cols) in mats {
+                transpose(&mut wt[off..off + rows * cols], &self.params[off..off + rows * cols], rows, cols);
+            }
+            wt
+        })
+    }
+
     /// Load `config.json` + safetensors weights from an HF model directory.
     pub fn load(dir: &Path) -> Result<Self> {
         let config = NeoxConfig::from_file(&dir.join("config.json"))?;
         let layout = Layout::new(&config);
         let params = weights::load_params(dir, &config, &layout)?;
-        Ok(Model { config, layout, params })
+        Ok(Model { config, layout, params, wt: OnceLock::new() })
     }
 
     /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.
@@ -220,6 +263,7 @@ impl Model {
         self.config = cfg;
         self.layout = layout;
         self.params = params;
+        self.wt = OnceLock::new();
         Ok(())
     }
 
@@ -229,6 +273,11 @@ impl Model {
 
     fn p(&self, off: usize, len: usize) -> &[f32] {
         &self.params[off..off + len]
+    }
+
+    /// The transposed (IC,OC) copy of the weight at `off` (see `wt`).
+    pub(crate) fn t(&self, off: usize, len: usize) -> &[f32] {
+        &self.wt()[off..off + len]
     }
 
     fn check_capacity(&self, batch: &BatchInput<'_>, acts: &Activations) -> Result<()> {
@@ -308,10 +357,10 @@ impl Model {
             eps,
         );
         // query_key_value: (N,C) -> (N,3C) = per head [q|k|v]; rotary on q,k
-        linear_fwd(
+        linear_fwd_t(
             &mut a.qkv,
             &a.ln1_out,
-            self.p(o.qkv_w, 3 * c * c),
+            self.t(o.qkv_w, 3 * c * c),
             Some(self.p(o.qkv_b, 3 * c)),
             n,
             c,
@@ -322,7 +371,7 @@ impl Model {
         // attention: (N,3C) -> (N,C)
         attention_fwd(&mut a.attn_y, &mut a.att, &a.qkv, vis, b, t, h, d);
         // dense: (N,C) -> (N,C), into x_out for now
-        linear_fwd(x_out, &a.attn_y, self.p(o.dense_w, c * c), Some(self.p(o.dense_b, c)), n, c, c, false);
+        linear_fwd_t(x_out, &a.attn_y, self.t(o.dense_w, c * c), Some(self.p(o.dense_b, c)), n, c, c, false);
         let ln2_in: &[f32] = if cfg.use_parallel_residual {
             // x_out = x + attn(ln1(x)) [+ mlp(ln2(x)) below]
             x_out.iter_mut().zip(x_in).for_each(|(o, x)| *o += x);
@@ -345,9 +394,9 @@ impl Model {
             eps,
         );
         // mlp: (N,C) -> (N,F) -> gelu -> (N,C), added to x_out
-        linear_fwd(&mut a.fc_pre, &a.ln2_out, self.p(o.fc_w, f * c), Some(self.p(o.fc_b, f)), n, c, f, false);
+        linear_fwd_t(&mut a.fc_pre, &a.ln2_out, self.t(o.fc_w, f * c), Some(self.p(o.fc_b, f)), n, c, f, false);
         gelu_fwd(&mut a.fc_act[..n * f], &a.fc_pre[..n * f]);
-        linear_fwd(x_out, &a.fc_act, self.p(o.proj_w, c * f), Some(self.p(o.proj_b, c)), n, f, c, true);
+        linear_fwd_t(x_out, &a.fc_act, self.t(o.proj_w, c * f), Some(self.p(o.proj_b, c)), n, f, c, true);
     }
 
     /// Backward of layer `l`. On entry `acts.dres` = ∂L/∂x_out; on exit ∂L/∂x_in. Parameter grads accumulate.
@@ -434,8 +483,8 @@ impl Model {
         self.forward_body(batch, acts);
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
         batch.targets(&mut acts.targets);
-        let w = self.p(self.layout.embed_out, v * c);
-        let loss = lm_head_xent(&acts.lnf_out, w, &acts.targets, None, &mut acts.xent, c, v);
+        let (w, wt) = (self.p(self.layout.embed_out, v * c), self.t(self.layout.embed_out, v * c));
+        let loss = lm_head_xent(&acts.lnf_out, w, wt, &acts.targets, None, &mut acts.xent, c, v);
         Ok((loss, acts.targets.len()))
     }
 
@@ -445,7 +494,7 @@ impl Model {
         self.forward_body(batch, acts);
         let (c, v, n) = (self.config.hidden_size, self.config.vocab_size, batch.rows());
         let mut logits = vec![0f32; n * v];
-        linear_fwd(&mut logits, &acts.lnf_out, self.p(self.layout.embed_out, v * c), None, n, c, v, false);
+        linear_fwd_t(&mut logits, &acts.lnf_out, self.t(self.layout.embed_out, v * c), None, n, c, v, false);
         Ok(logits)
     }
 
@@ -475,11 +524,11 @@ impl Model {
         let g = GradBuf { ptr: grads.as_mut_ptr(), len: grads.len(), _m: std::marker::PhantomData };
         // lm head + loss: (N,C) -> Σ loss; ∂/∂lnf_out into dln
         acts.dln[..n * c].fill(0.0);
-        let w = self.p(self.layout.embed_out, v * c);
+        let (w, wt) = (self.p(self.layout.embed_out, v * c), self.t(self.layout.embed_out, v * c));
         // SAFETY: embed_out's gradient range is disjoint from every other use here.
         let dw = unsafe { g.get(self.layout.embed_out, v * c) };
         let grad = XentGrad { dx: &mut acts.dln[..n * c], dw, scale: grad_scale };
-        let loss = lm_head_xent(&acts.lnf_out, w, &acts.targets, Some(grad), &mut acts.xent, c, v);
+        let loss = lm_head_xent(&acts.lnf_out, w, wt, &acts.targets, Some(grad), &mut acts.xent, c, v);
         let stride = acts.b * acts.t * c;
         let last = cfg.num_hidden_layers * stride;
         acts.dres[..n * c].fill(0.0);

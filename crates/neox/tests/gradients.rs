@@ -35,12 +35,12 @@ fn finite_differences_match_backward() {
             for _ in 0..3 {
                 let i = info.offset + rng.below(info.numel() as u64) as usize;
                 let eps = 1e-2f32;
-                let orig = m.params[i];
-                m.params[i] = orig + eps;
+                let orig = m.params()[i];
+                m.params_mut()[i] = orig + eps;
                 let up = mean_loss(&m, &batch.view());
-                m.params[i] = orig - eps;
+                m.params_mut()[i] = orig - eps;
                 let down = mean_loss(&m, &batch.view());
-                m.params[i] = orig;
+                m.params_mut()[i] = orig;
                 let fd = ((up - down) / (2.0 * eps as f64)) as f32;
                 // f32 forward: loss resolution ~1e-6 over 2e-2 plus O(eps^2) curvature.
                 assert!(

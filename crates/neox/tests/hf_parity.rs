@@ -139,7 +139,7 @@ fn adamw_and_clipping_match_torch() {
         let (m, g) = Golden::load(name);
         let grads = golden_grads(&m, &g);
         for (key, wd, clip) in [("adamw_wd0", 0.0, false), ("adamw_wd01", 0.1, false), ("adamw_clip", 0.0, true)] {
-            let mut params = m.params.clone();
+            let mut params = m.params().to_vec();
             let mut gr = grads.clone();
             if clip {
                 let norm = clip_grad_norm(&mut gr, 1.0);

@@ -52,7 +52,7 @@ fn write_custom(dir: &Path, m: &Model, files: &[&str], mut edit: impl FnMut(&str
 fn plain(m: &Model) -> impl FnMut(&str) -> Option<Raw> + '_ {
     move |name: &str| {
         let p = m.layout.find(name).unwrap();
-        Some((name.to_string(), Dtype::F32, p.shape.clone(), f32_bytes(&m.params[p.range()])))
+        Some((name.to_string(), Dtype::F32, p.shape.clone(), f32_bytes(&m.params()[p.range()])))
     }
 }
 
@@ -69,12 +69,12 @@ fn save_load_roundtrips() {
     let tmp = tempfile::tempdir().unwrap();
     m.save(tmp.path(), SaveDtype::F32).unwrap();
     let back = Model::load(tmp.path()).unwrap();
-    assert_eq!(back.params, m.params);
+    assert_eq!(back.params(), m.params());
     assert_eq!(back.config, Model::load(tmp.path()).unwrap().config);
     for (dt, tol) in [(SaveDtype::Bf16, 1.0 / 128.0), (SaveDtype::F16, 1.0 / 1024.0)] {
         m.save(tmp.path(), dt).unwrap();
         let back = Model::load(tmp.path()).unwrap();
-        for (a, b) in back.params.iter().zip(&m.params) {
+        for (a, b) in back.params().iter().zip(m.params()) {
             assert!((a - b).abs() <= tol * b.abs() + 1e-6, "{dt:?}: {a} vs {b}");
         }
     }
@@ -94,7 +94,7 @@ fn sharded_lm_head_and_buffers_load() {
         Some((if name == "embed_out.weight" { "lm_head.weight".into() } else { name }, dt, s, d))
     });
     let back = Model::load(tmp.path()).unwrap();
-    assert_eq!(back.params, m.params);
+    assert_eq!(back.params(), m.params());
     // bf16 plus the known buffers (ignored) in a single file.
     let tmp2 = tempfile::tempdir().unwrap();
     write_custom(tmp2.path(), &m, &["model.safetensors"], |_| None);
@@ -103,7 +103,7 @@ fn sharded_lm_head_and_buffers_load() {
         .params
         .iter()
         .map(|p| {
-            let d = m.params[p.range()].iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+            let d = m.params()[p.range()].iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
             (p.name.clone(), Dtype::BF16, p.shape.clone(), d)
         })
         .collect();
@@ -114,7 +114,7 @@ fn sharded_lm_head_and_buffers_load() {
         data.iter().map(|(n, dt, s, d)| (n.clone(), TensorView::new(*dt, s.clone(), d).unwrap())).collect();
     std::fs::write(tmp2.path().join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
     let back = Model::load(tmp2.path()).unwrap();
-    for (a, b) in back.params.iter().zip(&m.params) {
+    for (a, b) in back.params().iter().zip(m.params()) {
         assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6);
     }
 }
@@ -203,7 +203,7 @@ fn hostile_directories_give_specific_errors() {
     });
     // add a second copy of the output matrix under the other name into the other shard
     let p = m.layout.find("embed_out.weight").unwrap();
-    let data = f32_bytes(&m.params[p.range()]);
+    let data = f32_bytes(&m.params()[p.range()]);
     let other = [("embed_out.weight".to_string(), TensorView::new(Dtype::F32, p.shape.clone(), &data).unwrap())];
     std::fs::write(d.join("c.safetensors"), safetensors::serialize(other, None).unwrap()).unwrap();
     let idx_path = d.join("model.safetensors.index.json");
@@ -243,19 +243,19 @@ fn hostile_directories_give_specific_errors() {
 fn vocab_resize_shrinks_and_grows_as_documented() {
     let mut m = tiny();
     let c = m.config.hidden_size;
-    let orig = m.params.clone();
+    let orig = m.params().to_vec();
     let emb_in = m.layout.embed_in;
     let emb_out = m.layout.embed_out;
     m.resize_vocab(30).unwrap();
     assert_eq!(m.config.vocab_size, 30);
-    assert_eq!(&m.params[m.layout.embed_in..m.layout.embed_in + 30 * c], &orig[emb_in..emb_in + 30 * c]);
-    assert_eq!(&m.params[m.layout.embed_out..m.layout.embed_out + 30 * c], &orig[emb_out..emb_out + 30 * c]);
-    let small = m.params.clone();
+    assert_eq!(&m.params()[m.layout.embed_in..m.layout.embed_in + 30 * c], &orig[emb_in..emb_in + 30 * c]);
+    assert_eq!(&m.params()[m.layout.embed_out..m.layout.embed_out + 30 * c], &orig[emb_out..emb_out + 30 * c]);
+    let small = m.params().to_vec();
     m.resize_vocab(32).unwrap();
     let e = m.layout.embed_in;
     let mean: Vec<f32> =
         (0..c).map(|j| ((0..30).map(|r| small[r * c + j] as f64).sum::<f64>() / 30.0) as f32).collect();
-    assert_eq!(&m.params[e + 30 * c..e + 31 * c], &mean[..]);
-    assert_eq!(&m.params[e + 31 * c..e + 32 * c], &mean[..]);
+    assert_eq!(&m.params()[e + 30 * c..e + 31 * c], &mean[..]);
+    assert_eq!(&m.params()[e + 31 * c..e + 32 * c], &mean[..]);
     assert!(m.resize_vocab(0).is_err());
 }

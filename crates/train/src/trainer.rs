@@ -12,6 +12,7 @@ use crate::schedule::Schedule;
 use crate::{bail, deepspeed};
 use data::{BadRecordPolicy, DollyTokenizer, Example, HubOptions, PrepareOptions, Sampler};
 use neox::{clip_grad_norm, Activations, AdamW, AdamWConfig, BatchInput, Model, SaveDtype};
+use rayon::prelude::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -242,7 +243,7 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
         if targets == 0 {
             bail!("step {}: the batch has no supervised tokens", st.global_step + 1);
         }
-        grads.iter_mut().for_each(|g| *g = 0.0);
+        grads.par_iter_mut().for_each(|g| *g = 0.0);
         let mut loss_sum = 0f64;
         let mut real_tokens = 0u64;
         for b in &mbs {
@@ -256,7 +257,7 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
         let lr = sched.lr_at(st.global_step);
         st.global_step += 1;
         if loss.is_finite() && norm.is_finite() {
-            opt.step(&mut model.params, &grads, lr as f32, &layout);
+            opt.step(model.params_mut(), &grads, lr as f32, &layout);
             st.adam_step = opt.step;
             st.nonfinite_in_row = 0;
             st.log_loss_sum += loss;
@@ -319,7 +320,7 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
     // ---- final Hugging Face export
     let dtype = if bf16 { SaveDtype::Bf16 } else { SaveDtype::F32 };
     model.save(&out, dtype)?;
-    tok.save_pretrained(&out, Some(max_length))?;
+    tok.save_pretrained(&out, Some(model.config.max_position_embeddings))?;
     if let Some(dbfs) = &cfg.dbfs_output_dir {
         io_ctx(std::fs::create_dir_all(dbfs), || format!("cannot create {}", dbfs.display()))?;
         for f in

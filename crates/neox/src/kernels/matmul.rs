@@ -59,15 +59,7 @@ pub fn linear_fwd(
     assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic);
     if let Some(b) = bias {
         assert_eq!(b.len(), oc);
-        out[..n * oc].par_chunks_mut(oc * 16).for_each(|rows| {
-            rows.chunks_mut(oc).for_each(|r| {
-                if accumulate {
-                    r.iter_mut().zip(b).for_each(|(o, b)| *o += b)
-                } else {
-                    r.copy_from_slice(b)
-                }
-            })
-        });
+        add_bias_rows(&mut out[..n * oc], b, accumulate);
     }
     // SAFETY: sizes asserted above; out is exclusively borrowed.
     unsafe {
@@ -89,6 +81,76 @@ pub fn linear_fwd(
             par_all(),
         )
     }
+}
+
+/// out (N, OC) = inp (N, IC) · wt + bias (or `+=`), where `wt` (IC, OC) is the transposed weight, row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_t(
+    out: &mut [f32],
+    inp: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    ic: usize,
+    oc: usize,
+    accumulate: bool,
+) {
+    assert!(out.len() >= n * oc && inp.len() >= n * ic && wt.len() >= oc * ic);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), oc);
+        add_bias_rows(&mut out[..n * oc], b, accumulate);
+    }
+    // SAFETY: sizes asserted above; out is exclusively borrowed.
+    unsafe {
+        gemm_strided(
+            n,
+            oc,
+            ic,
+            out.as_mut_ptr(),
+            oc as isize,
+            1,
+            accumulate || bias.is_some(),
+            inp.as_ptr(),
+            ic as isize,
+            1,
+            wt.as_ptr(),
+            oc as isize,
+            1,
+            1.0,
+            par_all(),
+        )
+    }
+}
+
+fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
+    let oc = b.len();
+    out.par_chunks_mut(oc * 16).for_each(|rows| {
+        rows.chunks_mut(oc).for_each(|r| {
+            if accumulate {
+                r.iter_mut().zip(b).for_each(|(o, b)| *o += b)
+            } else {
+                r.copy_from_slice(b)
+            }
+        })
+    });
+}
+
+/// dst (cols, rows) = srcᵀ for a row-major src (rows, cols); cache-blocked and parallel.
+pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
+    assert!(dst.len() >= rows * cols && src.len() >= rows * cols);
+    const B: usize = 64;
+    dst[..rows * cols].par_chunks_mut(B * rows).enumerate().for_each(|(cb, d)| {
+        let c0 = cb * B;
+        let cn = (cols - c0).min(B);
+        for r0 in (0..rows).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                let s = &src[r * cols + c0..r * cols + c0 + cn];
+                for (cc, &x) in s.iter().enumerate() {
+                    d[cc * rows + r] = x;
+                }
+            }
+        }
+    });
 }
 
 /// dinp (N, IC) = dout (N, OC) · w (OC, IC), or `+=` when `accumulate`.
@@ -199,6 +261,13 @@ mod tests {
         let mut out = vec![0f32; n * oc];
         linear_fwd(&mut out, &inp, &w, Some(&b), n, ic, oc, false);
         for (a, e) in out.iter().zip(naive(&inp, &w, &b, n, ic, oc)) {
+            assert!((a - e).abs() < 1e-5);
+        }
+        let mut wt = vec![0f32; ic * oc];
+        transpose(&mut wt, &w, oc, ic);
+        let mut out_t = vec![0f32; n * oc];
+        linear_fwd_t(&mut out_t, &inp, &wt, Some(&b), n, ic, oc, false);
+        for (a, e) in out_t.iter().zip(&out) {
             assert!((a - e).abs() < 1e-5);
         }
         let mut dinp = vec![0f32; n * ic];

@@ -23,22 +23,26 @@ pub struct XentGrad<'a> {
     pub scale: f32,
 }
 
-/// Rows per chunk: bounded so a chunk's logits stay near 64 MiB.
+/// Rows per chunk: bounded so a chunk's logits stay near 256 MiB (fewer passes over the (V,C) head gradient,
+/// which each chunk reads and writes once).
 pub fn chunk_rows(v: usize) -> usize {
-    ((16 << 20) / v.max(1)).clamp(16, 512)
+    ((64 << 20) / v.max(1)).clamp(16, 4096)
 }
 
-/// Σ over `targets` (row, target id) of −log softmax(x[row] · wᵀ)[target]. x (N,C), w (V,C).
+/// Σ over `targets` (row, target id) of −log softmax(x[row] · wᵀ)[target]. x (N,C), w (V,C), and `wt` the same
+/// weight transposed (C,V) for the forward product.
+#[allow(clippy::too_many_arguments)]
 pub fn lm_head_xent(
     x: &[f32],
     w: &[f32],
+    wt: &[f32],
     targets: &[(u32, u32)],
     mut grad: Option<XentGrad<'_>>,
     s: &mut XentScratch,
     c: usize,
     v: usize,
 ) -> f64 {
-    assert!(w.len() >= v * c);
+    assert!(w.len() >= v * c && wt.len() >= v * c);
     let r_max = chunk_rows(v).min(targets.len().max(1));
     s.x.resize(r_max * c, 0.0);
     s.logits.resize(r_max * v, 0.0);
@@ -65,9 +69,9 @@ pub fn lm_head_xent(
                 s.x.as_ptr(),
                 c as isize,
                 1,
-                w.as_ptr(),
+                wt.as_ptr(),
+                v as isize,
                 1,
-                c as isize,
                 1.0,
                 par_all(),
             );

@@ -18,7 +18,7 @@ pub fn perturbed_model(cfg: NeoxConfig, seed: u64) -> Model {
     let mut r = Rng::new(seed ^ 0xabc);
     for info in m.layout.params.clone() {
         let is_ln_w = info.name.ends_with("layernorm.weight") || info.name.ends_with("layer_norm.weight");
-        for x in &mut m.params[info.range()] {
+        for x in &mut m.params_mut()[info.range()] {
             *x = if is_ln_w {
                 1.0 + 0.1 * r.normal() as f32
             } else if info.name.ends_with(".bias") {
