@@ -8,6 +8,7 @@ pub mod config;
 pub mod deepspeed;
 pub mod error;
 pub mod metrics;
+pub mod plot;
 pub mod schedule;
 pub mod trainer;
 

@@ -316,6 +316,10 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
         }
     }
     bar.finish_and_clear();
+    match crate::plot::plot_metrics(&out) {
+        Ok((lo, hi)) => say(&format!("loss curve: {} (loss axis {lo:.3} .. {hi:.3})", out.join("loss.png").display())),
+        Err(e) => say(&format!("no loss curve: {e}")),
+    }
 
     // ---- final Hugging Face export
     let dtype = if bf16 { SaveDtype::Bf16 } else { SaveDtype::F32 };
