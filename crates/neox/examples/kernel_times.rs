@@ -106,6 +106,17 @@ fn main() {
         let grad = neox::kernels::xent::XentGrad { dx: &mut dx, dw: &mut dw, scale: 1e-3 };
         neox::kernels::xent::lm_head_xent(&xs, &w_out, &w_out_t, &targets, Some(grad), &mut scratch, c, v);
     });
+    let mut row = vec![0.5f32; v];
+    time("exp_shift_sum over V x 1024 rows (1 thread)", 0.0, || {
+        for _ in 0..1024 {
+            pulp::Arch::new().dispatch(|| neox::kernels::math::exp_shift_sum(&mut row, 0.1));
+        }
+    });
+    time("max over V x 1024 rows (1 thread)", 0.0, || {
+        for _ in 0..1024 {
+            std::hint::black_box(pulp::Arch::new().dispatch(|| neox::kernels::math::max(&row)));
+        }
+    });
     time("zero grads", 0.0, || g.iter_mut().for_each(|x| *x = 0.0));
     time("clip", 0.0, || {
         neox::clip_grad_norm(&mut g, 1.0);

@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::layernorm::layernorm_fwd;
 use crate::kernels::math::{self, gelu_fwd};
-use crate::kernels::matmul::linear_fwd_t;
+use crate::kernels::matmul::{linear_fwd_t, linear_rows, FEW_ROWS};
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::SendPtr;
 use crate::model::Model;
@@ -42,6 +42,15 @@ impl KvCache {
     /// Number of real (non-padding) tokens seen by row `b`.
     pub fn real_len(&self, b: usize) -> usize {
         self.real[b] as usize
+    }
+
+    /// Free row `b` for a new sequence: its slots are no longer attended and its positions restart at 0. The
+    /// row's next `forward_cached` input starts the new sequence (earlier slots stay as masked padding).
+    pub fn reset_row(&mut self, b: usize) {
+        if b < self.batch {
+            self.valid[b * self.capacity..(b + 1) * self.capacity].fill(0);
+            self.real[b] = 0;
+        }
     }
 
     /// Forget everything (reuse the allocation for a new batch).
@@ -146,12 +155,21 @@ impl Model {
         }
         let eps = cfg.layer_norm_eps as f32;
         let p = |off: usize, len: usize| &self.params()[off..off + len];
-        let t = |off: usize, len: usize| self.t(off, len);
+        // Linear (IC -> OC) with the weight at `w`: few rows read W once (memory-bound decode); many rows go
+        // to gemm on the transposed copy.
+        let lin = |out: &mut [f32], inp: &[f32], w: usize, b: Option<usize>, rows: usize, ic: usize, oc: usize, acc| {
+            let bias = b.map(|b| p(b, oc));
+            if rows <= FEW_ROWS {
+                linear_rows(out, inp, p(w, oc * ic), bias, rows, ic, oc, acc)
+            } else {
+                linear_fwd_t(out, inp, self.t(w, oc * ic), bias, rows, ic, oc, acc)
+            }
+        };
         let start = s.len;
         for l in 0..cfg.num_hidden_layers {
             let o = self.layout.layers[l];
             layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln1_w, c), p(o.ln1_b, c), n, c, eps);
-            linear_fwd_t(&mut s.qkv, &s.ln, t(o.qkv_w, 3 * c * c), Some(p(o.qkv_b, 3 * c)), n, c, 3 * c, false);
+            lin(&mut s.qkv, &s.ln, o.qkv_w, Some(o.qkv_b), n, c, 3 * c, false);
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
             // append k, v of the new tokens: cache layout (L, B, H, cap, D)
             let lbase = l * bsz * h * s.capacity * d;
@@ -166,7 +184,7 @@ impl Model {
                 }
             }
             cached_attention(s, l, tn, start, h, d);
-            linear_fwd_t(&mut s.mid, &s.y, t(o.dense_w, c * c), Some(p(o.dense_b, c)), n, c, c, false);
+            lin(&mut s.mid, &s.y, o.dense_w, Some(o.dense_b), n, c, c, false);
             if cfg.use_parallel_residual {
                 // x += attn(ln1(x)) + mlp(ln2(x))
                 layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
@@ -176,9 +194,9 @@ impl Model {
                 s.x.iter_mut().zip(&s.mid).for_each(|(x, a)| *x += a);
                 layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
             }
-            linear_fwd_t(&mut s.fc, &s.ln, t(o.fc_w, f * c), Some(p(o.fc_b, f)), n, c, f, false);
+            lin(&mut s.fc, &s.ln, o.fc_w, Some(o.fc_b), n, c, f, false);
             gelu_fwd(&mut s.fc2, &s.fc);
-            linear_fwd_t(&mut s.x, &s.fc2, t(o.proj_w, c * f), Some(p(o.proj_b, c)), n, f, c, true);
+            lin(&mut s.x, &s.fc2, o.proj_w, Some(o.proj_b), n, f, c, true);
         }
         s.len += tn;
         // final LayerNorm and head on the last new position of each row: (B,C) -> (B,V)
@@ -189,7 +207,7 @@ impl Model {
         }
         let (lw, lb) = (p(self.layout.lnf_w, c), p(self.layout.lnf_b, c));
         layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.last, lw, lb, bsz, c, eps);
-        linear_fwd_t(logits, &s.ln, t(self.layout.embed_out, v * c), None, bsz, c, v, false);
+        lin(logits, &s.ln, self.layout.embed_out, None, bsz, c, v, false);
         Ok(())
     }
 }

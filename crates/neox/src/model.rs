@@ -17,7 +17,7 @@ use crate::kernels::xent::{lm_head_xent, XentGrad, XentScratch};
 use crate::layout::{LayerOffsets, Layout};
 use crate::weights::{self, SaveDtype};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 pub struct Model {
     pub config: NeoxConfig,
@@ -27,6 +27,9 @@ pub struct Model {
     /// Transposed copies (IC,OC) of the Linear weights and of embed_out, at the same offsets, built lazily:
     /// `gemm` runs ~1.5x faster on x·Wᵀ when Wᵀ is stored row-major than when it transposes while packing.
     wt: OnceLock<Vec<f32>>,
+    /// The previous `wt` allocation, reused after `params_mut` (a fresh 4·P-byte buffer per optimizer step would
+    /// cost page faults on every step).
+    spare: Mutex<Vec<f32>>,
 }
 
 /// Activations of one layer for one batch, kept for the backward.
@@ -176,7 +179,7 @@ impl Model {
                 layout.total
             )));
         }
-        Ok(Model { config, layout, params, wt: OnceLock::new() })
+        Ok(Model { config, layout, params, wt: OnceLock::new(), spare: Mutex::new(Vec::new()) })
     }
 
     pub fn params(&self) -> &[f32] {
@@ -185,14 +188,23 @@ impl Model {
 
     /// Mutable parameters (optimizer steps, tests); invalidates the transposed-weight cache.
     pub fn params_mut(&mut self) -> &mut [f32] {
-        self.wt = OnceLock::new();
+        self.invalidate_wt();
         &mut self.params
+    }
+
+    fn invalidate_wt(&mut self) {
+        if let Some(old) = self.wt.take() {
+            *self.spare.get_mut().unwrap_or_else(|e| e.into_inner()) = old;
+        }
     }
 
     /// Transposed Linear/head weights, built on first use after a change.
     pub(crate) fn wt(&self) -> &[f32] {
         self.wt.get_or_init(|| {
-            let mut wt = vec![0f32; self.layout.total];
+            let mut wt = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|e| e.into_inner()));
+            if wt.len() != self.layout.total {
+                wt = vec![0f32; self.layout.total];
+            }
             let (c, f, v) = (self.config.hidden_size, self.config.intermediate_size, self.config.vocab_size);
             let mut mats = vec![(self.layout.embed_out, v, c)];
             for o in &self.layout.layers {
@@ -210,7 +222,7 @@ impl Model {
         let config = NeoxConfig::from_file(&dir.join("config.json"))?;
         let layout = Layout::new(&config);
         let params = weights::load_params(dir, &config, &layout)?;
-        Ok(Model { config, layout, params, wt: OnceLock::new() })
+        Ok(Model { config, layout, params, wt: OnceLock::new(), spare: Mutex::new(Vec::new()) })
     }
 
     /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.
@@ -264,6 +276,7 @@ impl Model {
         self.layout = layout;
         self.params = params;
         self.wt = OnceLock::new();
+        *self.spare.get_mut().unwrap_or_else(|e| e.into_inner()) = Vec::new();
         Ok(())
     }
 

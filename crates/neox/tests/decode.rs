@@ -56,3 +56,24 @@ fn left_padded_row_equals_row_alone() {
     let e = m.forward_cached(&[1; 2 * 20], &[1; 40], &mut cache, &mut out).unwrap_err().to_string();
     assert!(e.contains("KV cache full"), "{e}");
 }
+
+#[test]
+fn reset_row_starts_a_fresh_sequence_in_a_running_batch() {
+    let m = perturbed_model(tiny_config(false, 40), 23);
+    let v = 40;
+    let mut cache = m.new_kv_cache(2, 32);
+    let mut out = vec![0f32; 2 * v];
+    m.forward_cached(&[3, 4, 5, 6, 7, 8], &[1; 6], &mut cache, &mut out).unwrap();
+    m.forward_cached(&[9, 10], &[1, 1], &mut cache, &mut out).unwrap();
+    cache.reset_row(0);
+    let fresh: Vec<u32> = vec![12, 13, 14, 15];
+    let mut alone = m.new_kv_cache(1, 32);
+    let mut out1 = vec![0f32; v];
+    for (i, &tok) in fresh.iter().enumerate() {
+        m.forward_cached(&[tok, 20 + i as u32], &[1, 1], &mut cache, &mut out).unwrap();
+        m.forward_cached(&[tok], &[1], &mut alone, &mut out1).unwrap();
+        assert_close(&format!("reset row step {i}"), &out[..v], &out1, 1e-5, 1e-4);
+    }
+    assert_eq!(cache.real_len(0), fresh.len());
+    assert_eq!(cache.real_len(1), 3 + 1 + fresh.len());
+}

@@ -19,7 +19,9 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r2 + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n without a float->int conversion: adding 2^23 puts n + 127 (0..=255 here) into the low mantissa bits,
+    // and shifting left by 23 moves them into the exponent (the high bits shift out).
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -77,6 +79,37 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = ia.remainder().iter().zip(ib.remainder()).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
+}
+
+/// Four dot products against the same `w` in one pass over it (the weight is loaded once per 16 lanes).
+#[inline(always)]
+pub fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let n = w.len();
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    let it = w
+        .chunks_exact(16)
+        .zip(x0.chunks_exact(16))
+        .zip(x1.chunks_exact(16))
+        .zip(x2.chunks_exact(16))
+        .zip(x3.chunks_exact(16));
+    for ((((wc, c0), c1), c2), c3) in it {
+        for k in 0..16 {
+            let wk = wc[k];
+            a0[k] += c0[k] * wk;
+            a1[k] += c1[k] * wk;
+            a2[k] += c2[k] * wk;
+            a3[k] += c3[k] * wk;
+        }
+    }
+    let full = n / 16 * 16;
+    let tail = |xr: &[f32]| -> f32 { xr[full..].iter().zip(&w[full..]).map(|(a, b)| a * b).sum() };
+    [
+        a0.iter().sum::<f32>() + tail(x0),
+        a1.iter().sum::<f32>() + tail(x1),
+        a2.iter().sum::<f32>() + tail(x2),
+        a3.iter().sum::<f32>() + tail(x3),
+    ]
 }
 
 /// max x (−inf for an empty slice; NaNs are ignored as `f32::max` does).

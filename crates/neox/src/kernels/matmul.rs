@@ -122,6 +122,57 @@ pub fn linear_fwd_t(
     }
 }
 
+/// Rows at or below which `linear_rows` beats `gemm` (decode steps, short prompts).
+pub const FEW_ROWS: usize = 16;
+
+/// out (N, OC) = inp (N, IC) · wᵀ + bias (or `+=`) for a few rows: each weight row is read once and dotted with
+/// every input row (memory-bound decode, where `gemm`'s packing dominates). Parallel over output columns.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_rows(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    ic: usize,
+    oc: usize,
+    accumulate: bool,
+) {
+    assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic);
+    assert!(bias.is_none_or(|b| b.len() == oc));
+    const COLS: usize = 64;
+    let op = SendPtr(out.as_mut_ptr());
+    (0..oc.div_ceil(COLS)).into_par_iter().for_each(|blk| {
+        let o0 = blk * COLS;
+        let o1 = (o0 + COLS).min(oc);
+        pulp::Arch::new().dispatch(|| {
+            for o in o0..o1 {
+                let wr = &w[o * ic..(o + 1) * ic];
+                let b = bias.map_or(0.0, |b| b[o]);
+                let row = |r: usize| &inp[r * ic..(r + 1) * ic];
+                let mut put = |r: usize, y: f32| {
+                    // SAFETY: column o belongs to this task only; r < n, o < oc (asserted sizes).
+                    unsafe {
+                        let dst = op.get().add(r * oc + o);
+                        *dst = if accumulate { *dst + y + b } else { y + b };
+                    }
+                };
+                let mut r = 0;
+                while r + 4 <= n {
+                    let y = super::math::dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wr);
+                    for (k, &yk) in y.iter().enumerate() {
+                        put(r + k, yk);
+                    }
+                    r += 4;
+                }
+                for r in r..n {
+                    put(r, super::math::dot(row(r), wr));
+                }
+            }
+        })
+    });
+}
+
 fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
     let oc = b.len();
     out.par_chunks_mut(oc * 16).for_each(|rows| {
@@ -254,7 +305,7 @@ mod tests {
 
     #[test]
     fn linear_matches_naive_forward_and_backward() {
-        let (n, ic, oc) = (7, 13, 5);
+        let (n, ic, oc) = (7, 37, 5);
         let mut r = common::Rng::new(1);
         let mut v = |k: usize| (0..k).map(|_| r.normal() as f32).collect::<Vec<_>>();
         let (inp, w, b, dout) = (v(n * ic), v(oc * ic), v(oc), v(n * oc));
@@ -269,6 +320,12 @@ mod tests {
         linear_fwd_t(&mut out_t, &inp, &wt, Some(&b), n, ic, oc, false);
         for (a, e) in out_t.iter().zip(&out) {
             assert!((a - e).abs() < 1e-5);
+        }
+        let mut out_r = vec![0f32; n * oc];
+        linear_rows(&mut out_r, &inp, &w, Some(&b), n, ic, oc, false);
+        linear_rows(&mut out_r, &inp, &w, None, n, ic, oc, true);
+        for ((a, e), bb) in out_r.iter().zip(&out).zip(b.iter().cycle()) {
+            assert!((a - (2.0 * e - bb)).abs() < 1e-4);
         }
         let mut dinp = vec![0f32; n * ic];
         linear_bwd_input(&mut dinp, &dout, &w, n, ic, oc, false);
