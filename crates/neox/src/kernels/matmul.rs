@@ -150,7 +150,7 @@ pub fn linear_rows(
                 let wr = &w[o * ic..(o + 1) * ic];
                 let b = bias.map_or(0.0, |b| b[o]);
                 let row = |r: usize| &inp[r * ic..(r + 1) * ic];
-                let mut put = |r: usize, y: f32| {
+                let put = |r: usize, y: f32| {
                     // SAFETY: column o belongs to this task only; r < n, o < oc (asserted sizes).
                     unsafe {
                         let dst = op.get().add(r * oc + o);
