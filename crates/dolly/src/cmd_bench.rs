@@ -51,6 +51,9 @@ pub struct GenBench {
     batch_size: usize,
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Decode with bfloat16 weight copies (half the memory traffic per token).
+    #[arg(long)]
+    bf16: bool,
     #[arg(long)]
     json: bool,
 }
@@ -136,7 +139,8 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
 fn generate(a: GenBench) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0 && a.new_tokens > 0 && a.prompt_len > 0, "runs, tokens and prompt len must be > 0");
     let cfg = preset(&a.preset)?;
-    let model = Model::new_random(cfg, 0);
+    let mut model = Model::new_random(cfg, 0);
+    model.set_decode_bf16(a.bf16);
     let v = model.config.vocab_size;
     let mut r = Rng::new(2);
     let prompts: Vec<Vec<u32>> =
@@ -155,7 +159,7 @@ fn generate(a: GenBench) -> anyhow::Result<()> {
     let out = json!({
         "bench": "generate", "engine": "dolly", "preset": a.preset, "batch_size": a.batch_size,
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "threads": rayon::current_num_threads(),
-        "runs": a.runs, "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
+        "runs": a.runs, "decode_bf16": a.bf16, "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
     });
     if a.json {
         println!("{out}");

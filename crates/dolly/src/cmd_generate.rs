@@ -17,6 +17,10 @@ use std::time::Instant;
 pub struct GenerateArgs {
     /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer).
     pub model_dir: PathBuf,
+    /// Decode with bfloat16 copies of the weights (f32 activations): about 2x the tokens/s of float32 on a
+    /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in).
+    #[arg(long)]
+    pub bf16: bool,
     /// The instruction. Without it: an interactive loop when stdin is a terminal, else the instruction is read
     /// from stdin.
     pub instruction: Option<String>,
@@ -110,7 +114,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let sampling = SamplingParams { do_sample: !a.greedy, temperature: a.temperature, top_p: a.top_p, top_k: a.top_k };
     sampling.validate().map_err(anyhow::Error::msg)?;
     let tok = DollyTokenizer::resolve(Some(&a.model_dir), a.tokenizer.as_deref())?;
-    let model = Model::load(&a.model_dir).with_context(|| format!("loading model {}", a.model_dir.display()))?;
+    let mut model = Model::load(&a.model_dir).with_context(|| format!("loading model {}", a.model_dir.display()))?;
+    model.set_decode_bf16(a.bf16);
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
             "tokenizer {} has {} ids but the model has {} embedding rows: they do not belong together",

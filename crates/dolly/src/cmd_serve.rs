@@ -15,6 +15,10 @@ use std::time::Duration;
 pub struct ServeArgs {
     /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer).
     pub model_dir: PathBuf,
+    /// Decode with bfloat16 copies of the weights (f32 activations): about 2x the tokens/s of float32 on a
+    /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in).
+    #[arg(long)]
+    pub bf16: bool,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
@@ -47,7 +51,8 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let tok = DollyTokenizer::resolve(Some(&a.model_dir), a.tokenizer.as_deref())?;
-    let model = Model::load(&a.model_dir).with_context(|| format!("loading model {}", a.model_dir.display()))?;
+    let mut model = Model::load(&a.model_dir).with_context(|| format!("loading model {}", a.model_dir.display()))?;
+    model.set_decode_bf16(a.bf16);
     let name = a.model_name.clone().unwrap_or_else(|| {
         let canon = a.model_dir.canonicalize().unwrap_or_else(|_| a.model_dir.clone());
         canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dolly".into())

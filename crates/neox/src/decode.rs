@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::layernorm::layernorm_fwd;
 use crate::kernels::math::{self, gelu_fwd};
-use crate::kernels::matmul::{linear_fwd_t, linear_rows, FEW_ROWS};
+use crate::kernels::matmul::{linear_fwd_t, linear_rows, RowWeights, FEW_ROWS};
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::SendPtr;
 use crate::model::Model;
@@ -160,7 +160,11 @@ impl Model {
         let lin = |out: &mut [f32], inp: &[f32], w: usize, b: Option<usize>, rows: usize, ic: usize, oc: usize, acc| {
             let bias = b.map(|b| p(b, oc));
             if rows <= FEW_ROWS {
-                linear_rows(out, inp, p(w, oc * ic), bias, rows, ic, oc, acc)
+                let wts = match self.bf16_weights() {
+                    Some(b) => RowWeights::Bf16(&b[w..w + oc * ic]),
+                    None => RowWeights::F32(p(w, oc * ic)),
+                };
+                linear_rows(out, inp, wts, bias, rows, ic, oc, acc)
             } else {
                 linear_fwd_t(out, inp, self.t(w, oc * ic), bias, rows, ic, oc, acc)
             }

@@ -30,6 +30,9 @@ pub struct Model {
     /// The previous `wt` allocation, reused after `params_mut` (a fresh 4·P-byte buffer per optimizer step would
     /// cost page faults on every step).
     spare: Mutex<Vec<f32>>,
+    /// Few-row decoding reads bfloat16 copies of the Linear/head weights (`set_decode_bf16`), built lazily.
+    decode_bf16: bool,
+    bf16: OnceLock<Vec<u16>>,
 }
 
 /// Activations of one layer for one batch, kept for the backward.
@@ -179,7 +182,15 @@ impl Model {
                 layout.total
             )));
         }
-        Ok(Model { config, layout, params, wt: OnceLock::new(), spare: Mutex::new(Vec::new()) })
+        Ok(Model {
+            config,
+            layout,
+            params,
+            wt: OnceLock::new(),
+            spare: Mutex::new(Vec::new()),
+            decode_bf16: false,
+            bf16: OnceLock::new(),
+        })
     }
 
     pub fn params(&self) -> &[f32] {
@@ -192,7 +203,36 @@ impl Model {
         &mut self.params
     }
 
+    /// Decode with bfloat16 copies of the Linear and head weights (f32 activations and accumulation): half the
+    /// memory traffic per generated token, at bf16 weight precision (Dolly's own inference dtype). Prefill of
+    /// many rows and training keep using the f32 weights.
+    pub fn set_decode_bf16(&mut self, on: bool) {
+        self.decode_bf16 = on;
+    }
+
+    /// The bf16 weight copy, when decoding in bf16 (built on first use after a change).
+    pub(crate) fn bf16_weights(&self) -> Option<&[u16]> {
+        if !self.decode_bf16 {
+            return None;
+        }
+        Some(self.bf16.get_or_init(|| {
+            let mut b = vec![0u16; self.layout.total];
+            let (c, f, v) = (self.config.hidden_size, self.config.intermediate_size, self.config.vocab_size);
+            let mut mats = vec![(self.layout.embed_out, v * c)];
+            for o in &self.layout.layers {
+                mats.extend([(o.qkv_w, 3 * c * c), (o.dense_w, c * c), (o.fc_w, f * c), (o.proj_w, c * f)]);
+            }
+            for (o, n) in mats {
+                for (d, s) in b[o..o + n].iter_mut().zip(&self.params[o..o + n]) {
+                    *d = half::bf16::from_f32(*s).to_bits();
+                }
+            }
+            b
+        }))
+    }
+
     fn invalidate_wt(&mut self) {
+        self.bf16 = OnceLock::new();
         if let Some(old) = self.wt.take() {
             *self.spare.get_mut().unwrap_or_else(|e| e.into_inner()) = old;
         }
@@ -222,7 +262,15 @@ impl Model {
         let config = NeoxConfig::from_file(&dir.join("config.json"))?;
         let layout = Layout::new(&config);
         let params = weights::load_params(dir, &config, &layout)?;
-        Ok(Model { config, layout, params, wt: OnceLock::new(), spare: Mutex::new(Vec::new()) })
+        Ok(Model {
+            config,
+            layout,
+            params,
+            wt: OnceLock::new(),
+            spare: Mutex::new(Vec::new()),
+            decode_bf16: false,
+            bf16: OnceLock::new(),
+        })
     }
 
     /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.
@@ -276,6 +324,7 @@ impl Model {
         self.layout = layout;
         self.params = params;
         self.wt = OnceLock::new();
+        self.bf16 = OnceLock::new();
         *self.spare.get_mut().unwrap_or_else(|e| e.into_inner()) = Vec::new();
         Ok(())
     }

@@ -77,3 +77,31 @@ fn reset_row_starts_a_fresh_sequence_in_a_running_batch() {
     assert_eq!(cache.real_len(0), fresh.len());
     assert_eq!(cache.real_len(1), 3 + 1 + fresh.len());
 }
+
+#[test]
+fn bf16_decode_stays_close_to_f32() {
+    let mut m = perturbed_model(tiny_config(true, 40), 24);
+    let v = 40;
+    let ids: Vec<u32> = vec![5, 9, 13, 2, 7];
+    let run = |m: &neox::Model| {
+        let mut cache = m.new_kv_cache(1, 16);
+        let mut out = vec![0f32; v];
+        m.forward_cached(&ids[..2], &[1, 1], &mut cache, &mut out).unwrap();
+        let mut all = out.clone();
+        for &t in &ids[2..] {
+            m.forward_cached(&[t], &[1], &mut cache, &mut out).unwrap();
+            all.extend_from_slice(&out);
+        }
+        all
+    };
+    let f32_logits = run(&m);
+    m.set_decode_bf16(true);
+    let bf16_logits = run(&m);
+    let scale = f32_logits.iter().fold(0f32, |a, &b| a.max(b.abs()));
+    let worst = f32_logits.iter().zip(&bf16_logits).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    // bf16 keeps 8 mantissa bits: weights off by <= 2^-9 relative; logits here move by well under 5% of their range.
+    assert!(worst > 0.0, "bf16 path not taken");
+    assert!(worst < 0.05 * scale, "bf16 logits differ by {worst} (scale {scale})");
+    m.set_decode_bf16(false);
+    assert_eq!(run(&m), f32_logits);
+}

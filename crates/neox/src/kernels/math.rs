@@ -112,6 +112,58 @@ pub fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
     ]
 }
 
+#[inline(always)]
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// Four dot products of f32 rows with one bf16 weight row (widened on the fly; f32 accumulation).
+#[inline(always)]
+pub fn dot4_bf16(x: [&[f32]; 4], w: &[u16]) -> [f32; 4] {
+    let n = w.len();
+    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    let it = w
+        .chunks_exact(16)
+        .zip(x0.chunks_exact(16))
+        .zip(x1.chunks_exact(16))
+        .zip(x2.chunks_exact(16))
+        .zip(x3.chunks_exact(16));
+    for ((((wc, c0), c1), c2), c3) in it {
+        for k in 0..16 {
+            let wk = bf16_to_f32(wc[k]);
+            a0[k] += c0[k] * wk;
+            a1[k] += c1[k] * wk;
+            a2[k] += c2[k] * wk;
+            a3[k] += c3[k] * wk;
+        }
+    }
+    let full = n / 16 * 16;
+    let tail = |xr: &[f32]| -> f32 { xr[full..].iter().zip(&w[full..]).map(|(a, &b)| a * bf16_to_f32(b)).sum() };
+    [
+        a0.iter().sum::<f32>() + tail(x0),
+        a1.iter().sum::<f32>() + tail(x1),
+        a2.iter().sum::<f32>() + tail(x2),
+        a3.iter().sum::<f32>() + tail(x3),
+    ]
+}
+
+/// Σ x·w for a bf16 weight row.
+#[inline(always)]
+pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+    let n = x.len().min(w.len());
+    let mut acc = [0f32; 16];
+    let mut ix = x[..n].chunks_exact(16);
+    let mut iw = w[..n].chunks_exact(16);
+    for (cx, cw) in (&mut ix).zip(&mut iw) {
+        for k in 0..16 {
+            acc[k] += cx[k] * bf16_to_f32(cw[k]);
+        }
+    }
+    let tail: f32 = ix.remainder().iter().zip(iw.remainder()).map(|(a, &b)| a * bf16_to_f32(b)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// max x (−inf for an empty slice; NaNs are ignored as `f32::max` does).
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {

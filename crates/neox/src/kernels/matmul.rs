@@ -125,20 +125,31 @@ pub fn linear_fwd_t(
 /// Rows at or below which `linear_rows` beats `gemm` (decode steps, short prompts).
 pub const FEW_ROWS: usize = 16;
 
+/// Weights for `linear_rows`: the f32 parameters, or a bfloat16 copy (half the bytes per decoded token).
+#[derive(Clone, Copy)]
+pub enum RowWeights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
 /// out (N, OC) = inp (N, IC) · wᵀ + bias (or `+=`) for a few rows: each weight row is read once and dotted with
 /// every input row (memory-bound decode, where `gemm`'s packing dominates). Parallel over output columns.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_rows(
     out: &mut [f32],
     inp: &[f32],
-    w: &[f32],
+    w: RowWeights<'_>,
     bias: Option<&[f32]>,
     n: usize,
     ic: usize,
     oc: usize,
     accumulate: bool,
 ) {
-    assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic);
+    let wlen = match w {
+        RowWeights::F32(x) => x.len(),
+        RowWeights::Bf16(x) => x.len(),
+    };
+    assert!(out.len() >= n * oc && inp.len() >= n * ic && wlen >= oc * ic);
     assert!(bias.is_none_or(|b| b.len() == oc));
     const COLS: usize = 64;
     let op = SendPtr(out.as_mut_ptr());
@@ -147,7 +158,6 @@ pub fn linear_rows(
         let o1 = (o0 + COLS).min(oc);
         pulp::Arch::new().dispatch(|| {
             for o in o0..o1 {
-                let wr = &w[o * ic..(o + 1) * ic];
                 let b = bias.map_or(0.0, |b| b[o]);
                 let row = |r: usize| &inp[r * ic..(r + 1) * ic];
                 let put = |r: usize, y: f32| {
@@ -159,14 +169,22 @@ pub fn linear_rows(
                 };
                 let mut r = 0;
                 while r + 4 <= n {
-                    let y = super::math::dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wr);
+                    let xs = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+                    let y = match w {
+                        RowWeights::F32(w) => super::math::dot4(xs, &w[o * ic..(o + 1) * ic]),
+                        RowWeights::Bf16(w) => super::math::dot4_bf16(xs, &w[o * ic..(o + 1) * ic]),
+                    };
                     for (k, &yk) in y.iter().enumerate() {
                         put(r + k, yk);
                     }
                     r += 4;
                 }
                 for r in r..n {
-                    put(r, super::math::dot(row(r), wr));
+                    let y = match w {
+                        RowWeights::F32(w) => super::math::dot(row(r), &w[o * ic..(o + 1) * ic]),
+                        RowWeights::Bf16(w) => super::math::dot_bf16(row(r), &w[o * ic..(o + 1) * ic]),
+                    };
+                    put(r, y);
                 }
             }
         })
@@ -322,10 +340,16 @@ mod tests {
             assert!((a - e).abs() < 1e-5);
         }
         let mut out_r = vec![0f32; n * oc];
-        linear_rows(&mut out_r, &inp, &w, Some(&b), n, ic, oc, false);
-        linear_rows(&mut out_r, &inp, &w, None, n, ic, oc, true);
+        linear_rows(&mut out_r, &inp, RowWeights::F32(&w), Some(&b), n, ic, oc, false);
+        linear_rows(&mut out_r, &inp, RowWeights::F32(&w), None, n, ic, oc, true);
         for ((a, e), bb) in out_r.iter().zip(&out).zip(b.iter().cycle()) {
             assert!((a - (2.0 * e - bb)).abs() < 1e-4);
+        }
+        let wb: Vec<u16> = w.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect();
+        let mut out_b = vec![0f32; n * oc];
+        linear_rows(&mut out_b, &inp, RowWeights::Bf16(&wb), Some(&b), n, ic, oc, false);
+        for (a, e) in out_b.iter().zip(&out) {
+            assert!((a - e).abs() < 0.05 * (1.0 + e.abs()), "bf16 {a} vs {e}");
         }
         let mut dinp = vec![0f32; n * ic];
         linear_bwd_input(&mut dinp, &dout, &w, n, ic, oc, false);
