@@ -3,7 +3,8 @@
 //! (mask 0; the engine counts positions over real tokens only, so greedy output is the same alone or in a batch).
 //! A row can join a batch that is already decoding, as long as it has never been used since the cache was made:
 //! on that call every running row feeds `[pad, .., pad, next token]` next to the newcomer's padded prompt.
-//! Finished rows feed padding until the whole batch is done (the engine cannot yet drop or recycle a row).
+//! A finished or cancelled row is recycled at once (`KvCache::reset_row`): its slots are masked and a newcomer can
+//! take the row while the others keep decoding.
 //! Stops a row on the stop id (`### End`, kept as its last generated token) or on its token budget.
 //! Does not tokenize or decode text; never mutates the model.
 
@@ -49,14 +50,12 @@ pub struct TokenEvent {
 }
 
 enum Row {
-    /// Never used since the cache was made: can take a new sequence.
+    /// Empty (never used, or recycled after its sequence ended): can take a new sequence.
     Free,
     /// Admitted; its prompt is fed on the next step.
     Pending { prompt: Vec<u32>, params: SeqParams, generated: usize },
     /// Decoding; `next` is sampled but not yet fed.
     Active { next: u32, params: SeqParams, generated: usize },
-    /// Finished or cancelled; feeds padding.
-    Done,
 }
 
 /// A batch of sequences decoding together on one KV cache.
@@ -172,7 +171,8 @@ impl<'m> BatchDecoder<'m> {
     pub fn cancel(&mut self, row: usize) {
         if let Some(r) = self.rows.get_mut(row) {
             if matches!(r, Row::Pending { .. } | Row::Active { .. }) {
-                *r = Row::Done;
+                *r = Row::Free;
+                self.cache.reset_row(row);
             }
         }
     }
@@ -220,7 +220,10 @@ impl<'m> BatchDecoder<'m> {
             };
             events.push(TokenEvent { row, token, finish });
             let next = match finish {
-                Some(_) => Row::Done,
+                Some(_) => {
+                    self.cache.reset_row(row);
+                    Row::Free
+                }
                 None => Row::Active { next: token, params: params.clone(), generated: *generated },
             };
             *r = next;
