@@ -5,8 +5,7 @@
 use crate::cmd_model::preset;
 use clap::{Args, Subcommand};
 use common::Rng;
-use neox::{clip_grad_norm, Activations, AdamW, AdamWConfig, Model, OwnedBatch};
-use rayon::prelude::*;
+use neox::{clip_coef, grad_norm, Activations, AdamW, AdamWConfig, Model, OwnedBatch};
 use serde_json::json;
 use std::time::Instant;
 
@@ -100,11 +99,11 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let mut losses = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
-        grads.par_iter_mut().for_each(|g| *g = 0.0);
+        // the training loop's step: forward/backward, norm, fused clip + AdamW + zero (gradients start at zero)
         let (sum, n) = model.forward_backward(&batch.view(), &mut acts, &mut grads, 1.0 / count as f32)?;
-        clip_grad_norm(&mut grads, 1.0);
+        let coef = clip_coef(grad_norm(&grads), 1.0);
         let layout = model.layout.clone();
-        opt.step(model.params_mut(), &grads, 1e-5, &layout);
+        opt.step_scaled_and_zero(model.params_mut(), &mut grads, 1e-5, &layout, coef);
         let dt = t0.elapsed().as_secs_f64();
         losses.push(sum / n as f64);
         if step >= a.warmup {

@@ -21,5 +21,5 @@ pub mod optim;
 pub use batch::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;
 pub use model::{Activations, Model};
-pub use optim::{clip_grad_norm, grad_norm, AdamW, AdamWConfig};
+pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use weights::SaveDtype;

@@ -40,7 +40,22 @@ impl AdamW {
     /// One update of `params` with `grads` at learning rate `lr`. Tensors whose `decay` flag is false in
     /// `layout` get no weight decay.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, layout: &Layout) {
-        assert!(params.len() == grads.len() && params.len() == self.m.len());
+        self.update(params, GradSource::Read(grads), lr, layout, 1.0);
+    }
+
+    /// The fused end of a training step: the update with gradients scaled by `coef` (the clip coefficient,
+    /// applied as `torch.nn.utils.clip_grad_norm_` would have applied it to the gradients) and the gradients
+    /// zeroed for the next step — one pass over the buffers instead of three.
+    pub fn step_scaled_and_zero(&mut self, params: &mut [f32], grads: &mut [f32], lr: f32, layout: &Layout, coef: f32) {
+        self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef);
+    }
+
+    fn update(&mut self, params: &mut [f32], grads: GradSource<'_>, lr: f32, layout: &Layout, coef: f32) {
+        let glen = match &grads {
+            GradSource::Read(g) => g.len(),
+            GradSource::ReadAndZero(g) => g.len(),
+        };
+        assert!(params.len() == glen && params.len() == self.m.len());
         self.step += 1;
         let c = self.cfg;
         // Scalars in f64 as PyTorch computes them in Python floats.
@@ -49,17 +64,26 @@ impl AdamW {
         let bc2 = 1.0 - (c.beta2 as f64).powi(t);
         let step_size = (lr as f64 / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
+        let scaled = coef < 1.0;
+        let (gptr, zero) = match grads {
+            GradSource::Read(g) => (SendConst(g.as_ptr()), false),
+            GradSource::ReadAndZero(g) => (SendConst(g.as_mut_ptr()), true),
+        };
         for info in &layout.params {
             let r = info.range();
             let decay = if info.decay { (1.0 - lr as f64 * c.weight_decay as f64) as f32 } else { 1.0 };
             params[r.clone()]
                 .par_chunks_mut(CHUNK)
-                .zip(grads[r.clone()].par_chunks(CHUNK))
                 .zip(self.m[r.clone()].par_chunks_mut(CHUNK).zip(self.v[r.clone()].par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| {
+                .enumerate()
+                .for_each(|(k, (p, (m, v)))| {
+                    let off = r.start + k * CHUNK;
+                    // SAFETY: chunk k of this tensor covers [off, off + p.len()) inside grads (same length as
+                    // params, asserted); chunks are disjoint, and only this task reads (and maybe zeroes) them.
+                    let g = unsafe { std::slice::from_raw_parts(gptr.get().add(off) as *const f32, p.len()) };
                     pulp::Arch::new().dispatch(|| {
                         for i in 0..p.len() {
-                            let gi = g[i];
+                            let gi = if scaled { g[i] * coef } else { g[i] };
                             let mi = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
                             let vi = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
                             m[i] = mi;
@@ -67,10 +91,37 @@ impl AdamW {
                             let denom = vi.sqrt() / bc2_sqrt + c.eps;
                             p[i] = p[i] * decay - step_size * (mi / denom);
                         }
-                    })
+                    });
+                    if zero {
+                        // SAFETY: as above; the pointer came from the `&mut` grads of `ReadAndZero`, and the
+                        // shared slice `g` is no longer used.
+                        unsafe { std::ptr::write_bytes(gptr.get().add(off), 0, p.len()) };
+                    }
                 });
         }
     }
+}
+
+enum GradSource<'a> {
+    Read(&'a [f32]),
+    ReadAndZero(&'a mut [f32]),
+}
+
+/// A read pointer shared by rayon tasks that touch disjoint ranges (and zero them only in `ReadAndZero` mode,
+/// where the caller lent the buffer mutably).
+#[derive(Clone, Copy)]
+struct SendConst(*const f32);
+unsafe impl Send for SendConst {}
+unsafe impl Sync for SendConst {}
+impl SendConst {
+    fn get(self) -> *mut f32 {
+        self.0 as *mut f32
+    }
+}
+
+/// PyTorch's clip coefficient for a gradient of norm `norm`: min(1, max_norm / (norm + 1e-6)).
+pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    (max_norm / (norm + 1e-6)).min(1.0) as f32
 }
 
 /// Global L2 norm of `grads` (accumulated in f64, in fixed chunk order).

@@ -151,6 +151,15 @@ fn adamw_and_clipping_match_torch() {
                 let want = g.f32(&format!("{key}.{}", p.name));
                 assert_close(&format!("{name} {key} {}", p.name), &params[p.range()], &want, ATOL, RTOL);
             }
+            // The training loop's fused path (norm -> clip coefficient -> scaled update -> zeroed gradients)
+            // gives the same parameters bit for bit.
+            let mut fused = m.params().to_vec();
+            let mut gr2 = grads.clone();
+            let coef = if clip { neox::clip_coef(neox::grad_norm(&gr2), 1.0) } else { 1.0 };
+            let mut opt2 = AdamW::new(AdamWConfig { weight_decay: wd, ..Default::default() }, m.num_params());
+            opt2.step_scaled_and_zero(&mut fused, &mut gr2, 1e-3, &m.layout, coef);
+            assert!(fused.iter().zip(&params).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} {key}: fused differs");
+            assert!(gr2.iter().all(|&x| x == 0.0));
         }
     }
 }

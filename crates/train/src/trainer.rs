@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::schedule::Schedule;
 use crate::{bail, deepspeed};
 use data::{BadRecordPolicy, DollyTokenizer, Example, HubOptions, PrepareOptions, Sampler};
-use neox::{clip_grad_norm, Activations, AdamW, AdamWConfig, BatchInput, Model, SaveDtype};
+use neox::{clip_coef, grad_norm, Activations, AdamW, AdamWConfig, BatchInput, Model, SaveDtype};
 use rayon::prelude::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -243,7 +243,7 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
         if targets == 0 {
             bail!("step {}: the batch has no supervised tokens", st.global_step + 1);
         }
-        grads.par_iter_mut().for_each(|g| *g = 0.0);
+        // (gradients are zero here: set at start, and zeroed by the fused optimizer step or below)
         let mut loss_sum = 0f64;
         let mut real_tokens = 0u64;
         for b in &mbs {
@@ -253,17 +253,20 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
             real_tokens += b.attention_mask.iter().map(|&m| m as u64).sum::<u64>();
         }
         let loss = loss_sum / targets as f64;
-        let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+        let norm = grad_norm(&grads);
         let lr = sched.lr_at(st.global_step);
         st.global_step += 1;
         if loss.is_finite() && norm.is_finite() {
-            opt.step(model.params_mut(), &grads, lr as f32, &layout);
+            // clip (as clip_grad_norm_ would) + AdamW + zero the gradients, in one pass
+            let coef = clip_coef(norm, cfg.max_grad_norm);
+            opt.step_scaled_and_zero(model.params_mut(), &mut grads, lr as f32, &layout, coef);
             st.adam_step = opt.step;
             st.nonfinite_in_row = 0;
             st.log_loss_sum += loss;
             st.log_steps += 1;
             last_loss = loss;
         } else {
+            grads.par_iter_mut().for_each(|g| *g = 0.0);
             st.nonfinite_in_row += 1;
             st.nonfinite_total += 1;
             say(&format!("step {}: non-finite loss {loss} / grad norm {norm}; update skipped", st.global_step));
