@@ -54,12 +54,6 @@ fn main() {
         let mut dw = vec![0f32; ic * oc];
         let mut db = vec![0f32; oc];
         time(&format!("linear_bwd_weight {name}"), fl, || linear_bwd_weight(&mut dw, Some(&mut db), &x, &w, n, ic, oc));
-        let mut dt = vec![0f32; n * oc];
-        time(&format!("  via transposed dout {name}"), fl, || {
-            neox::kernels::matmul::transpose(&mut dt, &x[..n * oc], n, oc);
-            // dW (OC,IC) += doutT (OC,N) x inp (N,IC): a plain row-major product
-            linear_bwd_input(&mut dw, &dt, &w[..n * ic], oc, ic, n, true);
-        });
     }
     {
         let wt = vec![0.01f32; c * v];

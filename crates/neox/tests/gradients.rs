@@ -128,3 +128,42 @@ fn bad_batches_are_errors_not_panics() {
     let e = m.forward_loss(&b.view(), &mut acts).unwrap_err().to_string();
     assert!(e.contains("max_position_embeddings"), "{e}");
 }
+
+/// Sequences longer than the attention kernel's causal block (64 queries): forward equals the KV-cache decode
+/// (an independent attention implementation) at every position, and gradients pass finite differences.
+#[test]
+fn long_sequences_span_several_attention_blocks() {
+    let mut cfg = tiny_config(true, 48);
+    cfg.max_position_embeddings = 256;
+    let mut m = perturbed_model(cfg, 9);
+    let t = 150;
+    let batch = padded_batch(2, t, 48, 21);
+    let mut acts = Activations::new(&m.config, 1, t, false);
+    let row0 = neox::OwnedBatch::dense(1, t, batch.input_ids[..t].to_vec(), batch.labels[..t].to_vec());
+    let logits = m.forward_logits(&row0.view(), &mut acts).unwrap();
+    let v = 48;
+    let mut cache = m.new_kv_cache(1, t);
+    let mut out = vec![0f32; v];
+    for i in 0..t {
+        m.forward_cached(&batch.input_ids[i..i + 1], &[1], &mut cache, &mut out).unwrap();
+        assert_close(&format!("position {i}"), &out, &logits[i * v..(i + 1) * v], 1e-4, 1e-3);
+    }
+    let (_, g) = grads(&m, &batch.view(), false);
+    let (_, g2) = grads(&m, &batch.view(), true);
+    assert!(g.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let mut rng = ::common::Rng::new(5);
+    for info in m.layout.params.clone().iter().filter(|p| p.name.contains("attention")) {
+        for _ in 0..3 {
+            let i = info.offset + rng.below(info.numel() as u64) as usize;
+            let orig = m.params()[i];
+            let eps = 1e-2f32;
+            m.params_mut()[i] = orig + eps;
+            let up = mean_loss(&m, &batch.view());
+            m.params_mut()[i] = orig - eps;
+            let down = mean_loss(&m, &batch.view());
+            m.params_mut()[i] = orig;
+            let fd = ((up - down) / (2.0 * eps as f64)) as f32;
+            assert!((fd - g[i]).abs() <= 2e-4 + 2e-2 * g[i].abs(), "{}: fd {fd} vs {}", info.name, g[i]);
+        }
+    }
+}

@@ -9,6 +9,9 @@ use super::{math, SendPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Query rows per causal block: keys beyond a block's last query are never computed.
+const QB: usize = 64;
+
 /// Which keys each query may see.
 #[derive(Clone, Copy)]
 pub struct Visibility<'a> {
@@ -51,43 +54,52 @@ pub fn attention_fwd(
             let q = base.add(hi * 3 * d);
             let k = q.add(d);
             let v = q.add(2 * d);
-            // (T,D) x (D,T) -> (T,T) scores
-            gemm_strided(
-                t,
-                t,
-                d,
-                p.as_mut_ptr(),
-                t as isize,
-                1,
-                false,
-                q,
-                row as isize,
-                1,
-                k,
-                1,
-                row as isize,
-                scale,
-                Parallelism::None,
-            );
+            // Causal blocks: queries [q0, q1) only ever see keys [0, q1), so only that part is computed.
+            for q0 in (0..t).step_by(QB) {
+                let q1 = (q0 + QB).min(t);
+                let (qn, kl) = (q1 - q0, q1);
+                // (Qn,D) x (D,Kl) -> scores rows q0..q1, columns 0..kl
+                gemm_strided(
+                    qn,
+                    kl,
+                    d,
+                    p.as_mut_ptr().add(q0 * t),
+                    t as isize,
+                    1,
+                    false,
+                    q.add(q0 * row),
+                    row as isize,
+                    1,
+                    k,
+                    1,
+                    row as isize,
+                    scale,
+                    Parallelism::None,
+                );
+            }
             masked_softmax_rows(p, vis, bi * t, t);
-            // (T,T) x (T,D) -> (T,D) into out[bi, :, hi*D..]
-            gemm_strided(
-                t,
-                d,
-                t,
-                out_p.get().add(bi * t * c + hi * d),
-                c as isize,
-                1,
-                false,
-                p.as_ptr(),
-                t as isize,
-                1,
-                v,
-                row as isize,
-                1,
-                1.0,
-                Parallelism::None,
-            );
+            for q0 in (0..t).step_by(QB) {
+                let q1 = (q0 + QB).min(t);
+                let (qn, kl) = (q1 - q0, q1);
+                // (Qn,Kl) x (Kl,D) -> (Qn,D) into out[bi, q0..q1, hi*D..]
+                gemm_strided(
+                    qn,
+                    d,
+                    kl,
+                    out_p.get().add((bi * t + q0) * c + hi * d),
+                    c as isize,
+                    1,
+                    false,
+                    p.as_ptr().add(q0 * t),
+                    t as isize,
+                    1,
+                    v,
+                    row as isize,
+                    1,
+                    1.0,
+                    Parallelism::None,
+                );
+            }
         }
     });
 }
@@ -147,87 +159,99 @@ pub fn attention_bwd(
             let dk = dq.add(d);
             let dv = dq.add(2 * d);
             let go = dout.as_ptr().add(bi * t * c + hi * d);
-            // dP (T,T) = dO (T,D) · Vᵀ
-            gemm_strided(
-                t,
-                t,
-                d,
-                dp.as_mut_ptr(),
-                t as isize,
-                1,
-                false,
-                go,
-                c as isize,
-                1,
-                v,
-                1,
-                row as isize,
-                1.0,
-                Parallelism::None,
-            );
-            // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale
-            pulp::Arch::new().dispatch(|| {
-                for (pr, dr) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
-                    let dot = math::dot(pr, dr);
-                    for (d, &pv) in dr.iter_mut().zip(pr) {
-                        *d = pv * (*d - dot) * scale;
+            // dK and dV accumulate over query blocks: start from zero.
+            for i in 0..t {
+                std::ptr::write_bytes(dk.add(i * row), 0, 2 * d);
+            }
+            for q0 in (0..t).step_by(QB) {
+                let q1 = (q0 + QB).min(t);
+                let (qn, kl) = (q1 - q0, q1);
+                let pb = p.as_ptr().add(q0 * t);
+                let db = dp.as_mut_ptr().add(q0 * t);
+                // dP (Qn,Kl) = dO (Qn,D) · V[0:kl]ᵀ
+                gemm_strided(
+                    qn,
+                    kl,
+                    d,
+                    db,
+                    t as isize,
+                    1,
+                    false,
+                    go.add(q0 * c),
+                    c as isize,
+                    1,
+                    v,
+                    1,
+                    row as isize,
+                    1.0,
+                    Parallelism::None,
+                );
+                // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, on columns 0..kl (P is 0 beyond the diagonal)
+                pulp::Arch::new().dispatch(|| {
+                    for i in 0..qn {
+                        let pr = std::slice::from_raw_parts(pb.add(i * t), kl);
+                        let dr = std::slice::from_raw_parts_mut(db.add(i * t), kl);
+                        let dot = math::dot(pr, dr);
+                        for (dd, &pv) in dr.iter_mut().zip(pr) {
+                            *dd = pv * (*dd - dot) * scale;
+                        }
                     }
-                }
-            });
-            // dV (T,D) = Pᵀ · dO
-            gemm_strided(
-                t,
-                d,
-                t,
-                dv,
-                row as isize,
-                1,
-                false,
-                p.as_ptr(),
-                1,
-                t as isize,
-                go,
-                c as isize,
-                1,
-                1.0,
-                Parallelism::None,
-            );
-            // dQ (T,D) = dS · K
-            gemm_strided(
-                t,
-                d,
-                t,
-                dq,
-                row as isize,
-                1,
-                false,
-                dp.as_ptr(),
-                t as isize,
-                1,
-                k,
-                row as isize,
-                1,
-                1.0,
-                Parallelism::None,
-            );
-            // dK (T,D) = dSᵀ · Q
-            gemm_strided(
-                t,
-                d,
-                t,
-                dk,
-                row as isize,
-                1,
-                false,
-                dp.as_ptr(),
-                1,
-                t as isize,
-                q,
-                row as isize,
-                1,
-                1.0,
-                Parallelism::None,
-            );
+                });
+                // dV[0:kl] += P[q0:q1, 0:kl]ᵀ · dO[q0:q1]
+                gemm_strided(
+                    kl,
+                    d,
+                    qn,
+                    dv,
+                    row as isize,
+                    1,
+                    true,
+                    pb,
+                    1,
+                    t as isize,
+                    go.add(q0 * c),
+                    c as isize,
+                    1,
+                    1.0,
+                    Parallelism::None,
+                );
+                // dQ[q0:q1] = dS · K[0:kl]
+                gemm_strided(
+                    qn,
+                    d,
+                    kl,
+                    dq.add(q0 * row),
+                    row as isize,
+                    1,
+                    false,
+                    db,
+                    t as isize,
+                    1,
+                    k,
+                    row as isize,
+                    1,
+                    1.0,
+                    Parallelism::None,
+                );
+                // dK[0:kl] += dSᵀ · Q[q0:q1]
+                gemm_strided(
+                    kl,
+                    d,
+                    qn,
+                    dk,
+                    row as isize,
+                    1,
+                    true,
+                    db,
+                    1,
+                    t as isize,
+                    q.add(q0 * row),
+                    row as isize,
+                    1,
+                    1.0,
+                    Parallelism::None,
+                );
+            }
         }
     });
 }

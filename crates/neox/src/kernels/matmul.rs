@@ -257,29 +257,36 @@ pub fn linear_bwd_weight(
     ic: usize,
     oc: usize,
 ) {
+    linear_bwd_weight_t(dw, dout, inp, n, ic, oc);
+    if let Some(db) = dbias {
+        col_sum_acc(db, dout, n, oc);
+    }
+}
+
+/// The product of `linear_bwd_weight` (without the bias), computed as dWᵀ (IC, OC) += inpᵀ · dout with dW
+/// addressed column-major: `gemm` then never packs a transposed (OC, N) operand (5-15% faster, measured with
+/// `examples/kernel_times`).
+pub fn linear_bwd_weight_t(dw: &mut [f32], dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
     assert!(dw.len() >= oc * ic && dout.len() >= n * oc && inp.len() >= n * ic);
     // SAFETY: sizes asserted above; dw is exclusively borrowed.
     unsafe {
         gemm_strided(
-            oc,
             ic,
+            oc,
             n,
             dw.as_mut_ptr(),
-            ic as isize,
             1,
+            ic as isize,
             true,
-            dout.as_ptr(),
-            1,
-            oc as isize,
             inp.as_ptr(),
+            1,
             ic as isize,
+            dout.as_ptr(),
+            oc as isize,
             1,
             1.0,
             par_all(),
         )
-    }
-    if let Some(db) = dbias {
-        col_sum_acc(db, dout, n, oc);
     }
 }
 
@@ -362,6 +369,7 @@ mod tests {
         let mut dw = vec![1f32; oc * ic];
         let mut db = vec![1f32; oc];
         linear_bwd_weight(&mut dw, Some(&mut db), &dout, &inp, n, ic, oc);
+
         for o in 0..oc {
             let e: f32 = 1.0 + (0..n).map(|i| dout[i * oc + o]).sum::<f32>();
             assert!((db[o] - e).abs() < 1e-5);

@@ -117,20 +117,21 @@ pub fn lm_head_xent(
                     par_all(),
                 );
                 assert!(g.dw.len() >= v * c);
-                // dW (V,C) += dlogitsᵀ (V,R) · X (R,C)
+                // dW (V,C) += dlogitsᵀ (V,R) · X (R,C), computed as dWᵀ (C,V) += Xᵀ (C,R) · dlogits (R,V) with dW
+                // addressed column-major (no transposed packing of the big operand)
                 gemm_strided(
-                    v,
                     c,
+                    v,
                     r,
                     g.dw.as_mut_ptr(),
-                    c as isize,
                     1,
+                    c as isize,
                     true,
-                    s.logits.as_ptr(),
-                    1,
-                    v as isize,
                     s.x.as_ptr(),
+                    1,
                     c as isize,
+                    s.logits.as_ptr(),
+                    v as isize,
                     1,
                     1.0,
                     par_all(),
