@@ -21,6 +21,20 @@ fn grads(m: &Model, b: &BatchInput<'_>, recompute: bool) -> (f64, Vec<f32>) {
     (s / n as f64, g)
 }
 
+/// Central finite difference of the mean loss at parameter `i` vs the backward's `g`; tolerance: f32 forward
+/// (loss resolution ~1e-6 over 2e-2) plus O(eps^2) curvature.
+fn check_fd(m: &mut Model, b: &BatchInput<'_>, i: usize, g: f32, what: &str) {
+    let eps = 1e-2f32;
+    let orig = m.params()[i];
+    m.params_mut()[i] = orig + eps;
+    let up = mean_loss(m, b);
+    m.params_mut()[i] = orig - eps;
+    let down = mean_loss(m, b);
+    m.params_mut()[i] = orig;
+    let fd = ((up - down) / (2.0 * eps as f64)) as f32;
+    assert!((fd - g).abs() <= 2e-4 + 2e-2 * g.abs(), "{what}: finite difference {fd} vs backward {g}");
+}
+
 #[test]
 fn finite_differences_match_backward() {
     for parallel in [true, false] {
@@ -34,22 +48,8 @@ fn finite_differences_match_backward() {
         for info in &infos {
             for _ in 0..3 {
                 let i = info.offset + rng.below(info.numel() as u64) as usize;
-                let eps = 1e-2f32;
-                let orig = m.params()[i];
-                m.params_mut()[i] = orig + eps;
-                let up = mean_loss(&m, &batch.view());
-                m.params_mut()[i] = orig - eps;
-                let down = mean_loss(&m, &batch.view());
-                m.params_mut()[i] = orig;
-                let fd = ((up - down) / (2.0 * eps as f64)) as f32;
-                // f32 forward: loss resolution ~1e-6 over 2e-2 plus O(eps^2) curvature.
-                assert!(
-                    (fd - g[i]).abs() <= 2e-4 + 2e-2 * g[i].abs(),
-                    "parallel={parallel} {}[{}]: finite difference {fd} vs backward {}",
-                    info.name,
-                    i - info.offset,
-                    g[i]
-                );
+                let what = format!("parallel={parallel} {}[{}]", info.name, i - info.offset);
+                check_fd(&mut m, &batch.view(), i, g[i], &what);
                 checked += 1;
             }
         }
@@ -155,15 +155,7 @@ fn long_sequences_span_several_attention_blocks() {
     for info in m.layout.params.clone().iter().filter(|p| p.name.contains("attention")) {
         for _ in 0..3 {
             let i = info.offset + rng.below(info.numel() as u64) as usize;
-            let orig = m.params()[i];
-            let eps = 1e-2f32;
-            m.params_mut()[i] = orig + eps;
-            let up = mean_loss(&m, &batch.view());
-            m.params_mut()[i] = orig - eps;
-            let down = mean_loss(&m, &batch.view());
-            m.params_mut()[i] = orig;
-            let fd = ((up - down) / (2.0 * eps as f64)) as f32;
-            assert!((fd - g[i]).abs() <= 2e-4 + 2e-2 * g[i].abs(), "{}: fd {fd} vs {}", info.name, g[i]);
+            check_fd(&mut m, &batch.view(), i, g[i], &info.name);
         }
     }
 }

@@ -44,7 +44,8 @@ pub(crate) unsafe fn gemm_strided(
     );
 }
 
-/// out (N, OC) = inp (N, IC) · wᵀ + bias, or `out +=` that when `accumulate`.
+/// out (N, OC) = inp (N, IC) · wᵀ + bias, or `out +=` that when `accumulate`; `w` is (OC, IC) as stored. The
+/// model uses `linear_fwd_t` instead (gemm packs this transposed operand ~1.5x slower); kept for comparison.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_fwd(
     out: &mut [f32],
@@ -56,31 +57,9 @@ pub fn linear_fwd(
     oc: usize,
     accumulate: bool,
 ) {
-    assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), oc);
-        add_bias_rows(&mut out[..n * oc], b, accumulate);
-    }
-    // SAFETY: sizes asserted above; out is exclusively borrowed.
-    unsafe {
-        gemm_strided(
-            n,
-            oc,
-            ic,
-            out.as_mut_ptr(),
-            oc as isize,
-            1,
-            accumulate || bias.is_some(),
-            inp.as_ptr(),
-            ic as isize,
-            1,
-            w.as_ptr(),
-            1,
-            ic as isize,
-            1.0,
-            par_all(),
-        )
-    }
+    assert!(w.len() >= oc * ic);
+    // rhs = wᵀ (IC, OC): row stride 1, column stride IC
+    linear_fwd_strided(out, inp, w.as_ptr(), (1, ic as isize), bias, n, ic, oc, accumulate)
 }
 
 /// out (N, OC) = inp (N, IC) · wt + bias (or `+=`), where `wt` (IC, OC) is the transposed weight, row-major.
@@ -95,12 +74,30 @@ pub fn linear_fwd_t(
     oc: usize,
     accumulate: bool,
 ) {
-    assert!(out.len() >= n * oc && inp.len() >= n * ic && wt.len() >= oc * ic);
+    assert!(wt.len() >= oc * ic);
+    linear_fwd_strided(out, inp, wt.as_ptr(), (oc as isize, 1), bias, n, ic, oc, accumulate)
+}
+
+/// Shared body of the forward products: `rhs` (IC, OC) with (row, column) strides `rhs_strides`; the caller
+/// has checked that those strides stay inside an (OC·IC)-element buffer.
+#[allow(clippy::too_many_arguments)]
+fn linear_fwd_strided(
+    out: &mut [f32],
+    inp: &[f32],
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    bias: Option<&[f32]>,
+    n: usize,
+    ic: usize,
+    oc: usize,
+    accumulate: bool,
+) {
+    assert!(out.len() >= n * oc && inp.len() >= n * ic);
     if let Some(b) = bias {
         assert_eq!(b.len(), oc);
         add_bias_rows(&mut out[..n * oc], b, accumulate);
     }
-    // SAFETY: sizes asserted above; out is exclusively borrowed.
+    // SAFETY: sizes asserted here and by the callers; out is exclusively borrowed.
     unsafe {
         gemm_strided(
             n,
@@ -113,9 +110,9 @@ pub fn linear_fwd_t(
             inp.as_ptr(),
             ic as isize,
             1,
-            wt.as_ptr(),
-            oc as isize,
-            1,
+            rhs,
+            rhs_strides.0,
+            rhs_strides.1,
             1.0,
             par_all(),
         )
