@@ -101,7 +101,7 @@ def request(addr, body, stream):
 
 def dolly_side(exe, model_dir, tok_file, args):
     cmd = [exe, "--threads", str(args.threads), "serve", model_dir, "--tokenizer", tok_file, "--port", "0",
-           "--max-batch", str(max(8, args.concurrency)), "--model-name", "bench"]
+           "--max-batch", str(max(8, args.concurrency)), "--model-name", "bench"] + (["--bf16"] if args.bf16 else [])
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         addr = None
@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--preset", default="pythia-70m")
     ap.add_argument("--dolly", default="target/release/dolly")
+    ap.add_argument("--bf16", action="store_true", help="run `dolly serve --bf16` (bf16 weight copies for decoding)")
     ap.add_argument("--tokenizer", default=os.path.join(os.path.dirname(__file__), "../../shared/data/20B_tokenizer.json"))
     args = ap.parse_args()
     exe = os.path.abspath(args.dolly)

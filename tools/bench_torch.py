@@ -242,6 +242,18 @@ def ratio(a, b):
     return None
 
 
+def combine(results):
+    """Per-key median over rounds for numbers; the first round's value otherwise."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    for k in out:
+        vals = [r.get(k) for r in results]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = statistics.median(vals)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["train", "generate", "all"], default="all")
@@ -256,6 +268,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dolly", default="target/release/dolly", help="dolly binary ('none' to skip)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate PyTorch and dolly this many times per mode and report per-metric medians "
+                         "(the shared VM's speed drifts by tens of percent over minutes; alternating cancels it)")
     ap.add_argument("--worker", choices=["train", "generate"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -268,15 +283,22 @@ def main():
     if exe is None and args.dolly not in ("", "none"):
         print(f"note: dolly binary not found at {args.dolly!r}; showing the PyTorch side only", file=sys.stderr)
 
-    results = {}
+    runs = {}
+    round_ratios = []
     for mode in modes:
-        print(f"[bench] pytorch {mode} ...", file=sys.stderr, flush=True)
-        results[("torch", mode)] = run_torch(mode, args)
-        print(f"[bench] pytorch {mode}: {json.dumps(results[('torch', mode)])}", file=sys.stderr, flush=True)
-        if exe:
-            print(f"[bench] dolly {mode} ...", file=sys.stderr, flush=True)
-            results[("dolly", mode)] = run_dolly(mode, exe, args)
-            print(f"[bench] dolly {mode}: {json.dumps(results[('dolly', mode)])}", file=sys.stderr, flush=True)
+        for rnd in range(max(1, args.rounds)):
+            print(f"[bench] pytorch {mode} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+            t = run_torch(mode, args)
+            runs.setdefault(("torch", mode), []).append(t)
+            print(f"[bench] pytorch {mode}: {json.dumps(t)}", file=sys.stderr, flush=True)
+            if exe:
+                print(f"[bench] dolly {mode} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+                d = run_dolly(mode, exe, args)
+                runs.setdefault(("dolly", mode), []).append(d)
+                print(f"[bench] dolly {mode}: {json.dumps(d)}", file=sys.stderr, flush=True)
+                key = "median_step_s" if mode == "train" else "tokens_per_s"
+                round_ratios.append((mode, rnd + 1, ratio(d.get(key), t.get(key))))
+    results = {k: combine(v) for k, v in runs.items()}
 
     # -------- table
     rows = []
@@ -304,6 +326,11 @@ def main():
         if "error" in res:
             print(f"{side} {mode}: {res['error']}")
             summary[f"{mode}.error.{side}"] = res["error"]
+    if args.rounds > 1:
+        for mode, rnd, r in round_ratios:
+            print(f"round {rnd} {mode}: dolly/pytorch {fmt(r, '.3f')}")
+        summary["round_ratios"] = [[m, n, r] for m, n, r in round_ratios]
+    summary["rounds"] = args.rounds
     tr = results.get(("torch", modes[0]), {})
     summary["torch"] = tr.get("torch")
     summary["transformers"] = tr.get("transformers")
