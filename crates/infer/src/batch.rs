@@ -96,6 +96,13 @@ impl<'m> BatchDecoder<'m> {
         self.rows.len()
     }
 
+    /// Make every row free and the cache empty again, keeping the allocations (a new batch without
+    /// re-zeroing hundreds of MB of KV cache).
+    pub fn reset(&mut self) {
+        self.cache.reset();
+        self.rows.iter_mut().for_each(|r| *r = Row::Free);
+    }
+
     /// Rows admitted and not finished.
     pub fn running(&self) -> usize {
         self.rows.iter().filter(|r| matches!(r, Row::Pending { .. } | Row::Active { .. })).count()

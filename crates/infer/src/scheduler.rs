@@ -137,6 +137,9 @@ impl Scheduler {
 
 fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &Stats) {
     let max_batch = cfg.max_batch.max(1);
+    // One decoder for the server's life, max_batch rows: idle rows cost nothing (the engine computes real tokens
+    // only), requests arriving while a batch decodes take a free row, and the KV cache is allocated once.
+    let mut dec = BatchDecoder::new(model, max_batch, cfg.kv_slots, cfg.vocab_limit, cfg.stop_id);
     loop {
         // idle: wait for work (or exit when shutting down with nothing queued)
         {
@@ -156,9 +159,8 @@ fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &St
                 std::thread::sleep(cfg.batch_window);
             }
         }
-        let waiting = lock(&shared.queue).len();
-        let batch = waiting.clamp(1, max_batch).next_power_of_two().min(max_batch);
-        let mut dec = BatchDecoder::new(model, batch, cfg.kv_slots, cfg.vocab_limit, cfg.stop_id);
+        let batch = max_batch;
+        dec.reset();
         let mut txs: Vec<Option<UnboundedSender<JobEvent>>> = vec![None; batch];
         loop {
             // admit queued jobs while rows and slots allow (FIFO: the head waits if it does not fit)

@@ -35,7 +35,10 @@ pub struct KvCache {
     cos: Vec<f32>,
     sin: Vec<f32>,
     pos: Vec<u32>,
+    /// Compute rows of the current call: (batch row, time index) of every real (mask 1) new token.
+    rows: Vec<(u32, u32)>,
     last: Vec<f32>,
+    head: Vec<f32>,
 }
 
 impl KvCache {
@@ -85,7 +88,9 @@ impl Model {
             cos: Vec::new(),
             sin: Vec::new(),
             pos: Vec::new(),
+            rows: Vec::new(),
             last: Vec::new(),
+            head: Vec::new(),
         }
     }
 
@@ -115,31 +120,34 @@ impl Model {
         if logits.len() < bsz * v {
             return Err(Error::invalid("logits buffer too small"));
         }
-        let n = bsz * tn;
         let s = cache;
-        for buf in [&mut s.x, &mut s.ln, &mut s.y, &mut s.mid] {
-            buf.resize(n * c, 0.0);
-        }
-        s.mean.resize(n, 0.0);
-        s.rstd.resize(n, 0.0);
-        s.qkv.resize(n * 3 * c, 0.0);
-        s.fc.resize(n * f, 0.0);
-        s.fc2.resize(n * f, 0.0);
-        s.cos.resize(n * r / 2, 0.0);
-        s.sin.resize(n * r / 2, 0.0);
-        // positions and validity of the new slots
+        // Only real tokens are computed: padding (left padding of a prompt, rows idle this step) only marks its
+        // slot invalid, so it costs nothing and is never attended.
+        s.rows.clear();
         s.pos.clear();
         for b in 0..bsz {
             for i in 0..tn {
                 let slot = s.len + i;
                 let real = mask[b * tn + i] != 0;
                 s.valid[b * s.capacity + slot] = real as u8;
-                s.pos.push(if real { s.real[b] } else { 0 });
                 if real {
+                    s.rows.push((b as u32, i as u32));
+                    s.pos.push(s.real[b]);
                     s.real[b] += 1;
                 }
             }
         }
+        let n = s.rows.len();
+        for buf in [&mut s.x, &mut s.ln, &mut s.y, &mut s.mid] {
+            buf.resize(n * c, 0.0);
+        }
+        s.mean.resize(n.max(bsz), 0.0);
+        s.rstd.resize(n.max(bsz), 0.0);
+        s.qkv.resize(n * 3 * c, 0.0);
+        s.fc.resize(n * f, 0.0);
+        s.fc2.resize(n * f, 0.0);
+        s.cos.resize(n * r / 2, 0.0);
+        s.sin.resize(n * r / 2, 0.0);
         if let Some(&p) = s.pos.iter().max() {
             if p as usize >= cfg.max_position_embeddings {
                 return Err(Error::invalid(format!(
@@ -150,8 +158,9 @@ impl Model {
         }
         rope_table(&mut s.cos, &mut s.sin, &s.pos, r, cfg.rotary_emb_base);
         let emb = &self.params()[self.layout.embed_in..self.layout.embed_in + v * c];
-        for (row, &id) in s.x.chunks_mut(c).zip(ids) {
-            row.copy_from_slice(&emb[id as usize * c..(id as usize + 1) * c]);
+        for (row, &(b, i)) in s.x.chunks_mut(c).zip(&s.rows) {
+            let id = ids[b as usize * tn + i as usize] as usize;
+            row.copy_from_slice(&emb[id * c..(id + 1) * c]);
         }
         let eps = cfg.layer_norm_eps as f32;
         let p = |off: usize, len: usize| &self.params()[off..off + len];
@@ -177,17 +186,15 @@ impl Model {
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
             // append k, v of the new tokens: cache layout (L, B, H, cap, D)
             let lbase = l * bsz * h * s.capacity * d;
-            for b in 0..bsz {
-                for i in 0..tn {
-                    let src = &s.qkv[(b * tn + i) * 3 * c..(b * tn + i + 1) * 3 * c];
-                    for hh in 0..h {
-                        let dst = lbase + ((b * h + hh) * s.capacity + start + i) * d;
-                        s.k[dst..dst + d].copy_from_slice(&src[hh * 3 * d + d..hh * 3 * d + 2 * d]);
-                        s.v[dst..dst + d].copy_from_slice(&src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
-                    }
+            for (k, &(b, i)) in s.rows.iter().enumerate() {
+                let src = &s.qkv[k * 3 * c..(k + 1) * 3 * c];
+                for hh in 0..h {
+                    let dst = lbase + ((b as usize * h + hh) * s.capacity + start + i as usize) * d;
+                    s.k[dst..dst + d].copy_from_slice(&src[hh * 3 * d + d..hh * 3 * d + 2 * d]);
+                    s.v[dst..dst + d].copy_from_slice(&src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
                 }
             }
-            cached_attention(s, l, tn, start, h, d);
+            cached_attention(s, l, start, h, d);
             lin(&mut s.mid, &s.y, o.dense_w, Some(o.dense_b), n, c, c, false);
             if cfg.use_parallel_residual {
                 // x += attn(ln1(x)) + mlp(ln2(x))
@@ -203,67 +210,80 @@ impl Model {
             lin(&mut s.x, &s.fc2, o.proj_w, Some(o.proj_b), n, f, c, true);
         }
         s.len += tn;
-        // final LayerNorm and head on the last new position of each row: (B,C) -> (B,V)
-        s.last.resize(bsz * c, 0.0);
-        for b in 0..bsz {
-            let row = b * tn + tn - 1;
-            s.last[b * c..(b + 1) * c].copy_from_slice(&s.x[row * c..(row + 1) * c]);
+        // final LayerNorm and head on the last new position of each row that has one: (B',C) -> (B',V)
+        let lasts: Vec<(usize, usize)> = s
+            .rows
+            .iter()
+            .enumerate()
+            .filter(|(_, &(_, i))| i as usize == tn - 1)
+            .map(|(k, &(b, _))| (k, b as usize))
+            .collect();
+        let nl = lasts.len();
+        s.last.resize(nl * c, 0.0);
+        for (j, &(k, _)) in lasts.iter().enumerate() {
+            s.last[j * c..(j + 1) * c].copy_from_slice(&s.x[k * c..(k + 1) * c]);
         }
+        s.ln.resize(nl.max(n) * c, 0.0);
         let (lw, lb) = (p(self.layout.lnf_w, c), p(self.layout.lnf_b, c));
-        layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.last, lw, lb, bsz, c, eps);
-        lin(logits, &s.ln, self.layout.embed_out, None, bsz, c, v, false);
+        layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.last, lw, lb, nl, c, eps);
+        if nl == bsz {
+            lin(logits, &s.ln, self.layout.embed_out, None, nl, c, v, false);
+        } else {
+            // rows without a real last token this call keep their previous logits
+            s.head.resize(nl * v, 0.0);
+            lin(&mut s.head, &s.ln, self.layout.embed_out, None, nl, c, v, false);
+            for (j, &(_, b)) in lasts.iter().enumerate() {
+                logits[b * v..(b + 1) * v].copy_from_slice(&s.head[j * v..(j + 1) * v]);
+            }
+        }
         Ok(())
     }
 }
 
-/// y (B·Tn, C) = attention of the new queries over every valid cached slot up to their own.
-fn cached_attention(s: &mut KvCache, l: usize, tn: usize, start: usize, h: usize, d: usize) {
+/// y (n, C) = attention of each computed row's query over every valid cached slot of its batch row, up to its own.
+fn cached_attention(s: &mut KvCache, l: usize, start: usize, h: usize, d: usize) {
     let (bsz, cap, c) = (s.batch, s.capacity, h * d);
     let scale = 1.0 / (d as f32).sqrt();
     let lbase = l * bsz * h * cap * d;
     let y = SendPtr(s.y.as_mut_ptr());
-    let (k, v, qkv, valid) = (&s.k, &s.v, &s.qkv, &s.valid);
-    (0..bsz * h).into_par_iter().for_each_init(
+    let (k, v, qkv, valid, rows) = (&s.k, &s.v, &s.qkv, &s.valid, &s.rows);
+    (0..rows.len() * h).into_par_iter().for_each_init(
         || vec![0f32; cap],
-        |scores, bh| {
-            let (b, hh) = (bh / h, bh % h);
+        |scores, task| {
+            let (row, hh) = (task / h, task % h);
+            let (b, i) = (rows[row].0 as usize, rows[row].1 as usize);
+            let bh = b * h + hh;
             let kb = &k[lbase + bh * cap * d..];
             let vb = &v[lbase + bh * cap * d..];
-            for i in 0..tn {
-                let row = b * tn + i;
-                let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
-                let upto = start + i + 1;
-                let mut mx = f32::NEG_INFINITY;
-                for j in 0..upto {
-                    if valid[b * cap + j] != 0 {
-                        let kj = &kb[j * d..(j + 1) * d];
-                        let sc =
-                            pulp::Arch::new().dispatch(|| q.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>()) * scale;
-                        scores[j] = sc;
-                        mx = mx.max(sc);
-                    }
+            let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
+            let upto = start + i + 1;
+            // SAFETY: the (row, head hh) output block is written by this task only; row < rows.len().
+            let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
+            out.fill(0.0);
+            let mut mx = f32::NEG_INFINITY;
+            for j in 0..upto {
+                if valid[b * cap + j] != 0 {
+                    let sc = math::dot(q, &kb[j * d..(j + 1) * d]) * scale;
+                    scores[j] = sc;
+                    mx = mx.max(sc);
                 }
-                // SAFETY: (row, head hh) output block is written by this task only; bounds: row < B·Tn.
-                let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
-                out.fill(0.0);
-                if mx == f32::NEG_INFINITY || valid[b * cap + start + i] == 0 {
-                    continue;
+            }
+            if mx == f32::NEG_INFINITY {
+                return;
+            }
+            let mut sum = 0f32;
+            for j in 0..upto {
+                if valid[b * cap + j] != 0 {
+                    let e = math::exp(scores[j] - mx);
+                    scores[j] = e;
+                    sum += e;
                 }
-                let mut sum = 0f32;
-                for j in 0..upto {
-                    if valid[b * cap + j] != 0 {
-                        let e = math::exp(scores[j] - mx);
-                        scores[j] = e;
-                        sum += e;
-                    }
-                }
-                let inv = 1.0 / sum;
-                for j in 0..upto {
-                    if valid[b * cap + j] != 0 {
-                        let w = scores[j] * inv;
-                        let vj = &vb[j * d..(j + 1) * d];
-                        out.iter_mut().zip(vj).for_each(|(o, x)| *o += w * x);
-                    }
+            }
+            let inv = 1.0 / sum;
+            for j in 0..upto {
+                if valid[b * cap + j] != 0 {
+                    let w = scores[j] * inv;
+                    out.iter_mut().zip(&vb[j * d..(j + 1) * d]).for_each(|(o, x)| *o += w * x);
                 }
             }
         },
