@@ -64,9 +64,28 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// A weight element as stored: f32, or bf16 bits (`u16`) widened on the fly (f32 accumulation either way).
+pub trait Weight: Copy {
+    fn f32(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
 /// Σ a·b with 16 independent accumulators.
 #[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; 16];
@@ -74,16 +93,16 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut ib = b.chunks_exact(16);
     for (ca, cb) in (&mut ia).zip(&mut ib) {
         for k in 0..16 {
-            acc[k] += ca[k] * cb[k];
+            acc[k] += ca[k] * cb[k].f32();
         }
     }
-    let tail: f32 = ia.remainder().iter().zip(ib.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ia.remainder().iter().zip(ib.remainder()).map(|(x, y)| x * y.f32()).sum();
     acc.iter().sum::<f32>() + tail
 }
 
 /// Four dot products against the same `w` in one pass over it (the weight is loaded once per 16 lanes).
 #[inline(always)]
-pub fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+pub fn dot4<W: Weight>(x: [&[f32]; 4], w: &[W]) -> [f32; 4] {
     let n = w.len();
     let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
     let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
@@ -95,7 +114,7 @@ pub fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
         .zip(x3.chunks_exact(16));
     for ((((wc, c0), c1), c2), c3) in it {
         for k in 0..16 {
-            let wk = wc[k];
+            let wk = wc[k].f32();
             a0[k] += c0[k] * wk;
             a1[k] += c1[k] * wk;
             a2[k] += c2[k] * wk;
@@ -103,65 +122,13 @@ pub fn dot4(x: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
         }
     }
     let full = n / 16 * 16;
-    let tail = |xr: &[f32]| -> f32 { xr[full..].iter().zip(&w[full..]).map(|(a, b)| a * b).sum() };
+    let tail = |xr: &[f32]| -> f32 { xr[full..].iter().zip(&w[full..]).map(|(a, b)| a * b.f32()).sum() };
     [
         a0.iter().sum::<f32>() + tail(x0),
         a1.iter().sum::<f32>() + tail(x1),
         a2.iter().sum::<f32>() + tail(x2),
         a3.iter().sum::<f32>() + tail(x3),
     ]
-}
-
-#[inline(always)]
-fn bf16_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
-/// Four dot products of f32 rows with one bf16 weight row (widened on the fly; f32 accumulation).
-#[inline(always)]
-pub fn dot4_bf16(x: [&[f32]; 4], w: &[u16]) -> [f32; 4] {
-    let n = w.len();
-    let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
-    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
-    let it = w
-        .chunks_exact(16)
-        .zip(x0.chunks_exact(16))
-        .zip(x1.chunks_exact(16))
-        .zip(x2.chunks_exact(16))
-        .zip(x3.chunks_exact(16));
-    for ((((wc, c0), c1), c2), c3) in it {
-        for k in 0..16 {
-            let wk = bf16_to_f32(wc[k]);
-            a0[k] += c0[k] * wk;
-            a1[k] += c1[k] * wk;
-            a2[k] += c2[k] * wk;
-            a3[k] += c3[k] * wk;
-        }
-    }
-    let full = n / 16 * 16;
-    let tail = |xr: &[f32]| -> f32 { xr[full..].iter().zip(&w[full..]).map(|(a, &b)| a * bf16_to_f32(b)).sum() };
-    [
-        a0.iter().sum::<f32>() + tail(x0),
-        a1.iter().sum::<f32>() + tail(x1),
-        a2.iter().sum::<f32>() + tail(x2),
-        a3.iter().sum::<f32>() + tail(x3),
-    ]
-}
-
-/// Σ x·w for a bf16 weight row.
-#[inline(always)]
-pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
-    let n = x.len().min(w.len());
-    let mut acc = [0f32; 16];
-    let mut ix = x[..n].chunks_exact(16);
-    let mut iw = w[..n].chunks_exact(16);
-    for (cx, cw) in (&mut ix).zip(&mut iw) {
-        for k in 0..16 {
-            acc[k] += cx[k] * bf16_to_f32(cw[k]);
-        }
-    }
-    let tail: f32 = ix.remainder().iter().zip(iw.remainder()).map(|(a, &b)| a * bf16_to_f32(b)).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// max x (−inf for an empty slice; NaNs are ignored as `f32::max` does).

@@ -148,6 +148,23 @@ pub fn linear_rows(
     };
     assert!(out.len() >= n * oc && inp.len() >= n * ic && wlen >= oc * ic);
     assert!(bias.is_none_or(|b| b.len() == oc));
+    match w {
+        RowWeights::F32(w) => rows_body(out, inp, w, bias, n, ic, oc, accumulate),
+        RowWeights::Bf16(w) => rows_body(out, inp, w, bias, n, ic, oc, accumulate),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rows_body<W: super::math::Weight + Sync>(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[W],
+    bias: Option<&[f32]>,
+    n: usize,
+    ic: usize,
+    oc: usize,
+    accumulate: bool,
+) {
     const COLS: usize = 64;
     let op = SendPtr(out.as_mut_ptr());
     (0..oc.div_ceil(COLS)).into_par_iter().for_each(|blk| {
@@ -156,9 +173,10 @@ pub fn linear_rows(
         pulp::Arch::new().dispatch(|| {
             for o in o0..o1 {
                 let b = bias.map_or(0.0, |b| b[o]);
+                let wr = &w[o * ic..(o + 1) * ic];
                 let row = |r: usize| &inp[r * ic..(r + 1) * ic];
                 let put = |r: usize, y: f32| {
-                    // SAFETY: column o belongs to this task only; r < n, o < oc (asserted sizes).
+                    // SAFETY: column o belongs to this task only; r < n, o < oc (asserted by the caller).
                     unsafe {
                         let dst = op.get().add(r * oc + o);
                         *dst = if accumulate { *dst + y + b } else { y + b };
@@ -166,22 +184,14 @@ pub fn linear_rows(
                 };
                 let mut r = 0;
                 while r + 4 <= n {
-                    let xs = [row(r), row(r + 1), row(r + 2), row(r + 3)];
-                    let y = match w {
-                        RowWeights::F32(w) => super::math::dot4(xs, &w[o * ic..(o + 1) * ic]),
-                        RowWeights::Bf16(w) => super::math::dot4_bf16(xs, &w[o * ic..(o + 1) * ic]),
-                    };
+                    let y = super::math::dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wr);
                     for (k, &yk) in y.iter().enumerate() {
                         put(r + k, yk);
                     }
                     r += 4;
                 }
                 for r in r..n {
-                    let y = match w {
-                        RowWeights::F32(w) => super::math::dot(row(r), &w[o * ic..(o + 1) * ic]),
-                        RowWeights::Bf16(w) => super::math::dot_bf16(row(r), &w[o * ic..(o + 1) * ic]),
-                    };
-                    put(r, y);
+                    put(r, super::math::dot(row(r), wr));
                 }
             }
         })
