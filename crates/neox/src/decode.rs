@@ -6,11 +6,13 @@
 use crate::error::{Error, Result};
 use crate::kernels::layernorm::layernorm_fwd;
 use crate::kernels::math::{self, gelu_fwd};
-use crate::kernels::matmul::{linear_fwd_t, linear_rows, RowWeights, FEW_ROWS};
+use crate::kernels::matmul::linear_fwd_t;
+use crate::kernels::pool;
 use crate::kernels::rotary::{rope_apply, rope_table};
+use crate::kernels::rows::{linear_rows, RowWeights, FEW_ROWS};
 use crate::kernels::SendPtr;
 use crate::model::Model;
-use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// Per-sequence keys and values of every layer, plus which cache slots hold real tokens.
 pub struct KvCache {
@@ -247,9 +249,12 @@ fn cached_attention(s: &mut KvCache, l: usize, start: usize, h: usize, d: usize)
     let lbase = l * bsz * h * cap * d;
     let y = SendPtr(s.y.as_mut_ptr());
     let (k, v, qkv, valid, rows) = (&s.k, &s.v, &s.qkv, &s.valid, &s.rows);
-    (0..rows.len() * h).into_par_iter().for_each_init(
-        || vec![0f32; cap],
-        |scores, task| {
+    thread_local! {
+        static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+    pool::for_each(rows.len() * h, |task| {
+        SCORES.with_borrow_mut(|scores| {
+            scores.resize(scores.len().max(cap), 0.0);
             let (row, hh) = (task / h, task % h);
             let (b, i) = (rows[row].0 as usize, rows[row].1 as usize);
             let bh = b * h + hh;
@@ -286,6 +291,6 @@ fn cached_attention(s: &mut KvCache, l: usize, start: usize, h: usize, d: usize)
                     out.iter_mut().zip(&vb[j * d..(j + 1) * d]).for_each(|(o, x)| *o += w * x);
                 }
             }
-        },
-    );
+        })
+    });
 }

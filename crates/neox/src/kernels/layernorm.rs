@@ -5,6 +5,9 @@
 use super::math;
 use rayon::prelude::*;
 
+/// One row's (output, input) and (mean, rstd) slots.
+type RowArgs<'a> = ((&'a mut [f32], &'a [f32]), (&'a mut f32, &'a mut f32));
+
 /// out (N,C) = (inp - mean) * rstd * w + b; mean, rstd (N).
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_fwd(
@@ -20,25 +23,27 @@ pub fn layernorm_fwd(
 ) {
     assert!(out.len() >= n * c && inp.len() >= n * c && mean.len() >= n && rstd.len() >= n);
     assert!(w.len() == c && b.len() == c);
-    out[..n * c]
-        .par_chunks_mut(c)
-        .zip(inp[..n * c].par_chunks(c))
-        .zip(mean[..n].par_iter_mut().zip(rstd[..n].par_iter_mut()))
-        .for_each(|((o, x), (m, r))| {
-            pulp::Arch::new().dispatch(|| {
-                let mu = math::sum(x) / c as f32;
-                for (oi, &xi) in o.iter_mut().zip(x) {
-                    *oi = xi - mu;
-                }
-                let var = math::dot(o, o) / c as f32;
-                let rs = 1.0 / (var + eps).sqrt();
-                for i in 0..c {
-                    o[i] = o[i] * rs * w[i] + b[i];
-                }
-                *m = mu;
-                *r = rs;
-            })
-        });
+    let row = |((o, x), (m, r)): RowArgs<'_>| {
+        pulp::Arch::new().dispatch(|| {
+            let mu = math::sum(x) / c as f32;
+            for (oi, &xi) in o.iter_mut().zip(x) {
+                *oi = xi - mu;
+            }
+            let var = math::dot(o, o) / c as f32;
+            let rs = 1.0 / (var + eps).sqrt();
+            for i in 0..c {
+                o[i] = o[i] * rs * w[i] + b[i];
+            }
+            *m = mu;
+            *r = rs;
+        })
+    };
+    let (out, inp, mean, rstd) = (&mut out[..n * c], &inp[..n * c], &mut mean[..n], &mut rstd[..n]);
+    if n * c <= super::SMALL {
+        out.chunks_mut(c).zip(inp.chunks(c)).zip(mean.iter_mut().zip(rstd.iter_mut())).for_each(row);
+    } else {
+        out.par_chunks_mut(c).zip(inp.par_chunks(c)).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).for_each(row);
+    }
 }
 
 /// dinp (N,C) += ∂L/∂inp; dw, db (C) += parameter gradients. `dout` is ∂L/∂out.

@@ -173,13 +173,18 @@ const PAR_CHUNK: usize = 1 << 14;
 /// out = gelu(inp), elementwise.
 pub fn gelu_fwd(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
-    out.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(o, i)| {
+    let chunk = |(o, i): (&mut [f32], &[f32])| {
         pulp::Arch::new().dispatch(|| {
             for (o, &x) in o.iter_mut().zip(i) {
                 *o = gelu(x);
             }
         })
-    });
+    };
+    if out.len() <= super::SMALL {
+        chunk((out, inp));
+    } else {
+        out.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(chunk);
+    }
 }
 
 /// dinp = dout * gelu'(inp), elementwise (dinp may alias nothing; it is overwritten).

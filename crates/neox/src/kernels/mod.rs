@@ -6,8 +6,14 @@ pub mod attention;
 pub mod layernorm;
 pub mod math;
 pub mod matmul;
+pub mod pool;
 pub mod rotary;
+pub mod rows;
 pub mod xent;
+
+/// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region costs tens of
+/// µs when called from outside the pool (a decode step has dozens of one-row calls).
+pub(crate) const SMALL: usize = 1 << 15;
 
 /// A raw pointer that may cross rayon threads; each user writes disjoint ranges (documented at each use).
 #[derive(Clone, Copy)]

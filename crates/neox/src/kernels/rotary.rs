@@ -13,17 +13,19 @@ pub fn rope_table(cos: &mut [f32], sin: &mut [f32], positions: &[u32], r: usize,
         return;
     }
     let inv_freq: Vec<f32> = (0..half).map(|j| 1.0 / (base as f32).powf((2 * j) as f32 / r as f32)).collect();
-    cos[..positions.len() * half]
-        .par_chunks_mut(half)
-        .zip(sin[..positions.len() * half].par_chunks_mut(half))
-        .zip(positions.par_iter())
-        .for_each(|((c, s), &p)| {
-            for j in 0..half {
-                let a = (p as f32 * inv_freq[j]) as f64;
-                c[j] = a.cos() as f32;
-                s[j] = a.sin() as f32;
-            }
-        });
+    let row = |((c, s), &p): ((&mut [f32], &mut [f32]), &u32)| {
+        for j in 0..half {
+            let a = (p as f32 * inv_freq[j]) as f64;
+            c[j] = a.cos() as f32;
+            s[j] = a.sin() as f32;
+        }
+    };
+    let (cos, sin) = (&mut cos[..positions.len() * half], &mut sin[..positions.len() * half]);
+    if positions.len() * half <= super::SMALL / 16 {
+        cos.chunks_mut(half).zip(sin.chunks_mut(half)).zip(positions.iter()).for_each(row);
+    } else {
+        cos.par_chunks_mut(half).zip(sin.par_chunks_mut(half)).zip(positions.par_iter()).for_each(row);
+    }
 }
 
 /// Rotate q and k of every row/head in `qkv` (N, H·3D). `inverse` applies the transpose (for backward).
@@ -36,7 +38,7 @@ pub fn rope_apply(qkv: &mut [f32], cos: &[f32], sin: &[f32], n: usize, h: usize,
     let row = h * 3 * d;
     assert!(qkv.len() >= n * row && cos.len() >= n * half && sin.len() >= n * half);
     let sgn = if inverse { -1.0f32 } else { 1.0 };
-    qkv[..n * row].par_chunks_mut(row).enumerate().for_each(|(i, x)| {
+    let rotate = |(i, x): (usize, &mut [f32])| {
         let c = &cos[i * half..(i + 1) * half];
         let s = &sin[i * half..(i + 1) * half];
         for head in 0..h {
@@ -51,5 +53,10 @@ pub fn rope_apply(qkv: &mut [f32], cos: &[f32], sin: &[f32], n: usize, h: usize,
                 }
             }
         }
-    });
+    };
+    if n * row <= super::SMALL {
+        qkv[..n * row].chunks_mut(row).enumerate().for_each(rotate);
+    } else {
+        qkv[..n * row].par_chunks_mut(row).enumerate().for_each(rotate);
+    }
 }
