@@ -45,6 +45,9 @@ pub struct DollyTokenizer {
     inner: Tokenizer,
     special: SpecialIds,
     base_vocab_size: usize,
+    /// `inner.get_vocab_size(true)`, computed once: `tokenizers` builds the whole vocabulary map to count it
+    /// (~1 ms), and decoding checks ids against it on every streamed token.
+    vocab_size: usize,
     source: PathBuf,
 }
 
@@ -106,7 +109,8 @@ impl DollyTokenizer {
         let special = SpecialIds { end: ids[0], instruction: ids[1], response: ids[2], pad };
         // Tokens already present (a saved Dolly tokenizer) keep their ids and are not counted as new.
         let base_vocab_size = base_vocab_size.min(ids.iter().copied().min().unwrap_or(0) as usize);
-        Ok(DollyTokenizer { inner, special, base_vocab_size, source: source.to_path_buf() })
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(DollyTokenizer { inner, special, base_vocab_size, vocab_size, source: source.to_path_buf() })
     }
 
     /// The special ids (end=50277, instruction=50278, response=50279, pad=0 on the 20B tokenizer).
@@ -116,7 +120,7 @@ impl DollyTokenizer {
 
     /// Number of ids including added tokens (50,280 for the 20B tokenizer after Dolly's set-up).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// Where the tokenizer was loaded from.

@@ -18,6 +18,8 @@ fn med<F: FnMut()>(mut f: F) -> f64 {
 }
 
 fn main() {
+    let n: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    println!("{n} input rows (set ROWS=N to change)");
     for (name, ic, oc) in
         [("qkv", 512, 1536), ("dense", 512, 512), ("fc", 512, 2048), ("proj", 2048, 512), ("head", 512, 50304)]
     {
@@ -25,16 +27,16 @@ fn main() {
         let copies = (400 << 20) / (ic * oc * 4) + 1;
         let wf: Vec<f32> = (0..ic * oc * copies).map(|i| (i % 7) as f32 * 0.01).collect();
         let wb: Vec<u16> = wf.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
-        let inp = vec![0.5f32; ic];
-        let mut out = vec![0f32; oc];
+        let inp = vec![0.5f32; n * ic];
+        let mut out = vec![0f32; n * oc];
         let mut k = 0;
         let tf = med(|| {
             k = (k + 1) % copies;
-            linear_rows(&mut out, &inp, RowWeights::F32(&wf[k * ic * oc..(k + 1) * ic * oc]), None, 1, ic, oc, false)
+            linear_rows(&mut out, &inp, RowWeights::F32(&wf[k * ic * oc..(k + 1) * ic * oc]), None, n, ic, oc, false)
         });
         let tb = med(|| {
             k = (k + 1) % copies;
-            linear_rows(&mut out, &inp, RowWeights::Bf16(&wb[k * ic * oc..(k + 1) * ic * oc]), None, 1, ic, oc, false)
+            linear_rows(&mut out, &inp, RowWeights::Bf16(&wb[k * ic * oc..(k + 1) * ic * oc]), None, n, ic, oc, false)
         });
         let bytes = (ic * oc) as f64;
         println!(
