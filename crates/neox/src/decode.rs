@@ -20,7 +20,7 @@ pub struct KvCache {
     pub capacity: usize,
     /// Slots filled so far (same for every row; padding fills slots too).
     pub len: usize,
-    k: Vec<f32>,    // (L, B, H, cap, D)
+    k: Vec<f32>,    // (L, B, H, D, cap): transposed, so a query's scores over the slots are vector loops
     v: Vec<f32>,    // (L, B, H, cap, D)
     valid: Vec<u8>, // (B, cap)
     real: Vec<u32>, // (B) real tokens seen per row = next position
@@ -186,13 +186,17 @@ impl Model {
             layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln1_w, c), p(o.ln1_b, c), n, c, eps);
             lin(&mut s.qkv, &s.ln, o.qkv_w, Some(o.qkv_b), n, c, 3 * c, false);
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
-            // append k, v of the new tokens: cache layout (L, B, H, cap, D)
-            let lbase = l * bsz * h * s.capacity * d;
+            // append k, v of the new tokens: keys (L, B, H, D, cap), values (L, B, H, cap, D)
+            let (lbase, cap) = (l * bsz * h * s.capacity * d, s.capacity);
             for (k, &(b, i)) in s.rows.iter().enumerate() {
                 let src = &s.qkv[k * 3 * c..(k + 1) * 3 * c];
+                let slot = start + i as usize;
                 for hh in 0..h {
-                    let dst = lbase + ((b as usize * h + hh) * s.capacity + start + i as usize) * d;
-                    s.k[dst..dst + d].copy_from_slice(&src[hh * 3 * d + d..hh * 3 * d + 2 * d]);
+                    let head = lbase + (b as usize * h + hh) * cap * d;
+                    for (dd, &x) in src[hh * 3 * d + d..hh * 3 * d + 2 * d].iter().enumerate() {
+                        s.k[head + dd * cap + slot] = x;
+                    }
+                    let dst = head + slot * d;
                     s.v[dst..dst + d].copy_from_slice(&src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
                 }
             }
@@ -258,36 +262,31 @@ fn cached_attention(s: &mut KvCache, l: usize, start: usize, h: usize, d: usize)
             let (row, hh) = (task / h, task % h);
             let (b, i) = (rows[row].0 as usize, rows[row].1 as usize);
             let bh = b * h + hh;
-            let kb = &k[lbase + bh * cap * d..];
-            let vb = &v[lbase + bh * cap * d..];
+            let kb = &k[lbase + bh * cap * d..lbase + (bh + 1) * cap * d];
+            let vb = &v[lbase + bh * cap * d..lbase + (bh + 1) * cap * d];
             let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
             let upto = start + i + 1;
             // SAFETY: the (row, head hh) output block is written by this task only; row < rows.len().
             let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
             out.fill(0.0);
-            let mut mx = f32::NEG_INFINITY;
-            for j in 0..upto {
-                if valid[b * cap + j] != 0 {
-                    let sc = math::dot(q, &kb[j * d..(j + 1) * d]) * scale;
-                    scores[j] = sc;
-                    mx = mx.max(sc);
-                }
+            // scores over slots 0..upto: Σ_d q[d]·Kᵀ[d][j], vectorised over j; padding slots get -inf
+            let sc = &mut scores[..upto];
+            sc.fill(0.0);
+            for (dd, &qd) in q.iter().enumerate() {
+                let kr = &kb[dd * cap..dd * cap + upto];
+                sc.iter_mut().zip(kr).for_each(|(s, &kv)| *s += qd * kv);
             }
+            for (s, &ok) in sc.iter_mut().zip(&valid[b * cap..b * cap + upto]) {
+                *s = if ok != 0 { *s * scale } else { f32::NEG_INFINITY };
+            }
+            let mx = math::max(sc);
             if mx == f32::NEG_INFINITY {
                 return;
             }
-            let mut sum = 0f32;
-            for j in 0..upto {
-                if valid[b * cap + j] != 0 {
-                    let e = math::exp(scores[j] - mx);
-                    scores[j] = e;
-                    sum += e;
-                }
-            }
-            let inv = 1.0 / sum;
-            for j in 0..upto {
-                if valid[b * cap + j] != 0 {
-                    let w = scores[j] * inv;
+            let inv = 1.0 / math::exp_shift_sum(sc, mx);
+            for (j, &e) in sc.iter().enumerate() {
+                if e != 0.0 {
+                    let w = e * inv;
                     out.iter_mut().zip(&vb[j * d..(j + 1) * d]).for_each(|(o, x)| *o += w * x);
                 }
             }
