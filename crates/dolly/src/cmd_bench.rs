@@ -102,8 +102,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
         // the training loop's step: forward/backward, norm, fused clip + AdamW + zero (gradients start at zero)
         let (sum, n) = model.forward_backward(&batch.view(), &mut acts, &mut grads, 1.0 / count as f32)?;
         let coef = clip_coef(grad_norm(&grads), 1.0);
-        let layout = model.layout.clone();
-        opt.step_scaled_and_zero(model.params_mut(), &mut grads, 1e-5, &layout, coef);
+        model.adamw_step(&mut opt, &mut grads, 1e-5, coef);
         let dt = t0.elapsed().as_secs_f64();
         losses.push(sum / n as f64);
         if step >= a.warmup {

@@ -15,6 +15,7 @@ use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd_t, 
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::xent::{lm_head_xent, XentGrad, XentScratch};
 use crate::layout::{LayerOffsets, Layout};
+use crate::optim::AdamW;
 use crate::weights::{self, SaveDtype};
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -217,12 +218,8 @@ impl Model {
         }
         Some(self.bf16.get_or_init(|| {
             let mut b = vec![0u16; self.layout.total];
-            let (c, f, v) = (self.config.hidden_size, self.config.intermediate_size, self.config.vocab_size);
-            let mut mats = vec![(self.layout.embed_out, v * c)];
-            for o in &self.layout.layers {
-                mats.extend([(o.qkv_w, 3 * c * c), (o.dense_w, c * c), (o.fc_w, f * c), (o.proj_w, c * f)]);
-            }
-            for (o, n) in mats {
+            for (o, rows, cols) in self.matrices() {
+                let n = rows * cols;
                 for (d, s) in b[o..o + n].iter_mut().zip(&self.params[o..o + n]) {
                     *d = half::bf16::from_f32(*s).to_bits();
                 }
@@ -238,6 +235,28 @@ impl Model {
         }
     }
 
+    /// The weight matrices kept transposed in `wt`: (offset, rows, cols) of each (OC, IC) weight.
+    fn matrices(&self) -> Vec<(usize, usize, usize)> {
+        let (c, f, v) = (self.config.hidden_size, self.config.intermediate_size, self.config.vocab_size);
+        let mut mats = vec![(self.layout.embed_out, v, c)];
+        for o in &self.layout.layers {
+            mats.extend([(o.qkv_w, 3 * c, c), (o.dense_w, c, c), (o.fc_w, f, c), (o.proj_w, c, f)]);
+        }
+        mats
+    }
+
+    /// The training step's optimizer update: `opt.step_scaled_and_zero` on the parameters, refreshing the
+    /// transposed-weight cache in the same pass (no separate transpose before the next forward).
+    pub fn adamw_step(&mut self, opt: &mut AdamW, grads: &mut [f32], lr: f32, coef: f32) {
+        self.bf16 = OnceLock::new();
+        let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let mut wt = self.wt.take().unwrap_or(spare);
+        wt.resize(self.layout.total, 0.0);
+        let mats = self.matrices();
+        opt.step_scaled_zero_transposed(&mut self.params, grads, lr, &self.layout, coef, &mut wt, &mats);
+        self.wt = OnceLock::from(wt);
+    }
+
     /// Transposed Linear/head weights, built on first use after a change.
     pub(crate) fn wt(&self) -> &[f32] {
         self.wt.get_or_init(|| {
@@ -245,12 +264,7 @@ impl Model {
             if wt.len() != self.layout.total {
                 wt = vec![0f32; self.layout.total];
             }
-            let (c, f, v) = (self.config.hidden_size, self.config.intermediate_size, self.config.vocab_size);
-            let mut mats = vec![(self.layout.embed_out, v, c)];
-            for o in &self.layout.layers {
-                mats.extend([(o.qkv_w, 3 * c, c), (o.dense_w, c, c), (o.fc_w, f, c), (o.proj_w, c, f)]);
-            }
-            for (off, rows, cols) in mats {
+            for (off, rows, cols) in self.matrices() {
                 transpose(&mut wt[off..off + rows * cols], &self.params[off..off + rows * cols], rows, cols);
             }
             wt

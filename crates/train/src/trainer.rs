@@ -215,7 +215,6 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
     let mut metrics = Metrics::open(&out, Some(st.global_step).filter(|_| resume_dir.is_some()))?;
     let mut acts = Activations::new(&model.config, cfg.per_device_train_batch_size, 8, cfg.gradient_checkpointing);
     let mut grads = vec![0f32; model.num_params()];
-    let layout = model.layout.clone();
     let t0 = Instant::now();
     let elapsed0 = st.elapsed_s;
     let bar = indicatif::ProgressBar::new(total_steps);
@@ -257,9 +256,10 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
         let lr = sched.lr_at(st.global_step);
         st.global_step += 1;
         if loss.is_finite() && norm.is_finite() {
-            // clip (as clip_grad_norm_ would) + AdamW + zero the gradients, in one pass
+            // clip (as clip_grad_norm_ would) + AdamW + zero the gradients + refresh the transposed weights, in
+            // one pass
             let coef = clip_coef(norm, cfg.max_grad_norm);
-            opt.step_scaled_and_zero(model.params_mut(), &mut grads, lr as f32, &layout, coef);
+            model.adamw_step(&mut opt, &mut grads, lr as f32, coef);
             st.adam_step = opt.step;
             st.nonfinite_in_row = 0;
             st.log_loss_sum += loss;
