@@ -572,13 +572,19 @@ impl Hub {
 
     fn offline_miss(&self, repo: &Repo, file: Option<&str>) -> DataError {
         let what = file.map(|f| format!("{f} of ")).unwrap_or_default();
+        // `dolly cache-dataset` fetches datasets only: a missing model is fetched by running the same command
+        // (e.g. `dolly train --input-model ORG/NAME`) once with network access.
+        let (kind, fix) = match repo.repo_type {
+            RepoType::Dataset => {
+                ("dataset", format!("run `dolly cache-dataset --dataset {}` with network access first", repo.id))
+            }
+            RepoType::Model => ("model", "run the command once with network access and HF_HUB_OFFLINE unset".into()),
+        };
         DataError::hub(format!(
-            "HF_HUB_OFFLINE is set and {what}{:?} at revision {:?} is not in the cache {}: run \
-             `dolly cache-dataset --dataset {}` with network access first",
+            "HF_HUB_OFFLINE is set and {what}{kind} {:?} at revision {:?} is not in the cache {}: {fix}",
             repo.id,
             repo.revision,
             self.opts.cache_dir.display(),
-            repo.id
         ))
     }
 }

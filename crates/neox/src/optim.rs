@@ -77,7 +77,7 @@ impl AdamW {
         lr: f32,
         layout: &Layout,
         coef: f32,
-        transposed: Option<(&mut [f32], &[(usize, usize, usize)])>,
+        transposed: Option<Transposed<'_>>,
     ) {
         let glen = match &grads {
             GradSource::Read(g) => g.len(),
@@ -142,7 +142,8 @@ impl AdamW {
                         for cc in 0..cols {
                             // SAFETY: r.start + cc * rows + r0 + nr <= r.start + rows * cols <= wt.len() (asserted
                             // by step_scaled_zero_transposed); no other task writes rows r0..r0+nr.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(wt.get().add(r.start + cc * rows + r0), nr) };
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(wt.get().add(r.start + cc * rows + r0), nr) };
                             for (i, d) in dst.iter_mut().enumerate() {
                                 *d = p[i * cols + cc];
                             }
@@ -152,6 +153,9 @@ impl AdamW {
         }
     }
 }
+
+/// Where `update` also writes the transposed matrices: the buffer and each (offset, rows, cols).
+type Transposed<'a> = (&'a mut [f32], &'a [(usize, usize, usize)]);
 
 enum GradSource<'a> {
     Read(&'a [f32]),
