@@ -104,7 +104,7 @@ fn main() {
     neox::kernels::matmul::transpose(&mut w_out_t, &w_out, v, c);
     time("lm_head_xent fwd+bwd (1024 targets)", 6.0 * (n * c * v) as f64, || {
         let grad = neox::kernels::xent::XentGrad { dx: &mut dx, dw: &mut dw, scale: 1e-3 };
-        neox::kernels::xent::lm_head_xent(&xs, &w_out, &w_out_t, &targets, Some(grad), &mut scratch, c, v);
+        neox::kernels::xent::lm_head_xent(&xs, &w_out, &w_out_t, &targets, Some(grad), &mut scratch, c, v, false);
     });
     let mut row = vec![0.5f32; v];
     time("exp_shift_sum over V x 1024 rows (1 thread)", 0.0, || {

@@ -10,8 +10,8 @@ use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention_bwd, attention_fwd, Visibility};
 use crate::kernels::layernorm::{layernorm_bwd, layernorm_fwd};
-use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd};
-use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd_t, transpose};
+use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
+use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_bwd_weight, linear_fwd_t, transpose};
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::xent::{lm_head_xent, XentGrad, XentScratch};
 use crate::layout::{LayerOffsets, Layout};
@@ -34,6 +34,10 @@ pub struct Model {
     /// Few-row decoding reads bfloat16 copies of the Linear/head weights (`set_decode_bf16`), built lazily.
     decode_bf16: bool,
     bf16: OnceLock<Vec<u16>>,
+    /// bf16 mixed precision for training (`set_compute_bf16`): the operands of every matrix product are bf16
+    /// values (weights from a rounded `wt`, activations and incoming gradients rounded), accumulation and
+    /// everything else stay f32, and `params` are the f32 master weights.
+    compute_bf16: bool,
 }
 
 /// Activations of one layer for one batch, kept for the backward.
@@ -85,6 +89,7 @@ pub struct Activations {
     cos: Vec<f32>, // (N, r/2)
     sin: Vec<f32>,
     dres: Vec<f32>,    // (N,C) gradient of the residual stream
+    dround: Vec<f32>,  // (N,C) dres rounded to bf16, the product operand in bf16 compute
     dln: Vec<f32>,     // (N,C) gradient of a LayerNorm output
     dattn_y: Vec<f32>, // (N,C)
     dqkv: Vec<f32>,    // (N,3C)
@@ -113,6 +118,7 @@ impl Activations {
             cos: vec![0.0; n * half],
             sin: vec![0.0; n * half],
             dres: vec![0.0; n * cc],
+            dround: vec![0.0; n * cc],
             dln: vec![0.0; n * cc],
             dattn_y: vec![0.0; n * cc],
             dqkv: vec![0.0; n * 3 * cc],
@@ -190,6 +196,7 @@ impl Model {
             wt: OnceLock::new(),
             spare: Mutex::new(Vec::new()),
             decode_bf16: false,
+            compute_bf16: false,
             bf16: OnceLock::new(),
         })
     }
@@ -209,6 +216,35 @@ impl Model {
     /// many rows and training keep using the f32 weights.
     pub fn set_decode_bf16(&mut self, on: bool) {
         self.decode_bf16 = on;
+    }
+
+    /// bf16 mixed precision for the training forward/backward (see `compute_bf16`). On CPUs without bf16
+    /// arithmetic this reproduces bf16 numerics at f32 speed; the optimizer keeps f32 master weights.
+    pub fn set_compute_bf16(&mut self, on: bool) {
+        if self.compute_bf16 != on {
+            self.compute_bf16 = on;
+            self.invalidate_wt();
+        }
+    }
+
+    pub fn compute_bf16(&self) -> bool {
+        self.compute_bf16
+    }
+
+    /// Rounds a product operand to bf16 values when computing in bf16.
+    fn operand(&self, x: &mut [f32]) {
+        if self.compute_bf16 {
+            round_bf16_slice(x);
+        }
+    }
+
+    /// dinp (N, IC) = dout · W for the weight at `off`: from the f32 weights, or in bf16 from the rounded `wt`.
+    fn bwd_input(&self, dinp: &mut [f32], dout: &[f32], off: usize, n: usize, ic: usize, oc: usize) {
+        if self.compute_bf16 {
+            linear_bwd_input_t(dinp, dout, self.t(off, ic * oc), n, ic, oc)
+        } else {
+            linear_bwd_input(dinp, dout, self.p(off, ic * oc), n, ic, oc, false)
+        }
     }
 
     /// The bf16 weight copy, when decoding in bf16 (built on first use after a change).
@@ -253,7 +289,8 @@ impl Model {
         let mut wt = self.wt.take().unwrap_or(spare);
         wt.resize(self.layout.total, 0.0);
         let mats = self.matrices();
-        opt.step_scaled_zero_transposed(&mut self.params, grads, lr, &self.layout, coef, &mut wt, &mats);
+        let round = self.compute_bf16;
+        opt.step_scaled_zero_transposed(&mut self.params, grads, lr, &self.layout, coef, &mut wt, &mats, round);
         self.wt = OnceLock::from(wt);
     }
 
@@ -266,6 +303,9 @@ impl Model {
             }
             for (off, rows, cols) in self.matrices() {
                 transpose(&mut wt[off..off + rows * cols], &self.params[off..off + rows * cols], rows, cols);
+                if self.compute_bf16 {
+                    round_bf16_slice(&mut wt[off..off + rows * cols]);
+                }
             }
             wt
         })
@@ -283,6 +323,7 @@ impl Model {
             wt: OnceLock::new(),
             spare: Mutex::new(Vec::new()),
             decode_bf16: false,
+            compute_bf16: false,
             bf16: OnceLock::new(),
         })
     }
@@ -400,6 +441,7 @@ impl Model {
             c,
             cfg.layer_norm_eps as f32,
         );
+        self.operand(&mut acts.lnf_out[..n * c]);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -432,6 +474,7 @@ impl Model {
             c,
             eps,
         );
+        self.operand(&mut a.ln1_out[..n * c]);
         // query_key_value: (N,C) -> (N,3C) = per head [q|k|v]; rotary on q,k
         linear_fwd_t(
             &mut a.qkv,
@@ -446,6 +489,7 @@ impl Model {
         rope_apply(&mut a.qkv, cos, sin, n, h, d, cfg.rotary_ndims(), false);
         // attention: (N,3C) -> (N,C)
         attention_fwd(&mut a.attn_y, &mut a.att, &a.qkv, vis, b, t, h, d);
+        self.operand(&mut a.attn_y[..n * c]);
         // dense: (N,C) -> (N,C), into x_out for now
         linear_fwd_t(x_out, &a.attn_y, self.t(o.dense_w, c * c), Some(self.p(o.dense_b, c)), n, c, c, false);
         let ln2_in: &[f32] = if cfg.use_parallel_residual {
@@ -469,9 +513,11 @@ impl Model {
             c,
             eps,
         );
+        self.operand(&mut a.ln2_out[..n * c]);
         // mlp: (N,C) -> (N,F) -> gelu -> (N,C), added to x_out
         linear_fwd_t(&mut a.fc_pre, &a.ln2_out, self.t(o.fc_w, f * c), Some(self.p(o.fc_b, f)), n, c, f, false);
         gelu_fwd(&mut a.fc_act[..n * f], &a.fc_pre[..n * f]);
+        self.operand(&mut a.fc_act[..n * f]);
         linear_fwd_t(x_out, &a.fc_act, self.t(o.proj_w, c * f), Some(self.p(o.proj_b, c)), n, f, c, true);
     }
 
@@ -484,18 +530,31 @@ impl Model {
         let o: LayerOffsets = self.layout.layers[l];
         let a = &acts.layers[if acts.recompute { 0 } else { l }];
         let (dres, dln, dfc) = (&mut acts.dres[..n * c], &mut acts.dln[..n * c], &mut acts.dfc[..n * f]);
+        let dround = &mut acts.dround[..n * c];
+        let bf16 = self.compute_bf16;
+        // the gradient entering a product: dres itself, or in bf16 a rounded copy (dres stays f32)
+        let operand = |dround: &mut [f32], dres: &[f32]| {
+            dround.copy_from_slice(dres);
+            round_bf16_slice(dround);
+        };
         // SAFETY (all g.get below): each call takes a distinct tensor of the layout, used before the next.
         unsafe {
             // mlp backward from g_out = dres: (N,C) <- (N,F) <- (N,C)
-            linear_bwd_input(dfc, dres, self.p(o.proj_w, c * f), n, f, c, false);
-            linear_bwd_weight(g.get(o.proj_w, c * f), Some(g.get(o.proj_b, c)), dres, &a.fc_act, n, f, c);
+            if bf16 {
+                operand(dround, dres);
+            }
+            let dout: &[f32] = if bf16 { dround } else { dres };
+            self.bwd_input(dfc, dout, o.proj_w, n, f, c);
+            linear_bwd_weight(g.get(o.proj_w, c * f), Some(g.get(o.proj_b, c)), dout, &a.fc_act, n, f, c);
             gelu_bwd_inplace(dfc, &a.fc_pre[..n * f]);
-            linear_bwd_input(dln, dfc, self.p(o.fc_w, f * c), n, c, f, false);
+            self.operand(dfc);
+            self.bwd_input(dln, dfc, o.fc_w, n, c, f);
             linear_bwd_weight(g.get(o.fc_w, f * c), Some(g.get(o.fc_b, f)), dfc, &a.ln2_out, n, c, f);
             if cfg.use_parallel_residual {
-                // attention branch also reads g_out, before ln2's backward adds into dres
-                linear_bwd_input(&mut acts.dattn_y, dres, self.p(o.dense_w, c * c), n, c, c, false);
-                linear_bwd_weight(g.get(o.dense_w, c * c), Some(g.get(o.dense_b, c)), dres, &a.attn_y, n, c, c);
+                // attention branch also reads g_out (dout above), before ln2's backward adds into dres
+                let dout: &[f32] = if bf16 { dround } else { dres };
+                self.bwd_input(&mut acts.dattn_y, dout, o.dense_w, n, c, c);
+                linear_bwd_weight(g.get(o.dense_w, c * c), Some(g.get(o.dense_b, c)), dout, &a.attn_y, n, c, c);
                 layernorm_bwd(
                     dres,
                     g.get(o.ln2_w, c),
@@ -522,13 +581,18 @@ impl Model {
                     n,
                     c,
                 );
-                linear_bwd_input(&mut acts.dattn_y, dres, self.p(o.dense_w, c * c), n, c, c, false);
-                linear_bwd_weight(g.get(o.dense_w, c * c), Some(g.get(o.dense_b, c)), dres, &a.attn_y, n, c, c);
+                if bf16 {
+                    operand(dround, dres);
+                }
+                let dout: &[f32] = if bf16 { dround } else { dres };
+                self.bwd_input(&mut acts.dattn_y, dout, o.dense_w, n, c, c);
+                linear_bwd_weight(g.get(o.dense_w, c * c), Some(g.get(o.dense_b, c)), dout, &a.attn_y, n, c, c);
             }
             // attention: (N,C) -> (N,3C); undo rotary on dq, dk
             attention_bwd(&mut acts.dqkv, &mut acts.datt, &acts.dattn_y, &a.att, &a.qkv, b, t, h, d);
             rope_apply(&mut acts.dqkv, &acts.cos[..n * half], &acts.sin[..n * half], n, h, d, cfg.rotary_ndims(), true);
-            linear_bwd_input(dln, &acts.dqkv, self.p(o.qkv_w, 3 * c * c), n, c, 3 * c, false);
+            self.operand(&mut acts.dqkv[..n * 3 * c]);
+            self.bwd_input(dln, &acts.dqkv, o.qkv_w, n, c, 3 * c);
             linear_bwd_weight(
                 g.get(o.qkv_w, 3 * c * c),
                 Some(g.get(o.qkv_b, 3 * c)),
@@ -560,7 +624,7 @@ impl Model {
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
         batch.targets(&mut acts.targets);
         let (w, wt) = (self.p(self.layout.embed_out, v * c), self.t(self.layout.embed_out, v * c));
-        let loss = lm_head_xent(&acts.lnf_out, w, wt, &acts.targets, None, &mut acts.xent, c, v);
+        let loss = lm_head_xent(&acts.lnf_out, w, wt, &acts.targets, None, &mut acts.xent, c, v, self.compute_bf16);
         Ok((loss, acts.targets.len()))
     }
 
@@ -604,7 +668,8 @@ impl Model {
         // SAFETY: embed_out's gradient range is disjoint from every other use here.
         let dw = unsafe { g.get(self.layout.embed_out, v * c) };
         let grad = XentGrad { dx: &mut acts.dln[..n * c], dw, scale: grad_scale };
-        let loss = lm_head_xent(&acts.lnf_out, w, wt, &acts.targets, Some(grad), &mut acts.xent, c, v);
+        let bf16 = self.compute_bf16;
+        let loss = lm_head_xent(&acts.lnf_out, w, wt, &acts.targets, Some(grad), &mut acts.xent, c, v, bf16);
         let stride = acts.b * acts.t * c;
         let last = cfg.num_hidden_layers * stride;
         acts.dres[..n * c].fill(0.0);

@@ -53,7 +53,8 @@ impl AdamW {
     /// `step_scaled_and_zero` that also writes each updated weight matrix listed in `mats` (offset, rows, cols)
     /// transposed into `wt` at the same offset, while the block is still in cache: the model's transposed-weight
     /// cache is then fresh without a separate transpose pass over every matrix (~40-70 ms a step at pythia-70m).
-    /// The parameter values are bitwise those of `step_scaled_and_zero`.
+    /// The parameter values are bitwise those of `step_scaled_and_zero`. `round_bf16`: the transposed copies are
+    /// rounded to bfloat16 (the compute weights of bf16 mixed precision; `params` stay the f32 master weights).
     #[allow(clippy::too_many_arguments)]
     pub fn step_scaled_zero_transposed(
         &mut self,
@@ -64,10 +65,11 @@ impl AdamW {
         coef: f32,
         wt: &mut [f32],
         mats: &[(usize, usize, usize)],
+        round_bf16: bool,
     ) {
         assert!(wt.len() >= params.len());
         assert!(mats.iter().all(|&(o, r, c)| o + r * c <= params.len()));
-        self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef, Some((wt, mats)));
+        self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef, Some((wt, mats, round_bf16)));
     }
 
     fn update(
@@ -97,9 +99,9 @@ impl AdamW {
             GradSource::Read(g) => (SendConst(g.as_ptr()), false),
             GradSource::ReadAndZero(g) => (SendConst(g.as_mut_ptr()), true),
         };
-        let (wtp, mats) = match transposed {
-            Some((wt, mats)) => (Some(SendConst(wt.as_mut_ptr())), mats),
-            None => (None, &[][..]),
+        let (wtp, mats, round) = match transposed {
+            Some((wt, mats, round)) => (Some(SendConst(wt.as_mut_ptr())), mats, round),
+            None => (None, &[][..], false),
         };
         for info in &layout.params {
             let r = info.range();
@@ -145,7 +147,8 @@ impl AdamW {
                             let dst =
                                 unsafe { std::slice::from_raw_parts_mut(wt.get().add(r.start + cc * rows + r0), nr) };
                             for (i, d) in dst.iter_mut().enumerate() {
-                                *d = p[i * cols + cc];
+                                let x = p[i * cols + cc];
+                                *d = if round { crate::kernels::math::round_bf16(x) } else { x };
                             }
                         }
                     }
@@ -154,8 +157,8 @@ impl AdamW {
     }
 }
 
-/// Where `update` also writes the transposed matrices: the buffer and each (offset, rows, cols).
-type Transposed<'a> = (&'a mut [f32], &'a [(usize, usize, usize)]);
+/// Where `update` also writes the transposed matrices: the buffer, each (offset, rows, cols), rounded to bf16?
+type Transposed<'a> = (&'a mut [f32], &'a [(usize, usize, usize)], bool);
 
 enum GradSource<'a> {
     Read(&'a [f32]),

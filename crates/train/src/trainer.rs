@@ -118,7 +118,9 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
     }
     let bf16 = cfg.bf16.unwrap_or(false);
     if bf16 {
-        say("bf16: CPU compute stays float32 (float32 master weights); the final model is saved in bfloat16");
+        say("bf16 mixed precision: matrix products take bf16 operands (f32 accumulation, float32 master weights \
+             and optimizer); on this CPU that reproduces bf16 numerics, not bf16 speed; the final model is saved \
+             in bfloat16");
     }
     let out = cfg.output_dir().to_path_buf();
     io_ctx(std::fs::create_dir_all(&out), || format!("cannot create output directory {}", out.display()))?;
@@ -159,6 +161,7 @@ pub fn train(mut cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
         }
     };
     tok.check_model_vocab(model.config.vocab_size)?;
+    model.set_compute_bf16(bf16);
 
     // ---- data
     let max_length = match cfg.max_length {

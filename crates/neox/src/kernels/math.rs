@@ -213,9 +213,53 @@ pub fn gelu_bwd_inplace(d: &mut [f32], inp: &[f32]) {
     });
 }
 
+/// x rounded to the nearest bfloat16 (ties to even), kept as f32: the value a bf16 tensor holds. NaN stays NaN.
+#[inline(always)]
+pub fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    if x.is_nan() {
+        x
+    } else {
+        f32::from_bits(r)
+    }
+}
+
+/// `round_bf16` over a slice, in place (parallel for large slices).
+pub fn round_bf16_slice(x: &mut [f32]) {
+    let chunk = |c: &mut [f32]| {
+        pulp::Arch::new().dispatch(|| {
+            for v in c.iter_mut() {
+                *v = round_bf16(*v);
+            }
+        })
+    };
+    if x.len() <= super::SMALL {
+        chunk(x);
+    } else {
+        x.par_chunks_mut(PAR_CHUNK).for_each(chunk);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Against the `half` crate's round-to-nearest-even conversion, on values that hit ties, subnormals,
+    /// overflow to infinity and NaN.
+    #[test]
+    fn round_bf16_matches_half() {
+        let mut r = common::Rng::new(11);
+        let mut xs: Vec<f32> = (0..20000).map(|_| ((r.next_f64() - 0.5) * 1e3) as f32).collect();
+        xs.extend([0.0, -0.0, 1.0, 3.4e38, -3.4e38, 1e-40, f32::INFINITY, f32::MIN_POSITIVE]);
+        xs.extend([f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)]); // 1 + 2^-8, 1 + 3·2^-8: ties
+        xs.extend((0..2000u32).map(|i| f32::from_bits(0x3f80_8000 + (i << 16)))); // exact ties
+        for x in xs {
+            let want = half::bf16::from_f32(x).to_f32();
+            assert_eq!(round_bf16(x).to_bits(), want.to_bits(), "{x:e}");
+        }
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
 
     fn erf64(x: f64) -> f64 {
         // Abramowitz-Stegun 7.1.5 series, converges fast for |x| <= 3; used only as a reference here.

@@ -177,6 +177,32 @@ pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], n: usize, ic:
     }
 }
 
+/// `linear_bwd_input` reading the weight from its transposed (IC, OC) copy `wt` (gemm packs it transposed, ~1.5x
+/// slower; used where only that copy holds the values wanted, as in bf16 compute).
+pub fn linear_bwd_input_t(dinp: &mut [f32], dout: &[f32], wt: &[f32], n: usize, ic: usize, oc: usize) {
+    assert!(dinp.len() >= n * ic && dout.len() >= n * oc && wt.len() >= oc * ic);
+    // SAFETY: sizes asserted above; dinp is exclusively borrowed. W[o][i] = wt[i * oc + o].
+    unsafe {
+        gemm_strided(
+            n,
+            ic,
+            oc,
+            dinp.as_mut_ptr(),
+            ic as isize,
+            1,
+            false,
+            dout.as_ptr(),
+            oc as isize,
+            1,
+            wt.as_ptr(),
+            1,
+            oc as isize,
+            1.0,
+            par_all(),
+        )
+    }
+}
+
 /// dw (OC, IC) += doutᵀ (OC, N) · inp (N, IC); dbias (OC) += column sums of dout.
 pub fn linear_bwd_weight(
     dw: &mut [f32],

@@ -30,7 +30,9 @@ pub fn chunk_rows(v: usize) -> usize {
 }
 
 /// Σ over `targets` (row, target id) of −log softmax(x[row] · wᵀ)[target]. x (N,C), w (V,C), and `wt` the same
-/// weight transposed (C,V) for the forward product.
+/// weight transposed (C,V) for the forward product. `bf16`: the operands of the head's products are bf16 values
+/// (`wt` holds the rounded weight and `x` rounded activations; the logit gradients are rounded here), so dX is
+/// taken from `wt` and `w` is not read.
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_xent(
     x: &[f32],
@@ -41,8 +43,9 @@ pub fn lm_head_xent(
     s: &mut XentScratch,
     c: usize,
     v: usize,
+    bf16: bool,
 ) -> f64 {
-    assert!(w.len() >= v * c && wt.len() >= v * c);
+    assert!((bf16 || w.len() >= v * c) && wt.len() >= v * c);
     let r_max = chunk_rows(v).min(targets.len().max(1));
     s.x.resize(r_max * c, 0.0);
     s.logits.resize(r_max * v, 0.0);
@@ -98,7 +101,11 @@ pub fn lm_head_xent(
         if let Some(g) = grad.as_mut() {
             // SAFETY: as above; dw asserted by caller's layout (V,C).
             unsafe {
-                // dX (R,C) = dlogits (R,V) · w (V,C)
+                // dX (R,C) = dlogits (R,V) · w (V,C); in bf16, w is read from wt (C,V): w[j][k] = wt[k * V + j]
+                if bf16 {
+                    math::round_bf16_slice(&mut s.logits[..r * v]);
+                }
+                let (wp, w_rs, w_cs) = if bf16 { (wt.as_ptr(), 1, v as isize) } else { (w.as_ptr(), c as isize, 1) };
                 gemm_strided(
                     r,
                     c,
@@ -110,9 +117,9 @@ pub fn lm_head_xent(
                     s.logits.as_ptr(),
                     v as isize,
                     1,
-                    w.as_ptr(),
-                    c as isize,
-                    1,
+                    wp,
+                    w_rs,
+                    w_cs,
                     1.0,
                     par_all(),
                 );
