@@ -213,7 +213,7 @@ def run_dolly(mode, exe, args):
         parity = ["--warmup", str(args.warmup)]
     else:
         sub = ["bench", "generate", "--preset", "pythia-70m", "--prompt-len", str(args.prompt_len),
-               "--new-tokens", str(args.new_tokens), "--json"]
+               "--new-tokens", str(args.new_tokens), "--json"] + (["--bf16"] if args.dolly_bf16 else [])
         parity = ["--runs", str(args.runs)]
     # Same warmup / run count as the PyTorch side; retried without them if this dolly build lacks the flags.
     cmd = [exe, "--threads", str(args.threads)] + sub + parity
@@ -267,6 +267,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dolly", default="target/release/dolly", help="dolly binary ('none' to skip)")
+    ap.add_argument("--dolly-bf16", action="store_true",
+                    help="dolly decodes with bf16 weight copies (`bench generate --bf16`); PyTorch stays float32")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate PyTorch and dolly this many times per mode and report per-metric medians "
