@@ -152,7 +152,7 @@ impl Pool {
             }
             // spin, reading the clock only every 256 rounds (a vDSO call each round cost ~3% of a busy server)
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 || idle_since.elapsed() < SPIN {
+            if !spins.is_multiple_of(256) || idle_since.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
