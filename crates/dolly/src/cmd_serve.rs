@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// Most requests waiting for a batch row; more get 429.
     #[arg(long, default_value_t = 64)]
     pub queue_size: usize,
-    /// KV cache slots per batch (default: the model's context window).
+    /// KV cache slots per row, i.e. the longest prompt + answer (default: the model's context window).
     #[arg(long)]
     pub kv_slots: Option<usize>,
     /// Largest request body in bytes.

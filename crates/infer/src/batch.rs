@@ -3,8 +3,8 @@
 //! (mask 0; the engine counts positions over real tokens only, so greedy output is the same alone or in a batch).
 //! A row can join a batch that is already decoding, as long as it has never been used since the cache was made:
 //! on that call every running row feeds `[pad, .., pad, next token]` next to the newcomer's padded prompt.
-//! A finished or cancelled row is recycled at once (`KvCache::reset_row`): its slots are masked and a newcomer can
-//! take the row while the others keep decoding.
+//! A finished or cancelled row is recycled at once (`KvCache::reset_row`): a newcomer takes the row (from its
+//! slot 0: every row has its own cache slots) while the others keep decoding.
 //! Stops a row on the stop id (`### End`, kept as its last generated token) or on its token budget.
 //! Does not tokenize or decode text; never mutates the model.
 
@@ -73,7 +73,7 @@ pub struct BatchDecoder<'m> {
 }
 
 impl<'m> BatchDecoder<'m> {
-    /// `batch` rows, `capacity` cache slots shared by all rows (prompt padding and decode steps fill them);
+    /// `batch` rows of `capacity` cache slots each (a sequence's prompt and generated tokens);
     /// only ids `< vocab_limit` are ever sampled; `stop_id` ends a row.
     pub fn new(model: &'m Model, batch: usize, capacity: usize, vocab_limit: usize, stop_id: Option<u32>) -> Self {
         let batch = batch.max(1);
@@ -113,31 +113,10 @@ impl<'m> BatchDecoder<'m> {
         self.rows.iter().position(|r| matches!(r, Row::Free))
     }
 
-    /// Cache slots the batch still needs with one more sequence of this shape (None = no extra sequence).
-    fn slots_needed(&self, extra: Option<(usize, usize)>) -> usize {
-        let mut tn = 1;
-        let mut rem = 0;
-        for r in &self.rows {
-            match r {
-                Row::Pending { prompt, params, generated } => {
-                    tn = tn.max(prompt.len());
-                    rem = rem.max(params.max_new_tokens - generated);
-                }
-                Row::Active { params, generated, .. } => rem = rem.max(params.max_new_tokens - generated),
-                _ => {}
-            }
-        }
-        if let Some((plen, max_new)) = extra {
-            tn = tn.max(plen);
-            rem = rem.max(max_new);
-        }
-        // one call of tn slots yields a token per row; each further token needs one more slot
-        self.cache.len + tn + rem.saturating_sub(1)
-    }
-
-    /// Whether a sequence with this prompt length and budget fits now (a free row and enough cache slots).
+    /// Whether a sequence with this prompt length and budget fits now: a free row whose slots hold the prompt
+    /// and every generated token but the last (which is never fed back).
     pub fn can_admit(&self, prompt_len: usize, max_new: usize) -> bool {
-        self.free_row().is_some() && self.slots_needed(Some((prompt_len, max_new.max(1)))) <= self.cache.capacity
+        self.free_row().is_some() && prompt_len + max_new.max(1) - 1 <= self.cache.capacity
     }
 
     /// Admit a sequence into a free row; its prompt is fed on the next `step`. Returns the row.
@@ -162,10 +141,10 @@ impl<'m> BatchDecoder<'m> {
         }
         if !self.can_admit(prompt.len(), params.max_new_tokens) {
             return Err(Error(format!(
-                "no room in the batch for a prompt of {} tokens + {} new tokens ({} of {} cache slots used)",
+                "no room in the batch for a prompt of {} tokens + {} new tokens ({} free rows, {} cache slots per row)",
                 prompt.len(),
                 params.max_new_tokens,
-                self.cache.len,
+                self.rows.iter().filter(|r| matches!(r, Row::Free)).count(),
                 self.cache.capacity
             )));
         }

@@ -1,6 +1,6 @@
 //! The server's decode loop: one thread owns the compute, takes jobs from a bounded FIFO queue and decodes every
-//! admitted job together in one `BatchDecoder` (jobs arriving while a batch runs join it while it has unused rows
-//! and cache slots; otherwise they wait for the batch to finish). Submitting to a full queue fails at once (the
+//! admitted job together in one `BatchDecoder` (jobs arriving while a batch runs take a free row at once; each
+//! row has its own cache slots; otherwise they wait for a row to finish). Submitting to a full queue fails at once (the
 //! server answers 429). A job whose receiver is dropped (client gone) is cancelled at the next step, or skipped
 //! if still queued. `shutdown` lets queued and running jobs finish, then the thread exits.
 //! Does not tokenize, decode text or speak HTTP.
@@ -32,7 +32,7 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Most jobs waiting for a row (beyond that, `submit` fails).
     pub queue_size: usize,
-    /// KV cache slots per batch (prompt padding and decode steps of all rows share them).
+    /// KV cache slots per row (one sequence's prompt and generated tokens).
     pub kv_slots: usize,
     /// Only ids below this are sampled (tokenizer size).
     pub vocab_limit: usize,

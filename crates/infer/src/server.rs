@@ -38,7 +38,7 @@ pub struct ServerOptions {
     pub model_id: String,
     pub max_batch: usize,
     pub queue_size: usize,
-    /// KV cache slots per batch; None = the model's context window.
+    /// KV cache slots per row (longest prompt + answer); None = the model's context window.
     pub kv_slots: Option<usize>,
     /// Largest accepted request body in bytes.
     pub body_limit: usize,

@@ -1,7 +1,9 @@
 //! Inference forward with a KV cache, batched: feed (B, Tn) new tokens per call (a left-padded prompt, then one
-//! token at a time) and get the last position's logits per row. Positions count real tokens only, so a row's
-//! first real token has position 0 whatever its left padding (as HF's `generate` does with an attention mask);
-//! padded slots are never attended to. The model is not mutated; all per-request state is in `KvCache`.
+//! token at a time) and get the last position's logits per row. Only real (mask 1) tokens are computed and
+//! stored: each row has its own slots, filled in order, so a row's slot index is its token's position (0 for the
+//! first real token whatever its left padding, as HF's `generate` counts with an attention mask) and attention
+//! reads exactly the row's own tokens, with no padding or other rows' prompts in between. The model is not
+//! mutated; all per-request state is in `KvCache`.
 
 use crate::error::{Error, Result};
 use crate::kernels::layernorm::layernorm_fwd;
@@ -14,16 +16,14 @@ use crate::kernels::SendPtr;
 use crate::model::Model;
 use std::cell::RefCell;
 
-/// Per-sequence keys and values of every layer, plus which cache slots hold real tokens.
+/// Per-sequence keys and values of every layer: row b holds its `real[b]` tokens in slots 0..real[b].
 pub struct KvCache {
     pub batch: usize,
+    /// Slots per row: the most tokens (prompt + generated) one sequence can hold.
     pub capacity: usize,
-    /// Slots filled so far (same for every row; padding fills slots too).
-    pub len: usize,
     k: Vec<f32>,    // (L, B, H, D, cap): transposed, so a query's scores over the slots are vector loops
     v: Vec<f32>,    // (L, B, H, cap, D)
-    valid: Vec<u8>, // (B, cap)
-    real: Vec<u32>, // (B) real tokens seen per row = next position
+    real: Vec<u32>, // (B) tokens stored per row = next slot = next position
     // scratch for one call, sized on demand
     x: Vec<f32>,
     ln: Vec<f32>,
@@ -44,24 +44,25 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Number of real (non-padding) tokens seen by row `b`.
+    /// Number of real (non-padding) tokens stored for row `b`.
     pub fn real_len(&self, b: usize) -> usize {
         self.real[b] as usize
     }
 
-    /// Free row `b` for a new sequence: its slots are no longer attended and its positions restart at 0. The
-    /// row's next `forward_cached` input starts the new sequence (earlier slots stay as masked padding).
+    /// Slots row `b` has left.
+    pub fn free_slots(&self, b: usize) -> usize {
+        self.capacity - self.real[b] as usize
+    }
+
+    /// Free row `b` for a new sequence: it starts again at slot (and position) 0.
     pub fn reset_row(&mut self, b: usize) {
         if b < self.batch {
-            self.valid[b * self.capacity..(b + 1) * self.capacity].fill(0);
             self.real[b] = 0;
         }
     }
 
     /// Forget everything (reuse the allocation for a new batch).
     pub fn reset(&mut self) {
-        self.len = 0;
-        self.valid.fill(0);
         self.real.fill(0);
     }
 }
@@ -73,10 +74,8 @@ impl Model {
         KvCache {
             batch,
             capacity,
-            len: 0,
             k: vec![0.0; per],
             v: vec![0.0; per],
-            valid: vec![0; batch * capacity],
             real: vec![0; batch],
             x: Vec::new(),
             ln: Vec::new(),
@@ -110,11 +109,14 @@ impl Model {
             )));
         }
         let tn = ids.len() / bsz;
-        if cache.len + tn > cache.capacity {
-            return Err(Error::invalid(format!(
-                "KV cache full: {} + {tn} tokens exceed its capacity {}",
-                cache.len, cache.capacity
-            )));
+        for b in 0..bsz {
+            let new = mask[b * tn..(b + 1) * tn].iter().filter(|&&m| m != 0).count();
+            if cache.real[b] as usize + new > cache.capacity {
+                return Err(Error::invalid(format!(
+                    "KV cache full: row {b} holds {} tokens, {new} more exceed its capacity {}",
+                    cache.real[b], cache.capacity
+                )));
+            }
         }
         if let Some(&bad) = ids.iter().find(|&&x| x as usize >= v) {
             return Err(Error::invalid(format!("token id {bad} is outside the vocabulary (0..{v})")));
@@ -123,16 +125,13 @@ impl Model {
             return Err(Error::invalid("logits buffer too small"));
         }
         let s = cache;
-        // Only real tokens are computed: padding (left padding of a prompt, rows idle this step) only marks its
-        // slot invalid, so it costs nothing and is never attended.
+        // Only real tokens are computed and stored: padding (left padding of a prompt, rows idle this step) costs
+        // nothing. A real token's slot in its row is its position.
         s.rows.clear();
         s.pos.clear();
         for b in 0..bsz {
             for i in 0..tn {
-                let slot = s.len + i;
-                let real = mask[b * tn + i] != 0;
-                s.valid[b * s.capacity + slot] = real as u8;
-                if real {
+                if mask[b * tn + i] != 0 {
                     s.rows.push((b as u32, i as u32));
                     s.pos.push(s.real[b]);
                     s.real[b] += 1;
@@ -180,7 +179,6 @@ impl Model {
                 linear_fwd_t(out, inp, self.t(w, oc * ic), bias, rows, ic, oc, acc)
             }
         };
-        let start = s.len;
         for l in 0..cfg.num_hidden_layers {
             let o = self.layout.layers[l];
             layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln1_w, c), p(o.ln1_b, c), n, c, eps);
@@ -188,9 +186,9 @@ impl Model {
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
             // append k, v of the new tokens: keys (L, B, H, D, cap), values (L, B, H, cap, D)
             let (lbase, cap) = (l * bsz * h * s.capacity * d, s.capacity);
-            for (k, &(b, i)) in s.rows.iter().enumerate() {
+            for (k, &(b, _)) in s.rows.iter().enumerate() {
                 let src = &s.qkv[k * 3 * c..(k + 1) * 3 * c];
-                let slot = start + i as usize;
+                let slot = s.pos[k] as usize;
                 for hh in 0..h {
                     let head = lbase + (b as usize * h + hh) * cap * d;
                     for (dd, &x) in src[hh * 3 * d + d..hh * 3 * d + 2 * d].iter().enumerate() {
@@ -200,7 +198,7 @@ impl Model {
                     s.v[dst..dst + d].copy_from_slice(&src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
                 }
             }
-            cached_attention(s, l, start, h, d);
+            cached_attention(s, l, h, d);
             lin(&mut s.mid, &s.y, o.dense_w, Some(o.dense_b), n, c, c, false);
             if cfg.use_parallel_residual {
                 // x += attn(ln1(x)) + mlp(ln2(x))
@@ -215,7 +213,6 @@ impl Model {
             gelu_fwd(&mut s.fc2, &s.fc);
             lin(&mut s.x, &s.fc2, o.proj_w, Some(o.proj_b), n, f, c, true);
         }
-        s.len += tn;
         // final LayerNorm and head on the last new position of each row that has one: (B',C) -> (B',V)
         let lasts: Vec<(usize, usize)> = s
             .rows
@@ -246,13 +243,13 @@ impl Model {
     }
 }
 
-/// y (n, C) = attention of each computed row's query over every valid cached slot of its batch row, up to its own.
-fn cached_attention(s: &mut KvCache, l: usize, start: usize, h: usize, d: usize) {
+/// y (n, C) = attention of each computed token's query over its row's slots up to and including its own.
+fn cached_attention(s: &mut KvCache, l: usize, h: usize, d: usize) {
     let (bsz, cap, c) = (s.batch, s.capacity, h * d);
     let scale = 1.0 / (d as f32).sqrt();
     let lbase = l * bsz * h * cap * d;
     let y = SendPtr(s.y.as_mut_ptr());
-    let (k, v, qkv, valid, rows) = (&s.k, &s.v, &s.qkv, &s.valid, &s.rows);
+    let (k, v, qkv, rows, pos) = (&s.k, &s.v, &s.qkv, &s.rows, &s.pos);
     thread_local! {
         static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
@@ -260,29 +257,24 @@ fn cached_attention(s: &mut KvCache, l: usize, start: usize, h: usize, d: usize)
         SCORES.with_borrow_mut(|scores| {
             scores.resize(scores.len().max(cap), 0.0);
             let (row, hh) = (task / h, task % h);
-            let (b, i) = (rows[row].0 as usize, rows[row].1 as usize);
+            let b = rows[row].0 as usize;
             let bh = b * h + hh;
             let kb = &k[lbase + bh * cap * d..lbase + (bh + 1) * cap * d];
             let vb = &v[lbase + bh * cap * d..lbase + (bh + 1) * cap * d];
             let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
-            let upto = start + i + 1;
+            let upto = pos[row] as usize + 1;
             // SAFETY: the (row, head hh) output block is written by this task only; row < rows.len().
             let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
             out.fill(0.0);
-            // scores over slots 0..upto: Σ_d q[d]·Kᵀ[d][j], vectorised over j; padding slots get -inf
+            // scores over slots 0..upto: Σ_d q[d]·Kᵀ[d][j], vectorised over j
             let sc = &mut scores[..upto];
             sc.fill(0.0);
             for (dd, &qd) in q.iter().enumerate() {
                 let kr = &kb[dd * cap..dd * cap + upto];
                 sc.iter_mut().zip(kr).for_each(|(s, &kv)| *s += qd * kv);
             }
-            for (s, &ok) in sc.iter_mut().zip(&valid[b * cap..b * cap + upto]) {
-                *s = if ok != 0 { *s * scale } else { f32::NEG_INFINITY };
-            }
+            sc.iter_mut().for_each(|s| *s *= scale);
             let mx = math::max(sc);
-            if mx == f32::NEG_INFINITY {
-                return;
-            }
             let inv = 1.0 / math::exp_shift_sum(sc, mx);
             for (j, &e) in sc.iter().enumerate() {
                 if e != 0.0 {

@@ -105,3 +105,32 @@ fn bf16_decode_stays_close_to_f32() {
     m.set_decode_bf16(false);
     assert_eq!(run(&m), f32_logits);
 }
+
+/// Every row has its own slots: padding and other rows' prompts use none, a full row is an error naming it (and
+/// changes nothing), the other row goes on, and a reset row starts again at slot 0.
+#[test]
+fn each_row_has_its_own_slots() {
+    let m = perturbed_model(tiny_config(true, 40), 25);
+    let v = 40;
+    let mut cache = m.new_kv_cache(2, 4);
+    let mut out = vec![0f32; 2 * v];
+    // row 0: a 4-token prompt fills it; row 1: 1 real token behind 3 padding slots
+    m.forward_cached(&[1, 2, 3, 4, 0, 0, 0, 5], &[1, 1, 1, 1, 0, 0, 0, 1], &mut cache, &mut out).unwrap();
+    assert_eq!((cache.real_len(0), cache.real_len(1)), (4, 1));
+    assert_eq!((cache.free_slots(0), cache.free_slots(1)), (0, 3));
+    let e = m.forward_cached(&[6, 7], &[1, 1], &mut cache, &mut out).unwrap_err().to_string();
+    assert!(e.contains("row 0") && e.contains("capacity 4"), "{e}");
+    assert_eq!((cache.real_len(0), cache.real_len(1)), (4, 1), "a refused call must not change the cache");
+    // row 1 alone goes on for 3 more tokens; its logits equal the same sequence decoded in a fresh cache
+    for t in [6, 7, 8] {
+        m.forward_cached(&[0, t], &[0, 1], &mut cache, &mut out).unwrap();
+    }
+    let mut alone = m.new_kv_cache(1, 4);
+    let mut want = vec![0f32; v];
+    m.forward_cached(&[5, 6, 7, 8], &[1, 1, 1, 1], &mut alone, &mut want).unwrap();
+    assert_eq!(&out[v..], &want[..]);
+    // a reset row is a fresh sequence from slot 0
+    cache.reset_row(0);
+    m.forward_cached(&[5, 6, 7, 8, 0, 0, 0, 0], &[1, 1, 1, 1, 0, 0, 0, 0], &mut cache, &mut out).unwrap();
+    assert_eq!(&out[..v], &want[..]);
+}
