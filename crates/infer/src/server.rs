@@ -135,6 +135,7 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
         stop_id: Some(tokenizer.special().end),
         batch_window: opts.batch_window,
     };
+    model.prepare_decode();
     let scheduler = Scheduler::start(model.clone(), sched_cfg);
     let state = Arc::new(AppState {
         scheduler: scheduler.clone(),

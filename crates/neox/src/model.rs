@@ -294,6 +294,14 @@ impl Model {
         self.wt = OnceLock::from(wt);
     }
 
+    /// Build now what decoding builds lazily on first use: the bf16 weight copy (when decoding in bf16) and the
+    /// transposed weights that prompts longer than the few-row path use. A server calls this at start so its
+    /// first long prompt (or first burst of prompts) does not pay ~100 ms of transposing and page faults.
+    pub fn prepare_decode(&self) {
+        let _ = self.bf16_weights();
+        let _ = self.wt();
+    }
+
     /// Transposed Linear/head weights, built on first use after a change.
     pub(crate) fn wt(&self) -> &[f32] {
         self.wt.get_or_init(|| {
