@@ -80,7 +80,7 @@ impl Model {
     pub fn new_kv_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let c = &self.config;
         let per = c.num_hidden_layers * batch * c.hidden_size * capacity;
-        let kv = if self.bf16_weights().is_some() {
+        let kv = if self.decode_bf16() {
             Kv::Bf16 { k: vec![0; per], v: vec![0; per] }
         } else {
             Kv::F32 { k: vec![0.0; per], v: vec![0.0; per] }

@@ -247,6 +247,11 @@ impl Model {
         }
     }
 
+    /// Whether decoding reads bf16 weight copies (and keeps a bf16 KV cache).
+    pub fn decode_bf16(&self) -> bool {
+        self.decode_bf16
+    }
+
     /// The bf16 weight copy, when decoding in bf16 (built on first use after a change).
     pub(crate) fn bf16_weights(&self) -> Option<&[u16]> {
         if !self.decode_bf16 {
@@ -324,16 +329,7 @@ impl Model {
         let config = NeoxConfig::from_file(&dir.join("config.json"))?;
         let layout = Layout::new(&config);
         let params = weights::load_params(dir, &config, &layout)?;
-        Ok(Model {
-            config,
-            layout,
-            params,
-            wt: OnceLock::new(),
-            spare: Mutex::new(Vec::new()),
-            decode_bf16: false,
-            compute_bf16: false,
-            bf16: OnceLock::new(),
-        })
+        Self::from_parts(config, params)
     }
 
     /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.

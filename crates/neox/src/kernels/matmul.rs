@@ -154,8 +154,33 @@ pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
 
 /// dinp (N, IC) = dout (N, OC) · w (OC, IC), or `+=` when `accumulate`.
 pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], n: usize, ic: usize, oc: usize, accumulate: bool) {
-    assert!(dinp.len() >= n * ic && dout.len() >= n * oc && w.len() >= oc * ic);
-    // SAFETY: sizes asserted above; dinp is exclusively borrowed.
+    assert!(w.len() >= oc * ic);
+    bwd_input_strided(dinp, dout, w.as_ptr(), (ic as isize, 1), n, ic, oc, accumulate)
+}
+
+/// `linear_bwd_input` reading the weight from its transposed (IC, OC) copy `wt` (gemm packs it transposed, ~1.5x
+/// slower; used where only that copy holds the values wanted, as in bf16 compute).
+pub fn linear_bwd_input_t(dinp: &mut [f32], dout: &[f32], wt: &[f32], n: usize, ic: usize, oc: usize) {
+    assert!(wt.len() >= oc * ic);
+    // W[o][i] = wt[i * oc + o]
+    bwd_input_strided(dinp, dout, wt.as_ptr(), (1, oc as isize), n, ic, oc, false)
+}
+
+/// dinp (N, IC) (+)= dout (N, OC) · W, W (OC, IC) read at `w` with (row, col) strides `ws`; the caller asserted
+/// that every element W[o][i], o < OC, i < IC, is inside w's buffer.
+#[allow(clippy::too_many_arguments)]
+fn bwd_input_strided(
+    dinp: &mut [f32],
+    dout: &[f32],
+    w: *const f32,
+    ws: (isize, isize),
+    n: usize,
+    ic: usize,
+    oc: usize,
+    accumulate: bool,
+) {
+    assert!(dinp.len() >= n * ic && dout.len() >= n * oc);
+    // SAFETY: sizes asserted above and by the callers; dinp is exclusively borrowed.
     unsafe {
         gemm_strided(
             n,
@@ -168,35 +193,9 @@ pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], n: usize, ic:
             dout.as_ptr(),
             oc as isize,
             1,
-            w.as_ptr(),
-            ic as isize,
-            1,
-            1.0,
-            par_all(),
-        )
-    }
-}
-
-/// `linear_bwd_input` reading the weight from its transposed (IC, OC) copy `wt` (gemm packs it transposed, ~1.5x
-/// slower; used where only that copy holds the values wanted, as in bf16 compute).
-pub fn linear_bwd_input_t(dinp: &mut [f32], dout: &[f32], wt: &[f32], n: usize, ic: usize, oc: usize) {
-    assert!(dinp.len() >= n * ic && dout.len() >= n * oc && wt.len() >= oc * ic);
-    // SAFETY: sizes asserted above; dinp is exclusively borrowed. W[o][i] = wt[i * oc + o].
-    unsafe {
-        gemm_strided(
-            n,
-            ic,
-            oc,
-            dinp.as_mut_ptr(),
-            ic as isize,
-            1,
-            false,
-            dout.as_ptr(),
-            oc as isize,
-            1,
-            wt.as_ptr(),
-            1,
-            oc as isize,
+            w,
+            ws.0,
+            ws.1,
             1.0,
             par_all(),
         )
