@@ -1,8 +1,8 @@
 //! Few-row Linear for decoding and prompts: out (N, OC) = inp (N, IC) · wᵀ + bias for N <= `FEW_ROWS`. Decode is bound by
 //! streaming the weights from memory, so each weight row is read once for all N inputs, the columns are split
-//! across threads in contiguous blocks, and on AVX-512 a hand-written tile (4 weight rows × up to 4 inputs, FMA,
-//! software prefetch) keeps enough loads in flight to reach the memory bandwidth. Weights are f32 or bf16 bits
-//! (`u16`, widened exactly to f32); accumulation is f32 either way.
+//! across threads in contiguous blocks, and on AVX-512 a hand-written tile (4 weight rows × up to 4 inputs, or
+//! 3 × 8; FMA, software prefetch) keeps enough loads in flight to reach the memory bandwidth. Weights are f32 or
+//! bf16 bits (`u16`, widened exactly to f32); accumulation is f32 either way.
 
 use super::math::{self, Weight};
 use super::pool;
@@ -127,8 +127,6 @@ mod x86 {
     pub trait Load: Copy {
         /// Elements per 64-byte cache line.
         const PER_LINE: usize;
-        /// Loading costs extra instructions (widening), worth sharing across more input rows.
-        const WIDEN: bool;
         /// # Safety
         /// AVX-512 available; 16 elements readable at `p`.
         unsafe fn load(p: *const Self) -> __m512;
@@ -139,7 +137,6 @@ mod x86 {
 
     impl Load for f32 {
         const PER_LINE: usize = 16;
-        const WIDEN: bool = false;
         #[inline]
         #[target_feature(enable = "avx512f")]
         unsafe fn load(p: *const f32) -> __m512 {
@@ -154,7 +151,6 @@ mod x86 {
 
     impl Load for u16 {
         const PER_LINE: usize = 32;
-        const WIDEN: bool = true;
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
         unsafe fn load(p: *const u16) -> __m512 {
@@ -245,7 +241,7 @@ mod x86 {
                 }
             }};
         }
-        // at most 16 accumulators: C = 4 columns x 4 rows, or 2 x 8, or 1 x 8
+        // at most 24 accumulators: C = 4 columns x 4 rows, or 3 x 8, or 1 x 8
         let cap = if C >= 4 { 4 } else { 8 };
         while r < b.n {
             let k = (b.n - r).min(cap);
@@ -269,13 +265,15 @@ mod x86 {
     /// AVX-512 F/BW/VL available; `w` holds OC × IC weights and the block's buffers are as `linear_rows` asserted.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn block<W: Load>(b: &Block<'_>, w: &[W], o0: usize, o1: usize) {
-        // 4 weight rows x up to 4 inputs per tile; but bf16 weights with more than 4 inputs: 2 weight rows x 8
-        // inputs, so each line is widened once for 8 inputs (batch-8 decode 630-710 -> 890-1020 tok/s; for f32
-        // the 4 x 4 tile is faster: 650-715 vs 540-640)
-        if b.n <= 4 || !W::WIDEN {
+        // 4 weight rows x up to 4 inputs per tile; with more than 4 inputs, 3 weight rows x 8 inputs (24
+        // accumulators), so each weight line is loaded (and for bf16 widened) once for 8 inputs instead of being
+        // streamed once per group of 4. `dolly bench generate --batch-size 8`, alternating builds, 3 rounds each:
+        // float32 625-697 vs 571-631 tok/s for 4 x 4 in two passes; per call (`decode_times`, ROWS=8) the
+        // pythia-70m head took 5.0-5.3 ms vs 7.1 ms. For bf16, 3 x 8 and 2 x 8 were within noise of each other.
+        if b.n <= 4 {
             cols::<W, 4>(b, w, o0, o1)
         } else {
-            cols::<W, 2>(b, w, o0, o1)
+            cols::<W, 3>(b, w, o0, o1)
         }
     }
 
