@@ -1,11 +1,15 @@
 //! Times the engine's pieces at pythia-70m shape (batch 4 x 256) to see where a training step goes.
-//! `cargo run --release -p neox --example kernel_times`. Prints medians; no assertions.
+//! `cargo run --release -p neox --example kernel_times` (`ONLY=adamw` times only the pieces whose name holds
+//! that text). Prints medians; no assertions.
 
 use neox::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd};
 use neox::{Activations, AdamW, AdamWConfig, Model, NeoxConfig, OwnedBatch};
 use std::time::Instant;
 
 fn time<F: FnMut()>(name: &str, flops: f64, mut f: F) {
+    if std::env::var("ONLY").is_ok_and(|only| !name.contains(&only)) {
+        return;
+    }
     f();
     let mut v: Vec<f64> = (0..5)
         .map(|_| {
@@ -68,6 +72,7 @@ fn main() {
         });
         let mut big = vec![0f32; v * c];
         time("transpose W_out (V,C)->(C,V)", 0.0, || neox_transpose(&mut big, &wt, c, v));
+        time("transpose W_out, kernels::transpose", 0.0, || neox::kernels::transpose::transpose(&mut big, &wt, c, v));
     }
     time("logits (N,C)x(C,V)", 2.0 * (n * c * v) as f64, || linear_fwd(&mut out, &x, &w, None, n, c, v, false));
     {
@@ -101,7 +106,7 @@ fn main() {
     let mut dw = vec![0f32; v * c];
     let w_out = model.params()[model.layout.embed_out..model.layout.embed_out + v * c].to_vec();
     let mut w_out_t = vec![0f32; v * c];
-    neox::kernels::matmul::transpose(&mut w_out_t, &w_out, v, c);
+    neox::kernels::transpose::transpose(&mut w_out_t, &w_out, v, c);
     time("lm_head_xent fwd+bwd (1024 targets)", 6.0 * (n * c * v) as f64, || {
         let grad = neox::kernels::xent::XentGrad { dx: &mut dx, dw: &mut dw, scale: 1e-3 };
         neox::kernels::xent::lm_head_xent(&xs, &w_out, &w_out_t, &targets, Some(grad), &mut scratch, c, v, false);
@@ -124,4 +129,8 @@ fn main() {
     let mut opt = AdamW::new(AdamWConfig::default(), model.num_params());
     let layout = model.layout.clone();
     time("adamw", 0.0, || opt.step(model.params_mut(), &g, 1e-5, &layout));
+    time("adamw + zero grads", 0.0, || opt.step_scaled_and_zero(model.params_mut(), &mut g, 1e-5, &layout, 1.0));
+    time("adamw + zero grads + transposed cache (Model::adamw_step)", 0.0, || {
+        model.adamw_step(&mut opt, &mut g, 1e-5, 1.0)
+    });
 }

@@ -134,24 +134,6 @@ fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
     });
 }
 
-/// dst (cols, rows) = srcᵀ for a row-major src (rows, cols); cache-blocked and parallel.
-pub fn transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
-    assert!(dst.len() >= rows * cols && src.len() >= rows * cols);
-    const B: usize = 64;
-    dst[..rows * cols].par_chunks_mut(B * rows).enumerate().for_each(|(cb, d)| {
-        let c0 = cb * B;
-        let cn = (cols - c0).min(B);
-        for r0 in (0..rows).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                let s = &src[r * cols + c0..r * cols + c0 + cn];
-                for (cc, &x) in s.iter().enumerate() {
-                    d[cc * rows + r] = x;
-                }
-            }
-        }
-    });
-}
-
 /// dinp (N, IC) = dout (N, OC) · w (OC, IC), or `+=` when `accumulate`.
 pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], n: usize, ic: usize, oc: usize, accumulate: bool) {
     assert!(w.len() >= oc * ic);
@@ -268,6 +250,7 @@ pub fn col_sum_acc(acc: &mut [f32], x: &[f32], n: usize, c: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::transpose::transpose;
 
     fn naive(inp: &[f32], w: &[f32], b: &[f32], n: usize, ic: usize, oc: usize) -> Vec<f32> {
         let mut out = vec![0f32; n * oc];

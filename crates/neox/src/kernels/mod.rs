@@ -9,6 +9,7 @@ pub mod matmul;
 pub mod pool;
 pub mod rotary;
 pub mod rows;
+pub mod transpose;
 pub mod xent;
 
 /// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region costs tens of
