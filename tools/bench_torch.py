@@ -101,6 +101,8 @@ def worker_train(args):
 def worker_generate(args):
     torch, model = build_model(args.seed)
     model.eval()
+    if args.torch_dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     g = torch.Generator().manual_seed(args.seed + 2)
     prompt = torch.randint(0, PRESET["vocab_size"], (1, args.prompt_len), generator=g)
     mask = torch.ones_like(prompt)
@@ -186,7 +188,8 @@ def run_torch(mode, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--runs", str(args.runs),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--seed", str(args.seed)]
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--seed", str(args.seed),
+           "--torch-dtype", args.torch_dtype]
     rc, out, err, rss, wall = run_child(cmd, args.timeout)
     res = last_json(out)
     if rc != 0 or res is None:
@@ -270,6 +273,9 @@ def main():
     ap.add_argument("--dolly-bf16", action="store_true",
                     help="dolly decodes with bf16 weight copies (`bench generate --bf16`); PyTorch stays float32")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    ap.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="HF generate weights dtype (training is always float32); bfloat16 shows what HF gets "
+                         "from the dtype dolly's --dolly-bf16 uses")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate PyTorch and dolly this many times per mode and report per-metric medians "
                          "(the shared VM's speed drifts by tens of percent over minutes; alternating cancels it)")
@@ -337,6 +343,8 @@ def main():
     summary["torch"] = tr.get("torch")
     summary["transformers"] = tr.get("transformers")
     summary["dolly"] = exe
+    summary["torch_generate_dtype"] = args.torch_dtype
+    summary["dolly_generate_dtype"] = "bfloat16" if args.dolly_bf16 else "float32"
     print(json.dumps(summary))
 
 
