@@ -8,11 +8,14 @@ load THAT directory, so weights and prompt ids are identical. Greedy decoding, f
     python tools/bench_infer.py                       # needs target/release/dolly (cargo build --release -p dolly)
     python tools/bench_infer.py --new-tokens 64 --runs 2
 
+`--runs` rounds, each: one dolly single-stream request, HF generate (TTFT, then the full length), one dolly
+concurrent burst. The ratios reported are medians of the per-round ratios, so each compares measurements taken
+seconds apart (this host's speed drifts by tens of percent within minutes).
 single stream: one request at a time, raw prompt (~32 tokens, no template), `max_tokens` = `--new-tokens`.
     dolly: TTFT = request sent -> first streamed token (SSE, incl. HTTP, tokenization and the prompt forward);
-           tokens/s = completion tokens / whole request time. Median of `--runs`.
+           tokens/s = completion tokens / whole request time.
     HF:    TTFT = generate(max_new_tokens=1) time; tokens/s = new tokens / generate(max_new_tokens=N,
-           min_new_tokens=N) time (model.generate, SDPA, KV cache). Median of `--runs`.
+           min_new_tokens=N) time (model.generate, SDPA, KV cache).
 concurrent: `--concurrency` requests sent at once to the server (different prompts, same length budget);
     aggregate tokens/s = all completion tokens / wall time from first send to last answer.
 The random model never emits `### End` in practice; the script checks every answer used its whole budget.
@@ -33,8 +36,10 @@ import time
 PROMPT = "Write a long and detailed story about a dragon who learns to read books in an old library by the sea."
 
 
-def hf_side(model_dir, tok_file, args):
+def hf_setup(model_dir, tok_file, args):
+    """Loads the model in HF; returns gen(n) -> seconds for a greedy generate of exactly n new tokens, and info."""
     import torch
+    import transformers
     from tokenizers import Tokenizer
     from transformers import GPTNeoXForCausalLM
 
@@ -46,22 +51,17 @@ def hf_side(model_dir, tok_file, args):
     mask = torch.ones_like(prompt)
 
     def gen(n):
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, eos_token_id=None, pad_token_id=0)
-        dt = time.perf_counter() - t0
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=prompt, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+            dt = time.perf_counter() - t0
         assert out.shape[1] == len(ids) + n
-        return dt, out[0, len(ids):].tolist()
+        return dt
 
-    with torch.inference_mode():
-        gen(4)
-        ttft = statistics.median(gen(1)[0] for _ in range(args.runs))
-        runs = [gen(args.new_tokens) for _ in range(args.runs)]
-    med = statistics.median(r[0] for r in runs)
-    import transformers
-    return {"prompt_tokens": len(ids), "ttft_s": ttft, "tokens_per_s": args.new_tokens / med,
-            "median_generate_s": med, "tokens": runs[0][1], "torch": torch.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    gen(4)
+    return gen, {"prompt_tokens": len(ids), "torch": torch.__version__, "transformers": transformers.__version__,
+                 "threads": torch.get_num_threads()}
 
 
 def request(addr, body, stream):
@@ -99,58 +99,65 @@ def request(addr, body, stream):
     return {"ttft_s": first, "total_s": dt, "finish": finish, "usage": usage, "text": "".join(text)}
 
 
-def dolly_side(exe, model_dir, tok_file, args):
-    cmd = [exe, "--threads", str(args.threads), "serve", model_dir, "--tokenizer", tok_file, "--port", "0",
-           "--max-batch", str(max(8, args.concurrency)), "--model-name", "bench"] + (["--bf16"] if args.bf16 else [])
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    try:
-        addr = None
-        for line in p.stderr:
+class DollyServer:
+    """`dolly serve` on a free loopback port for the duration of a `with` block."""
+
+    def __init__(self, exe, model_dir, tok_file, args):
+        self.cmd = [exe, "--threads", str(args.threads), "serve", model_dir, "--tokenizer", tok_file, "--port", "0",
+                    "--max-batch", str(max(8, args.concurrency)), "--model-name", "bench"]
+        self.cmd += ["--bf16"] if args.bf16 else []
+
+    def __enter__(self):
+        self.p = subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+        self.addr = None
+        for line in self.p.stderr:
             if "http://" in line:
-                addr = line.strip().split("http://")[1]
+                self.addr = line.strip().split("http://")[1]
                 break
-        assert addr, "dolly serve did not start"
-        threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
-        base = {"prompt": PROMPT, "raw_prompt": True, "max_tokens": args.new_tokens, "temperature": 0}
-        request(addr, dict(base, max_tokens=4), False)  # warm-up
-        singles = [request(addr, dict(base, stream=True), True) for _ in range(args.runs)]
-        for s in singles:
-            assert s["finish"] == "length", s
-        ttft = statistics.median(s["ttft_s"] for s in singles)
-        tps = statistics.median(args.new_tokens / s["total_s"] for s in singles)
-        # concurrent
-        results = [None] * args.concurrency
+        if not self.addr:
+            self.__exit__()
+            raise RuntimeError("dolly serve did not start")
+        threading.Thread(target=lambda: [None for _ in self.p.stderr], daemon=True).start()
+        return self
 
-        def worker(i):
-            body = dict(base, prompt=PROMPT.replace("dragon", f"dragon number {i}"))
-            results[i] = request(addr, body, False)
+    def __exit__(self, *exc):
+        self.p.terminate()
+        self.p.wait(timeout=60)
 
-        conc = []
-        for _ in range(args.runs):
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            toks = sum(r["usage"]["completion_tokens"] for r in results)
-            assert all(r["finish"] == "length" for r in results), results
-            conc.append({"wall_s": wall, "tokens": toks, "tokens_per_s": toks / wall})
-        agg = statistics.median(c["tokens_per_s"] for c in conc)
-        return {"ttft_s": ttft, "tokens_per_s": tps, "single_runs": [
-            {k: s[k] for k in ("ttft_s", "total_s")} for s in singles],
-            "concurrency": args.concurrency, "aggregate_tokens_per_s": agg, "concurrent_runs": conc,
-            "cmd": " ".join(cmd)}
-    finally:
-        p.terminate()
-        p.wait(timeout=60)
+
+def dolly_single(addr, args):
+    body = {"prompt": PROMPT, "raw_prompt": True, "max_tokens": args.new_tokens, "temperature": 0, "stream": True}
+    s = request(addr, body, True)
+    assert s["finish"] == "length", s
+    return {"ttft_s": s["ttft_s"], "total_s": s["total_s"], "tokens_per_s": args.new_tokens / s["total_s"]}
+
+
+def dolly_burst(addr, args):
+    results = [None] * args.concurrency
+
+    def worker(i):
+        body = {"prompt": PROMPT.replace("dragon", f"dragon number {i}"), "raw_prompt": True,
+                "max_tokens": args.new_tokens, "temperature": 0}
+        results[i] = request(addr, body, False)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    assert all(r["finish"] == "length" for r in results), results
+    toks = sum(r["usage"]["completion_tokens"] for r in results)
+    return {"wall_s": wall, "tokens": toks, "tokens_per_s": toks / wall}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="rounds; each is one single-stream request, HF "
+                    "generate (TTFT and full), and one concurrent burst, so each round's ratios compare "
+                    "measurements taken close together")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--preset", default="pythia-70m")
@@ -160,22 +167,47 @@ def main():
     args = ap.parse_args()
     exe = os.path.abspath(args.dolly)
     tok = os.path.abspath(args.tokenizer)
+    med = statistics.median
+    rounds = []
     with tempfile.TemporaryDirectory() as d:
         model_dir = os.path.join(d, args.preset)
         subprocess.run([exe, "init-model", "--preset", args.preset, "--output", model_dir], check=True,
                        stderr=subprocess.DEVNULL)
-        dolly = dolly_side(exe, model_dir, tok, args)
-        hf = hf_side(model_dir, tok, args)
-    single = dolly["tokens_per_s"] / hf["tokens_per_s"]
-    out = {"preset": args.preset, "new_tokens": args.new_tokens, "threads": args.threads, "dolly": dolly,
-           "hf": {k: v for k, v in hf.items() if k != "tokens"},
-           "single_stream_speedup": single, "ttft_speedup": hf["ttft_s"] / dolly["ttft_s"],
-           "aggregate_over_single": dolly["aggregate_tokens_per_s"] / dolly["tokens_per_s"]}
+        gen, hf_info = hf_setup(model_dir, tok, args)
+        with DollyServer(exe, model_dir, tok, args) as server:
+            request(server.addr, {"prompt": PROMPT, "raw_prompt": True, "max_tokens": 4}, False)  # warm-up
+            for r in range(args.runs):
+                one = dolly_single(server.addr, args)
+                hf_ttft = gen(1)
+                hf_s = gen(args.new_tokens)
+                burst = dolly_burst(server.addr, args)
+                rnd = {"dolly_single": one, "hf_ttft_s": hf_ttft, "hf_generate_s": hf_s,
+                       "hf_tokens_per_s": args.new_tokens / hf_s, "dolly_burst": burst,
+                       "single_stream_speedup": one["tokens_per_s"] * hf_s / args.new_tokens,
+                       "aggregate_over_single": burst["tokens_per_s"] / one["tokens_per_s"]}
+                rounds.append(rnd)
+                print(f"round {r + 1}: single {one['tokens_per_s']:.1f} vs HF {rnd['hf_tokens_per_s']:.1f} tok/s "
+                      f"({rnd['single_stream_speedup']:.2f}x); {args.concurrency} concurrent "
+                      f"{burst['tokens_per_s']:.1f} tok/s ({rnd['aggregate_over_single']:.2f}x single)",
+                      file=sys.stderr)
+    dolly_tps = med(r["dolly_single"]["tokens_per_s"] for r in rounds)
+    dolly_ttft = med(r["dolly_single"]["ttft_s"] for r in rounds)
+    hf_tps = med(r["hf_tokens_per_s"] for r in rounds)
+    hf_ttft = med(r["hf_ttft_s"] for r in rounds)
+    agg = med(r["dolly_burst"]["tokens_per_s"] for r in rounds)
+    out = {"preset": args.preset, "new_tokens": args.new_tokens, "threads": args.threads, "bf16": args.bf16,
+           "concurrency": args.concurrency, "runs": args.runs, "hf": hf_info,
+           "dolly_tokens_per_s": dolly_tps, "dolly_ttft_s": dolly_ttft, "hf_tokens_per_s": hf_tps,
+           "hf_ttft_s": hf_ttft, "aggregate_tokens_per_s": agg,
+           # medians of the per-round ratios (each round's measurements are adjacent in time)
+           "single_stream_speedup": med(r["single_stream_speedup"] for r in rounds),
+           "aggregate_over_single": med(r["aggregate_over_single"] for r in rounds),
+           "ttft_speedup": hf_ttft / dolly_ttft, "rounds": rounds}
     print(json.dumps(out, indent=1))
-    print(f"\nsingle stream: dolly {dolly['tokens_per_s']:.1f} tok/s vs HF {hf['tokens_per_s']:.1f} tok/s "
-          f"({single:.2f}x); TTFT dolly {dolly['ttft_s'] * 1000:.1f} ms vs HF {hf['ttft_s'] * 1000:.1f} ms; "
-          f"{args.concurrency} concurrent: {dolly['aggregate_tokens_per_s']:.1f} tok/s aggregate "
-          f"({out['aggregate_over_single']:.2f}x single stream)", file=sys.stderr)
+    print(f"\nmedians of {args.runs} rounds: single stream dolly {dolly_tps:.1f} tok/s vs HF {hf_tps:.1f} tok/s "
+          f"(per-round ratio {out['single_stream_speedup']:.2f}x); TTFT dolly {dolly_ttft * 1000:.1f} ms vs HF "
+          f"{hf_ttft * 1000:.1f} ms; {args.concurrency} concurrent: {agg:.1f} tok/s aggregate (per-round ratio "
+          f"{out['aggregate_over_single']:.2f}x single stream)", file=sys.stderr)
 
 
 if __name__ == "__main__":

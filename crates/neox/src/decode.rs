@@ -16,8 +16,10 @@ use crate::kernels::SendPtr;
 use crate::model::Model;
 use std::cell::RefCell;
 
-/// Keys (L, B, H, D, cap): transposed, so a query's scores over the slots are vector loops; values
-/// (L, B, H, cap, D). bf16 (bits in `u16`) halves the cache's memory traffic when decoding in bf16.
+/// Keys (L, B, H, S/KB, D, KB): transposed in blocks of `KB` slots, so a query's scores over a block are a
+/// vector loop over registers and a row's keys are read front to back (one D x `cap` transpose read 64 short
+/// runs `cap` apart per head, which hardware prefetch could not follow). Values (L, B, H, S, D). S = `stride`.
+/// bf16 (bits in `u16`) halves the cache's memory traffic when decoding in bf16.
 enum Kv {
     F32 { k: Vec<f32>, v: Vec<f32> },
     Bf16 { k: Vec<u16>, v: Vec<u16> },
@@ -28,6 +30,8 @@ pub struct KvCache {
     pub batch: usize,
     /// Slots per row: the most tokens (prompt + generated) one sequence can hold.
     pub capacity: usize,
+    /// Slots allocated per row: `capacity` rounded up to whole key blocks.
+    stride: usize,
     /// Keys and values, f32 or bf16 (a cache made while the model decodes in bf16).
     kv: Kv,
     real: Vec<u32>, // (B) tokens stored per row = next slot = next position
@@ -79,7 +83,8 @@ impl Model {
     /// (`set_decode_bf16` before this call).
     pub fn new_kv_cache(&self, batch: usize, capacity: usize) -> KvCache {
         let c = &self.config;
-        let per = c.num_hidden_layers * batch * c.hidden_size * capacity;
+        let stride = capacity.next_multiple_of(KB);
+        let per = c.num_hidden_layers * batch * c.hidden_size * stride;
         let kv = if self.decode_bf16() {
             Kv::Bf16 { k: vec![0; per], v: vec![0; per] }
         } else {
@@ -88,6 +93,7 @@ impl Model {
         KvCache {
             batch,
             capacity,
+            stride,
             kv,
             real: vec![0; batch],
             x: Vec::new(),
@@ -197,8 +203,8 @@ impl Model {
             layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln1_w, c), p(o.ln1_b, c), n, c, eps);
             lin(&mut s.qkv, &s.ln, o.qkv_w, Some(o.qkv_b), n, c, 3 * c, false);
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
-            // append k, v of the new tokens: keys (L, B, H, D, cap), values (L, B, H, cap, D)
-            let (lbase, cap) = (l * bsz * h * s.capacity * d, s.capacity);
+            // append k, v of the new tokens: keys (L, B, H, S/KB, D, KB), values (L, B, H, S, D)
+            let (lbase, cap) = (l * bsz * h * s.stride * d, s.stride);
             for (k, &(b, _)) in s.rows.iter().enumerate() {
                 let src = &s.qkv[k * 3 * c..(k + 1) * 3 * c];
                 let slot = s.pos[k] as usize;
@@ -207,17 +213,18 @@ impl Model {
                     let (ks, vs) =
                         (&src[hh * 3 * d + d..hh * 3 * d + 2 * d], &src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
                     let dst = head + slot * d;
+                    let kslot = head + slot / KB * d * KB + slot % KB;
                     match &mut s.kv {
                         Kv::F32 { k, v } => {
                             for (dd, &x) in ks.iter().enumerate() {
-                                k[head + dd * cap + slot] = x;
+                                k[kslot + dd * KB] = x;
                             }
                             v[dst..dst + d].copy_from_slice(vs);
                         }
                         Kv::Bf16 { k, v } => {
                             let bits = |x: f32| half::bf16::from_f32(x).to_bits();
                             for (dd, &x) in ks.iter().enumerate() {
-                                k[head + dd * cap + slot] = bits(x);
+                                k[kslot + dd * KB] = bits(x);
                             }
                             v[dst..dst + d].iter_mut().zip(vs).for_each(|(o, &x)| *o = bits(x));
                         }
@@ -270,6 +277,9 @@ impl Model {
 }
 
 /// y (n, C) = attention of each computed token's query over its row's slots up to and including its own.
+/// Key slots per transposed block (`Kv`).
+const KB: usize = 16;
+
 fn cached_attention(s: &mut KvCache, l: usize, h: usize, d: usize) {
     let y = SendPtr(s.y.as_mut_ptr());
     match &s.kv {
@@ -280,7 +290,7 @@ fn cached_attention(s: &mut KvCache, l: usize, h: usize, d: usize) {
 
 #[allow(clippy::too_many_arguments)]
 fn attend<W: Weight + Sync>(k: &[W], v: &[W], s: &KvCache, y: SendPtr, l: usize, h: usize, d: usize) {
-    let (bsz, cap, c) = (s.batch, s.capacity, h * d);
+    let (bsz, cap, c) = (s.batch, s.stride, h * d);
     let scale = 1.0 / (d as f32).sqrt();
     let lbase = l * bsz * h * cap * d;
     let (qkv, rows, pos) = (&s.qkv, &s.rows, &s.pos);
@@ -300,14 +310,21 @@ fn attend<W: Weight + Sync>(k: &[W], v: &[W], s: &KvCache, y: SendPtr, l: usize,
             // SAFETY: the (row, head hh) output block is written by this task only; row < rows.len().
             let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
             out.fill(0.0);
-            // scores over slots 0..upto: Σ_d q[d]·Kᵀ[d][j], vectorised over j
-            let sc = &mut scores[..upto];
-            sc.fill(0.0);
-            for (dd, &qd) in q.iter().enumerate() {
-                let kr = &kb[dd * cap..dd * cap + upto];
-                sc.iter_mut().zip(kr).for_each(|(s, &kv)| *s += qd * kv.f32());
+            // scores over slots 0..upto, a block of KB at a time: Σ_d q[d]·Kᵀ[d][j] in registers (the last block's
+            // slots past upto are computed and ignored)
+            let nb = upto.div_ceil(KB);
+            for (blk, sc) in kb.chunks_exact(d * KB).zip(scores.chunks_exact_mut(KB)).take(nb) {
+                let mut acc = [0f32; KB];
+                for (kr, &qd) in blk.chunks_exact(KB).zip(q) {
+                    for (a, &kv) in acc.iter_mut().zip(kr) {
+                        *a += qd * kv.f32();
+                    }
+                }
+                for (s, a) in sc.iter_mut().zip(acc) {
+                    *s = a * scale;
+                }
             }
-            sc.iter_mut().for_each(|s| *s *= scale);
+            let sc = &mut scores[..upto];
             let mx = math::max(sc);
             let inv = 1.0 / math::exp_shift_sum(sc, mx);
             for (j, &e) in sc.iter().enumerate() {

@@ -11,11 +11,12 @@ fn kv_cache_equals_full_forward_at_every_position() {
         let m = perturbed_model(tiny_config(parallel, 40), 21);
         let v = 40;
         let mut r = ::common::Rng::new(4);
-        let ids: Vec<u32> = (0..14).map(|_| r.below(v as u64) as u32).collect();
+        // 37 tokens in a cache of 37 slots: three key blocks of 16, the last one partly used
+        let ids: Vec<u32> = (0..37).map(|_| r.below(v as u64) as u32).collect();
         let full = OwnedBatch::dense(1, ids.len(), ids.clone(), vec![-100; ids.len()]);
         let mut acts = Activations::new(&m.config, 1, ids.len(), false);
         let logits = m.forward_logits(&full.view(), &mut acts).unwrap();
-        let mut cache = m.new_kv_cache(1, 32);
+        let mut cache = m.new_kv_cache(1, 37);
         let mut out = vec![0f32; v];
         let prefill = 5;
         m.forward_cached(&ids[..prefill], &[1; 5], &mut cache, &mut out).unwrap();
