@@ -346,4 +346,31 @@ mod tests {
             }
         }
     }
+
+    /// A row's result does not depend on how many rows share the call (batched decoding gives the same greedy ids
+    /// as decoding alone): bitwise, for f32 and bf16 weights and for every tile shape (4 x 4 up to 4 rows, 3 x 8
+    /// above, the remainders).
+    #[test]
+    fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
+        let mut rng = common::Rng::new(11);
+        for &(ic, oc) in &[(64, 70), (33, 9), (96, 131)] {
+            let n = 9;
+            let inp: Vec<f32> = (0..n * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let wf: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let wb: Vec<u16> = wf.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+            for w in [RowWeights::F32(&wf), RowWeights::Bf16(&wb)] {
+                let mut all = vec![0f32; n * oc];
+                linear_rows(&mut all, &inp, w, None, n, ic, oc, false);
+                for k in [1, 3, 5] {
+                    for r0 in (0..n).step_by(k) {
+                        let m = k.min(n - r0);
+                        let mut part = vec![0f32; m * oc];
+                        linear_rows(&mut part, &inp[r0 * ic..(r0 + m) * ic], w, None, m, ic, oc, false);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
+                    }
+                }
+            }
+        }
+    }
 }
