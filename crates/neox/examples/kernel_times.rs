@@ -27,22 +27,6 @@ fn time<F: FnMut()>(name: &str, flops: f64, mut f: F) {
     }
 }
 
-fn neox_transpose(dst: &mut [f32], src: &[f32], rows: usize, cols: usize) {
-    use rayon::prelude::*;
-    const B: usize = 32;
-    dst.par_chunks_mut(B * rows).enumerate().for_each(|(cb, d)| {
-        let c0 = cb * B;
-        let cn = (cols - c0).min(B);
-        for r0 in (0..rows).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for cc in 0..cn {
-                    d[cc * rows + r] = src[r * cols + c0 + cc];
-                }
-            }
-        }
-    });
-}
-
 fn main() {
     let cfg = NeoxConfig::preset("pythia-70m").unwrap();
     let (b, t) = (4, 256);
@@ -71,8 +55,7 @@ fn main() {
             linear_bwd_input(&mut o2, &x, &wt2, n, 3 * c, c, false)
         });
         let mut big = vec![0f32; v * c];
-        time("transpose W_out (V,C)->(C,V)", 0.0, || neox_transpose(&mut big, &wt, c, v));
-        time("transpose W_out, kernels::transpose", 0.0, || neox::kernels::transpose::transpose(&mut big, &wt, c, v));
+        time("transpose W_out (V,C)->(C,V)", 0.0, || neox::kernels::transpose::transpose(&mut big, &wt, c, v));
     }
     time("logits (N,C)x(C,V)", 2.0 * (n * c * v) as f64, || linear_fwd(&mut out, &x, &w, None, n, c, v, false));
     {

@@ -276,10 +276,10 @@ impl Model {
     }
 }
 
-/// y (n, C) = attention of each computed token's query over its row's slots up to and including its own.
 /// Key slots per transposed block (`Kv`).
 const KB: usize = 16;
 
+/// y (n, C) = attention of each computed token's query over its row's slots up to and including its own.
 fn cached_attention(s: &mut KvCache, l: usize, h: usize, d: usize) {
     let y = SendPtr(s.y.as_mut_ptr());
     match &s.kv {
