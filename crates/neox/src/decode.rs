@@ -204,12 +204,12 @@ impl Model {
             lin(&mut s.qkv, &s.ln, o.qkv_w, Some(o.qkv_b), n, c, 3 * c, false);
             rope_apply(&mut s.qkv, &s.cos, &s.sin, n, h, d, r, false);
             // append k, v of the new tokens: keys (L, B, H, S/KB, D, KB), values (L, B, H, S, D)
-            let (lbase, cap) = (l * bsz * h * s.stride * d, s.stride);
+            let (lbase, stride) = (l * bsz * h * s.stride * d, s.stride);
             for (k, &(b, _)) in s.rows.iter().enumerate() {
                 let src = &s.qkv[k * 3 * c..(k + 1) * 3 * c];
                 let slot = s.pos[k] as usize;
                 for hh in 0..h {
-                    let head = lbase + (b as usize * h + hh) * cap * d;
+                    let head = lbase + (b as usize * h + hh) * stride * d;
                     let (ks, vs) =
                         (&src[hh * 3 * d + d..hh * 3 * d + 2 * d], &src[hh * 3 * d + 2 * d..hh * 3 * d + 3 * d]);
                     let dst = head + slot * d;
@@ -290,21 +290,21 @@ fn cached_attention(s: &mut KvCache, l: usize, h: usize, d: usize) {
 
 #[allow(clippy::too_many_arguments)]
 fn attend<W: Weight + Sync>(k: &[W], v: &[W], s: &KvCache, y: SendPtr, l: usize, h: usize, d: usize) {
-    let (bsz, cap, c) = (s.batch, s.stride, h * d);
+    let (bsz, stride, c) = (s.batch, s.stride, h * d);
     let scale = 1.0 / (d as f32).sqrt();
-    let lbase = l * bsz * h * cap * d;
+    let lbase = l * bsz * h * stride * d;
     let (qkv, rows, pos) = (&s.qkv, &s.rows, &s.pos);
     thread_local! {
         static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     }
     pool::for_each(rows.len() * h, |task| {
         SCORES.with_borrow_mut(|scores| {
-            scores.resize(scores.len().max(cap), 0.0);
+            scores.resize(scores.len().max(stride), 0.0);
             let (row, hh) = (task / h, task % h);
             let b = rows[row].0 as usize;
             let bh = b * h + hh;
-            let kb = &k[lbase + bh * cap * d..lbase + (bh + 1) * cap * d];
-            let vb = &v[lbase + bh * cap * d..lbase + (bh + 1) * cap * d];
+            let kb = &k[lbase + bh * stride * d..lbase + (bh + 1) * stride * d];
+            let vb = &v[lbase + bh * stride * d..lbase + (bh + 1) * stride * d];
             let q = &qkv[row * 3 * c + hh * 3 * d..row * 3 * c + hh * 3 * d + d];
             let upto = pos[row] as usize + 1;
             // SAFETY: the (row, head hh) output block is written by this task only; row < rows.len().

@@ -239,6 +239,16 @@ impl Model {
         }
     }
 
+    /// The gradient `dres` entering a product: itself, or in bf16 a rounded copy in `dround` (dres stays f32).
+    fn grad_operand<'a>(&self, dround: &'a mut [f32], dres: &'a [f32]) -> &'a [f32] {
+        if !self.compute_bf16 {
+            return dres;
+        }
+        dround.copy_from_slice(dres);
+        round_bf16_slice(dround);
+        dround
+    }
+
     /// dinp (N, IC) = dout · W for the weight at `off`: from the f32 weights, or in bf16 from the rounded `wt`.
     fn bwd_input(&self, dinp: &mut [f32], dout: &[f32], off: usize, n: usize, ic: usize, oc: usize) {
         if self.compute_bf16 {
@@ -536,19 +546,10 @@ impl Model {
         let a = &acts.layers[if acts.recompute { 0 } else { l }];
         let (dres, dln, dfc) = (&mut acts.dres[..n * c], &mut acts.dln[..n * c], &mut acts.dfc[..n * f]);
         let dround = &mut acts.dround[..n * c];
-        let bf16 = self.compute_bf16;
-        // the gradient entering a product: dres itself, or in bf16 a rounded copy (dres stays f32)
-        let operand = |dround: &mut [f32], dres: &[f32]| {
-            dround.copy_from_slice(dres);
-            round_bf16_slice(dround);
-        };
         // SAFETY (all g.get below): each call takes a distinct tensor of the layout, used before the next.
         unsafe {
             // mlp backward from g_out = dres: (N,C) <- (N,F) <- (N,C)
-            if bf16 {
-                operand(dround, dres);
-            }
-            let dout: &[f32] = if bf16 { dround } else { dres };
+            let dout = self.grad_operand(dround, dres);
             self.bwd_input(dfc, dout, o.proj_w, n, f, c);
             linear_bwd_weight(g.get(o.proj_w, c * f), Some(g.get(o.proj_b, c)), dout, &a.fc_act, n, f, c);
             gelu_bwd_inplace(dfc, &a.fc_pre[..n * f]);
@@ -557,7 +558,6 @@ impl Model {
             linear_bwd_weight(g.get(o.fc_w, f * c), Some(g.get(o.fc_b, f)), dfc, &a.ln2_out, n, c, f);
             if cfg.use_parallel_residual {
                 // attention branch also reads g_out (dout above), before ln2's backward adds into dres
-                let dout: &[f32] = if bf16 { dround } else { dres };
                 self.bwd_input(&mut acts.dattn_y, dout, o.dense_w, n, c, c);
                 linear_bwd_weight(g.get(o.dense_w, c * c), Some(g.get(o.dense_b, c)), dout, &a.attn_y, n, c, c);
                 layernorm_bwd(
@@ -586,10 +586,7 @@ impl Model {
                     n,
                     c,
                 );
-                if bf16 {
-                    operand(dround, dres);
-                }
-                let dout: &[f32] = if bf16 { dround } else { dres };
+                let dout = self.grad_operand(dround, dres);
                 self.bwd_input(&mut acts.dattn_y, dout, o.dense_w, n, c, c);
                 linear_bwd_weight(g.get(o.dense_w, c * c), Some(g.get(o.dense_b, c)), dout, &a.attn_y, n, c, c);
             }
