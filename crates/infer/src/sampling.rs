@@ -46,21 +46,9 @@ impl SamplingParams {
     }
 }
 
-/// Index of the largest value among `logits[..limit]`; the first on ties (as `torch.argmax`). NaN never wins.
+/// Index of the largest value; the first on ties (as `torch.argmax`). NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
-    // the maximum with 16 independent lanes (vectorises; NaN never wins a `>`), then its first position
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = logits.chunks_exact(16);
-    for c in &mut chunks {
-        for k in 0..16 {
-            lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
-        }
-    }
-    let mx = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-    if mx == f32::NEG_INFINITY {
-        return 0; // empty, all -inf or all NaN: id 0, as the scalar scan did
-    }
-    logits.iter().position(|&v| v == mx).unwrap_or(0) as u32
+    neox::generate::argmax(logits) as u32
 }
 
 /// Order used everywhere: higher weight first, lower id first on ties (a total, deterministic order).
@@ -152,38 +140,6 @@ mod tests {
         let mut rng = Rng::new(seed);
         let mut s = Vec::new();
         (0..n).map(|_| sample(logits, limit, &p, &mut rng, &mut s)).collect()
-    }
-
-    /// The vectorised argmax equals a plain first-strictly-greater scan on vectors with ties, NaN, ±inf, ±0.
-    #[test]
-    fn argmax_equals_the_scalar_scan() {
-        let scalar = |l: &[f32]| {
-            let (mut best, mut bv) = (0, f32::NEG_INFINITY);
-            for (i, &v) in l.iter().enumerate() {
-                if v > bv {
-                    (best, bv) = (i, v);
-                }
-            }
-            best as u32
-        };
-        let mut rng = Rng::new(3);
-        let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0];
-        for n in [0, 1, 5, 16, 17, 100, 1000] {
-            for _ in 0..200 {
-                let l: Vec<f32> = (0..n)
-                    .map(|_| {
-                        let r = rng.next_f64();
-                        if r < 0.1 {
-                            specials[(r * 60.0) as usize % specials.len()]
-                        } else {
-                            (r * 8.0).floor() as f32 // few distinct values: many ties
-                        }
-                    })
-                    .collect();
-                assert_eq!(argmax(&l), scalar(&l), "{l:?}");
-            }
-        }
-        assert_eq!(argmax(&[f32::NAN; 20]), 0);
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! mutated; all per-request state is in `KvCache`.
 
 use crate::error::{Error, Result};
+use crate::kernels::cached::{block_scores, prefetch_start, weighted_values, KB};
 use crate::kernels::layernorm::layernorm_fwd;
 use crate::kernels::math::{self, gelu_fwd, Weight};
 use crate::kernels::matmul::linear_fwd_t;
+use crate::kernels::panels::linear_panels;
 use crate::kernels::pool;
 use crate::kernels::rotary::{rope_apply, rope_table};
-use crate::kernels::rows::{linear_rows, RowWeights, FEW_ROWS};
+use crate::kernels::rows::{linear_rows, FEW_ROWS};
 use crate::kernels::SendPtr;
 use crate::model::Model;
 use std::cell::RefCell;
@@ -189,11 +191,10 @@ impl Model {
         let lin = |out: &mut [f32], inp: &[f32], w: usize, b: Option<usize>, rows: usize, ic: usize, oc: usize, acc| {
             let bias = b.map(|b| p(b, oc));
             if rows <= FEW_ROWS {
-                let wts = match self.bf16_weights() {
-                    Some(b) => RowWeights::Bf16(&b[w..w + oc * ic]),
-                    None => RowWeights::F32(p(w, oc * ic)),
-                };
-                linear_rows(out, inp, wts, bias, rows, ic, oc, acc)
+                match self.bf16_weights() {
+                    Some(b) => linear_panels(out, inp, b.matrix(w), bias, rows, ic, oc, acc),
+                    None => linear_rows(out, inp, p(w, oc * ic), bias, rows, ic, oc, acc),
+                }
             } else {
                 linear_fwd_t(out, inp, self.t(w, oc * ic), bias, rows, ic, oc, acc)
             }
@@ -243,7 +244,14 @@ impl Model {
                 layernorm_fwd(&mut s.ln, &mut s.mean, &mut s.rstd, &s.x, p(o.ln2_w, c), p(o.ln2_b, c), n, c, eps);
             }
             lin(&mut s.fc, &s.ln, o.fc_w, Some(o.fc_b), n, c, f, false);
-            gelu_fwd(&mut s.fc2, &s.fc);
+            // one row per task: below the elementwise kernels' threshold a batch's GELU would run on one core
+            let out = SendPtr(s.fc2.as_mut_ptr());
+            let fc = &s.fc;
+            pool::for_each(n, |r| {
+                // SAFETY: row r of fc2 (n x f, resized above) is written by this task only.
+                let row = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * f), f) };
+                gelu_fwd(row, &fc[r * f..(r + 1) * f]);
+            });
             lin(&mut s.x, &s.fc2, o.proj_w, Some(o.proj_b), n, f, c, true);
         }
         // final LayerNorm and head on the last new position of each row that has one: (B',C) -> (B',V)
@@ -276,9 +284,6 @@ impl Model {
     }
 }
 
-/// Key slots per transposed block (`Kv`).
-const KB: usize = 16;
-
 /// y (n, C) = attention of each computed token's query over its row's slots up to and including its own.
 fn cached_attention(s: &mut KvCache, l: usize, h: usize, d: usize) {
     let y = SendPtr(s.y.as_mut_ptr());
@@ -309,30 +314,16 @@ fn attend<W: Weight + Sync>(k: &[W], v: &[W], s: &KvCache, y: SendPtr, l: usize,
             let upto = pos[row] as usize + 1;
             // SAFETY: the (row, head hh) output block is written by this task only; row < rows.len().
             let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
-            out.fill(0.0);
-            // scores over slots 0..upto, a block of KB at a time: Σ_d q[d]·Kᵀ[d][j] in registers (the last block's
-            // slots past upto are computed and ignored)
-            let nb = upto.div_ceil(KB);
-            for (blk, sc) in kb.chunks_exact(d * KB).zip(scores.chunks_exact_mut(KB)).take(nb) {
-                let mut acc = [0f32; KB];
-                for (kr, &qd) in blk.chunks_exact(KB).zip(q) {
-                    for (a, &kv) in acc.iter_mut().zip(kr) {
-                        *a += qd * kv.f32();
-                    }
-                }
-                for (s, a) in sc.iter_mut().zip(acc) {
-                    *s = a * scale;
-                }
-            }
+            // scores over slots 0..upto, a block of KB at a time (the last block's slots past upto are computed
+            // and ignored), then softmax and the weighted values
+            prefetch_start(kb);
+            prefetch_start(vb);
+            block_scores(kb, q, scores, upto.div_ceil(KB), scale);
             let sc = &mut scores[..upto];
             let mx = math::max(sc);
             let inv = 1.0 / math::exp_shift_sum(sc, mx);
-            for (j, &e) in sc.iter().enumerate() {
-                if e != 0.0 {
-                    let w = e * inv;
-                    out.iter_mut().zip(&vb[j * d..(j + 1) * d]).for_each(|(o, &x)| *o += w * x.f32());
-                }
-            }
+            sc.iter_mut().for_each(|e| *e *= inv);
+            weighted_values(out, vb, sc);
         })
     });
 }

@@ -12,6 +12,7 @@ use crate::kernels::attention::{attention_bwd, attention_fwd, Visibility};
 use crate::kernels::layernorm::{layernorm_bwd, layernorm_fwd};
 use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
 use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_bwd_weight, linear_fwd_t};
+use crate::kernels::panels::{pack_bf16, packed_lines, Line};
 use crate::kernels::rotary::{rope_apply, rope_table};
 use crate::kernels::transpose::transpose;
 use crate::kernels::xent::{lm_head_xent, XentGrad, XentScratch};
@@ -34,7 +35,7 @@ pub struct Model {
     spare: Mutex<Vec<f32>>,
     /// Few-row decoding reads bfloat16 copies of the Linear/head weights (`set_decode_bf16`), built lazily.
     decode_bf16: bool,
-    bf16: OnceLock<Vec<u16>>,
+    bf16: OnceLock<PackedBf16>,
     /// bf16 mixed precision for training (`set_compute_bf16`): the operands of every matrix product are bf16
     /// values (weights from a rounded `wt`, activations and incoming gradients rounded), accumulation and
     /// everything else stay f32, and `params` are the f32 master weights.
@@ -264,19 +265,24 @@ impl Model {
     }
 
     /// The bf16 weight copy, when decoding in bf16 (built on first use after a change).
-    pub(crate) fn bf16_weights(&self) -> Option<&[u16]> {
+    pub(crate) fn bf16_weights(&self) -> Option<&PackedBf16> {
         if !self.decode_bf16 {
             return None;
         }
         Some(self.bf16.get_or_init(|| {
-            let mut b = vec![0u16; self.layout.total];
-            for (o, rows, cols) in self.matrices() {
-                let n = rows * cols;
-                for (d, s) in b[o..o + n].iter_mut().zip(&self.params[o..o + n]) {
-                    *d = half::bf16::from_f32(*s).to_bits();
-                }
+            let mats = self.matrices();
+            let mut at = Vec::with_capacity(mats.len());
+            let mut len = 0;
+            for &(o, rows, cols) in &mats {
+                at.push((o, len));
+                len += packed_lines(rows, cols);
             }
-            b
+            let mut lines = vec![Line::default(); len];
+            for (&(o, rows, cols), &(_, start)) in mats.iter().zip(&at) {
+                let n = packed_lines(rows, cols);
+                pack_bf16(&mut lines[start..start + n], &self.params[o..o + rows * cols], rows, cols);
+            }
+            PackedBf16 { lines, at }
         }))
     }
 
@@ -714,5 +720,21 @@ impl Model {
             dst.iter_mut().zip(row).for_each(|(d, s)| *d += s);
         }
         Ok((loss, acts.targets.len()))
+    }
+}
+
+/// The bf16 copies of the weight matrices for few-row decoding, each packed in panels (`kernels::panels`).
+pub(crate) struct PackedBf16 {
+    lines: Vec<Line>,
+    /// (parameter offset, first line) of each matrix.
+    at: Vec<(usize, usize)>,
+}
+
+impl PackedBf16 {
+    /// The packed lines of the matrix at parameter offset `off`.
+    pub(crate) fn matrix(&self, off: usize) -> &[Line] {
+        let i = self.at.iter().position(|&(o, _)| o == off).expect("a weight matrix offset");
+        let end = self.at.get(i + 1).map_or(self.lines.len(), |&(_, s)| s);
+        &self.lines[self.at[i].1..end]
     }
 }

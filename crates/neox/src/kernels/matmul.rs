@@ -119,7 +119,7 @@ fn linear_fwd_strided(
     }
 }
 
-pub use super::rows::{linear_rows, RowWeights, FEW_ROWS};
+pub use super::rows::{linear_rows, FEW_ROWS};
 
 fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
     let oc = b.len();
@@ -250,6 +250,7 @@ pub fn col_sum_acc(acc: &mut [f32], x: &[f32], n: usize, c: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::panels::{linear_panels, pack_bf16, packed_lines, Line};
     use crate::kernels::transpose::transpose;
 
     fn naive(inp: &[f32], w: &[f32], b: &[f32], n: usize, ic: usize, oc: usize) -> Vec<f32> {
@@ -285,14 +286,15 @@ mod tests {
             assert!((a - e).abs() < 1e-5);
         }
         let mut out_r = vec![0f32; n * oc];
-        linear_rows(&mut out_r, &inp, RowWeights::F32(&w), Some(&b), n, ic, oc, false);
-        linear_rows(&mut out_r, &inp, RowWeights::F32(&w), None, n, ic, oc, true);
+        linear_rows(&mut out_r, &inp, &w, Some(&b), n, ic, oc, false);
+        linear_rows(&mut out_r, &inp, &w, None, n, ic, oc, true);
         for ((a, e), bb) in out_r.iter().zip(&out).zip(b.iter().cycle()) {
             assert!((a - (2.0 * e - bb)).abs() < 1e-4);
         }
-        let wb: Vec<u16> = w.iter().map(|x| half::bf16::from_f32(*x).to_bits()).collect();
+        let mut wb = vec![Line::default(); packed_lines(oc, ic)];
+        pack_bf16(&mut wb, &w, oc, ic);
         let mut out_b = vec![0f32; n * oc];
-        linear_rows(&mut out_b, &inp, RowWeights::Bf16(&wb), Some(&b), n, ic, oc, false);
+        linear_panels(&mut out_b, &inp, &wb, Some(&b), n, ic, oc, false);
         for (a, e) in out_b.iter().zip(&out) {
             assert!((a - e).abs() < 0.05 * (1.0 + e.abs()), "bf16 {a} vs {e}");
         }

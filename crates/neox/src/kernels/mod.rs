@@ -3,9 +3,11 @@
 //! on the hot path beyond what callers pass in. Shapes: N rows (= B*T), C channels, etc. per function.
 
 pub mod attention;
+pub mod cached;
 pub mod layernorm;
 pub mod math;
 pub mod matmul;
+pub mod panels;
 pub mod pool;
 pub mod rotary;
 pub mod rows;
