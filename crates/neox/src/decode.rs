@@ -316,8 +316,8 @@ fn attend<W: Weight + Sync>(k: &[W], v: &[W], s: &KvCache, y: SendPtr, l: usize,
             let out = unsafe { std::slice::from_raw_parts_mut(y.get().add(row * c + hh * d), d) };
             // scores over slots 0..upto, a block of KB at a time (the last block's slots past upto are computed
             // and ignored), then softmax and the weighted values
-            prefetch_start(kb);
-            prefetch_start(vb);
+            prefetch_start(&kb[..upto.div_ceil(KB) * KB * d]);
+            prefetch_start(&vb[..upto * d]);
             block_scores(kb, q, scores, upto.div_ceil(KB), scale);
             let sc = &mut scores[..upto];
             let mx = math::max(sc);

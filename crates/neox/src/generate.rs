@@ -21,7 +21,9 @@ pub fn argmax(x: &[f32]) -> usize {
     if mx == f32::NEG_INFINITY {
         return 0;
     }
-    x.iter().position(|&v| v == mx).unwrap_or(0)
+    // first position: the first 16-wide chunk holding the maximum (a vector compare each), then within it
+    let chunk = x.chunks(16).position(|c| c.iter().fold(false, |a, &v| a | (v == mx))).unwrap_or(0);
+    chunk * 16 + x[chunk * 16..].iter().position(|&v| v == mx).unwrap_or(0)
 }
 
 /// `argmax` of each row of `logits` (rows of `v`), the rows spread over the decode threads.

@@ -27,10 +27,10 @@ fn prefetch<W>(x: &[W], i: usize) {
     }
 }
 
-/// Prefetches the first `AHEAD` bytes of `x`: the start of a stream, before its loop begins.
+/// Prefetches the first `AHEAD` bytes of `x` (at most all of it): the start of a stream, before its loop begins.
 pub fn prefetch_start<W>(x: &[W]) {
     let step = 64 / size_of::<W>();
-    for i in (0..AHEAD / size_of::<W>()).step_by(step) {
+    for i in (0..(AHEAD / size_of::<W>()).min(x.len())).step_by(step) {
         prefetch(x, i);
     }
 }
