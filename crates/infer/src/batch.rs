@@ -102,6 +102,11 @@ impl<'m> BatchDecoder<'m> {
         self.rows.len()
     }
 
+    /// Fault in the KV cache's memory now (`KvCache::commit_memory`), before the first batch.
+    pub fn commit_memory(&mut self) {
+        self.cache.commit_memory();
+    }
+
     /// Make every row free and the cache empty again, keeping the allocations (a new batch without
     /// re-zeroing hundreds of MB of KV cache).
     pub fn reset(&mut self) {

@@ -140,6 +140,7 @@ fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &St
     // One decoder for the server's life, max_batch rows: idle rows cost nothing (the engine computes real tokens
     // only), requests arriving while a batch decodes take a free row, and the KV cache is allocated once.
     let mut dec = BatchDecoder::new(model, max_batch, cfg.kv_slots, cfg.vocab_limit, cfg.stop_id);
+    dec.commit_memory();
     loop {
         // idle: wait for work (or exit when shutting down with nothing queued)
         {

@@ -63,7 +63,9 @@ impl Default for ServerOptions {
 
 struct AppState {
     scheduler: Scheduler,
-    tokenizer: DollyTokenizer,
+    /// Shared by every response's stream decoder (a clone of the tokenizer copies its vocabulary and merges: ~MBs
+    /// and milliseconds per request).
+    tokenizer: Arc<DollyTokenizer>,
     model_id: String,
     /// Prompt + max_tokens must fit in this.
     max_context: usize,
@@ -139,7 +141,7 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
     let scheduler = Scheduler::start(model.clone(), sched_cfg);
     let state = Arc::new(AppState {
         scheduler: scheduler.clone(),
-        tokenizer,
+        tokenizer: Arc::new(tokenizer),
         model_id: opts.model_id.clone(),
         max_context: max_pos.min(kv_slots),
         default_max_tokens: opts.default_max_tokens.max(1),
@@ -532,7 +534,7 @@ enum Kind {
 /// Turns job events into text with a `TextStream`; shared by the streaming and non-streaming paths.
 struct Collector {
     ts: TextStream,
-    tok: DollyTokenizer,
+    tok: Arc<DollyTokenizer>,
     stop_id: u32,
     generated: usize,
 }

@@ -78,6 +78,30 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.real.fill(0);
     }
+
+    /// Touch every page of the keys and values now. The cache is allocated zeroed and the OS maps its pages on
+    /// first write, so otherwise the first batch to reach each row pays the page faults (at pythia-70m, 8 rows in
+    /// bf16: the first 8-request burst after start ran at 840 tok/s instead of 1250). A server calls this at start:
+    /// the memory is committed before any request, and a machine without room for it fails there, not mid-request.
+    pub fn commit_memory(&mut self) {
+        fn touch<T: Copy + Default>(x: &mut [T]) {
+            let step = (4096 / size_of::<T>()).max(1);
+            for i in (0..x.len()).step_by(step) {
+                // SAFETY: i < x.len(); a volatile write so the store (which faults the page in) is kept.
+                unsafe { std::ptr::write_volatile(x.as_mut_ptr().add(i), T::default()) }
+            }
+        }
+        match &mut self.kv {
+            Kv::F32 { k, v } => {
+                touch(k);
+                touch(v);
+            }
+            Kv::Bf16 { k, v } => {
+                touch(k);
+                touch(v);
+            }
+        }
+    }
 }
 
 impl Model {
