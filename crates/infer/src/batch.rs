@@ -8,7 +8,7 @@
 //! Stops a row on the stop id (`### End`, kept as its last generated token) or on its token budget.
 //! Does not tokenize or decode text; never mutates the model.
 
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{sample, SamplingParams, Scratch};
 use crate::{Error, Result};
 use common::Rng;
 use neox::kernels::pool;
@@ -61,7 +61,7 @@ enum Row {
 }
 
 /// One row's sampling job: the row, its scratch, the token chosen.
-type Choice<'a> = Mutex<(&'a mut Row, &'a mut Vec<(f32, u32)>, Option<u32>)>;
+type Choice<'a> = Mutex<(&'a mut Row, &'a mut Scratch, Option<u32>)>;
 
 /// A batch of sequences decoding together on one KV cache.
 pub struct BatchDecoder<'m> {
@@ -73,7 +73,7 @@ pub struct BatchDecoder<'m> {
     stop_id: Option<u32>,
     pad_id: u32,
     /// Sampling scratch per row.
-    scratch: Vec<Vec<(f32, u32)>>,
+    scratch: Vec<Scratch>,
     ids: Vec<u32>,
     mask: Vec<u8>,
 }
@@ -92,7 +92,7 @@ impl<'m> BatchDecoder<'m> {
             vocab_limit: vocab_limit.clamp(1, v),
             stop_id,
             pad_id: 0,
-            scratch: vec![Vec::new(); batch],
+            scratch: (0..batch).map(|_| Scratch::default()).collect(),
             ids: Vec::new(),
             mask: Vec::new(),
         }

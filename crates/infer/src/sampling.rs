@@ -4,6 +4,7 @@
 //! Does not apply repetition penalties or stop rules (the caller stops on `### End`).
 
 use common::Rng;
+use neox::kernels::math::exp;
 
 /// Sampling settings of one sequence. `Default` is Dolly's pipeline: sampling on, top_p 0.92, top_k 0 (off),
 /// temperature 1.0.
@@ -56,80 +57,120 @@ fn desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+/// Reusable buffers for `sample` (one per concurrently sampled row).
+#[derive(Default)]
+pub struct Scratch {
+    /// Weight of every token: exp(scaled logit - max).
+    w: Vec<f32>,
+    /// Candidates (weight, id) in the order of the draw.
+    kept: Vec<(f32, u32)>,
+}
+
+/// Thresholds on the weight (the largest is 1) tried in turn for the top-p nucleus: the tokens at or above the
+/// first one whose total weight reaches the target hold the whole nucleus, so only they are sorted.
+const NUCLEUS_THRESHOLDS: [f32; 7] = [1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0, 1.0 / 65536.0, 1.0 / 1048576.0, 1e-9, 0.0];
+
+/// The largest value (16 independent lanes, so it vectorises); -inf for an empty slice.
+fn lane_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for k in 0..16 {
+            lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Σ of the weights >= `tau`, in f64 (8 independent lanes, so it vectorises).
+fn mass(w: &[f32], tau: f32) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut chunks = w.chunks_exact(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            lanes[k] += if c[k] >= tau { c[k] as f64 } else { 0.0 };
+        }
+    }
+    let rest: f64 = chunks.remainder().iter().filter(|&&x| x >= tau).map(|&x| x as f64).sum();
+    lanes.iter().sum::<f64>() + rest
+}
+
 /// Choose the next token from `logits` (one row, length >= `vocab_limit`); only ids `< vocab_limit` can be chosen.
 /// `scratch` is reused between calls to avoid allocation.
-pub fn sample(
-    logits: &[f32],
-    vocab_limit: usize,
-    p: &SamplingParams,
-    rng: &mut Rng,
-    scratch: &mut Vec<(f32, u32)>,
-) -> u32 {
+pub fn sample(logits: &[f32], vocab_limit: usize, p: &SamplingParams, rng: &mut Rng, scratch: &mut Scratch) -> u32 {
     let logits = &logits[..vocab_limit.min(logits.len())];
     if p.is_greedy() {
         return argmax(logits);
     }
-    // temperature: (V) scaled logits as candidates (NaN counts as -inf)
+    // temperature, then weights exp(l - max) (NaN counts as -inf)
     let inv_t = 1.0 / p.temperature;
-    scratch.clear();
-    scratch.extend(
-        logits.iter().enumerate().map(|(i, &l)| (if l.is_nan() { f32::NEG_INFINITY } else { l * inv_t }, i as u32)),
-    );
-    // top-k on scaled logits
-    if p.top_k > 0 && p.top_k < scratch.len() {
-        scratch.select_nth_unstable_by(p.top_k - 1, desc);
-        scratch.truncate(p.top_k);
-    }
-    // softmax weights (unnormalised): exp(l - max)
-    let mx = scratch.iter().map(|c| c.0).fold(f32::NEG_INFINITY, f32::max);
-    if mx == f32::NEG_INFINITY {
+    let Scratch { w, kept } = scratch;
+    w.clear();
+    w.extend(logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l * inv_t }));
+    let mx = lane_max(w);
+    if !mx.is_finite() {
+        // all -inf, or a temperature so small that a logit overflowed: the limit is the argmax
         return argmax(logits);
     }
-    let mut total = 0f64;
-    for c in scratch.iter_mut() {
-        c.0 = (c.0 - mx).exp();
-        total += c.0 as f64;
+    w.iter_mut().for_each(|x| *x = exp(*x - mx));
+    let w_all = mass(w, 0.0);
+    kept.clear();
+    if p.top_k > 0 && p.top_k < w.len() {
+        // top-k: the k largest, in the draw order
+        kept.extend(w.iter().enumerate().map(|(i, &x)| (x, i as u32)));
+        kept.select_nth_unstable_by(p.top_k - 1, desc);
+        kept.truncate(p.top_k);
+        kept.sort_unstable_by(desc);
     }
-    // top-p: smallest prefix of the descending order whose mass reaches top_p (at least one token). Finding the
-    // prefix only needs the head of the order: select the m largest, widen m until they hold enough mass.
-    let mut kept = scratch.len();
+    let total = if kept.is_empty() { w_all } else { kept.iter().map(|c| c.0 as f64).sum() };
+    // top-p: the smallest prefix of the descending order whose mass reaches top_p (at least one token)
     if p.top_p < 1.0 {
         let target = p.top_p as f64 * total;
-        let n = scratch.len();
-        let mut m = 64.min(n);
-        loop {
-            if m < n {
-                scratch.select_nth_unstable_by(m - 1, desc);
-            }
-            let head_mass: f64 = scratch[..m].iter().map(|c| c.0 as f64).sum();
-            if head_mass >= target || m == n {
-                scratch[..m].sort_unstable_by(desc);
-                let mut acc = 0f64;
-                kept = m;
-                for (i, c) in scratch[..m].iter().enumerate() {
-                    acc += c.0 as f64;
-                    if acc >= target {
-                        kept = i + 1;
-                        break;
-                    }
+        if kept.is_empty() {
+            let tau = NUCLEUS_THRESHOLDS.into_iter().find(|&t| mass(w, t) >= target).unwrap_or(0.0);
+            // 16 at a time: a vector compare skips the chunks with no candidate (nearly all of them)
+            for (ci, c) in w.chunks(16).enumerate() {
+                if c.iter().fold(false, |a, &x| a | (x >= tau)) {
+                    let at = c.iter().enumerate().filter(|(_, &x)| x >= tau);
+                    kept.extend(at.map(|(k, &x)| (x, (ci * 16 + k) as u32)));
                 }
+            }
+            kept.sort_unstable_by(desc);
+        }
+        let mut acc = 0f64;
+        let mut n = kept.len();
+        for (i, c) in kept.iter().enumerate() {
+            acc += c.0 as f64;
+            if acc >= target {
+                n = i + 1;
                 break;
             }
-            m = (m * 8).min(n);
         }
-        total = scratch[..kept].iter().map(|c| c.0 as f64).sum();
+        kept.truncate(n);
     }
-    // draw from the renormalised kept weights
+    // draw from the renormalised candidates (all tokens in id order when neither top-k nor top-p applies)
+    if kept.is_empty() {
+        let u = rng.next_f64() * total;
+        let mut acc = 0f64;
+        for (i, &x) in w.iter().enumerate() {
+            acc += x as f64;
+            if u < acc {
+                return i as u32;
+            }
+        }
+        // rounding: the last token with weight
+        return w.iter().rposition(|&x| x > 0.0).unwrap_or(0) as u32;
+    }
+    let total: f64 = kept.iter().map(|c| c.0 as f64).sum();
     let u = rng.next_f64() * total;
     let mut acc = 0f64;
-    for c in &scratch[..kept] {
+    for c in kept.iter() {
         acc += c.0 as f64;
         if u < acc {
             return c.1;
         }
     }
-    // rounding: fall back to the last kept token with weight
-    scratch[..kept].iter().rev().find(|c| c.0 > 0.0).map(|c| c.1).unwrap_or(scratch[0].1)
+    kept.iter().rev().find(|c| c.0 > 0.0).map_or(kept[0].1, |c| c.1)
 }
 
 #[cfg(test)]
@@ -138,7 +179,7 @@ mod tests {
 
     fn draw(logits: &[f32], limit: usize, p: SamplingParams, n: usize, seed: u64) -> Vec<u32> {
         let mut rng = Rng::new(seed);
-        let mut s = Vec::new();
+        let mut s = Scratch::default();
         (0..n).map(|_| sample(logits, limit, &p, &mut rng, &mut s)).collect()
     }
 

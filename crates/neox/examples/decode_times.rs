@@ -1,8 +1,8 @@
-//! Times the matrix products of a decode step at pythia-70m shape, f32 weights (`linear_rows`) against bf16
-//! panels (`linear_panels`): each shape alone with the bytes it streams (weights cycled through 400 MB of copies,
-//! so they come from memory), then the whole step's 25 matrices (one copy, as a real step reads them), the two
-//! dtypes interleaved in one loop so both see the same machine state. Medians.
-//! `ROWS=8 cargo run --release -p neox --example decode_times` (ROWS = input rows, the batch; default 1).
+//! Times the matrix products of a decode step at pythia-70m shape, f32 weights (`linear_rows`) and bf16 panels
+//! (`linear_panels`): each shape alone with the bytes it streams (weights cycled through 400 MB of copies, so they
+//! come from memory; ROWS input rows), then per dtype the whole step's 25 matrices (one copy, as a real step reads
+//! them) at 1 and 8 input rows, interleaved. Medians.
+//! `ROWS=8 cargo run --release -p neox --example decode_times` (ROWS = input rows of the per-shape part; default 1).
 
 use neox::kernels::matmul::linear_rows;
 use neox::kernels::panels::{linear_panels, pack_bf16, packed_lines, Line};
@@ -65,27 +65,36 @@ fn main() {
             bytes * 2.0 / tb / 1e9
         );
     }
-    // the whole step: 6 layers and the head, each matrix once
-    let mats: Vec<(usize, usize, Vec<f32>, Vec<Line>)> = (0..6)
-        .flat_map(|_| layer)
-        .chain([head])
-        .map(|(_, ic, oc)| {
-            let (wf, wp) = weights(ic, oc, 1);
-            (ic, oc, wf, wp)
-        })
-        .collect();
-    let (mut tf, mut tb) = (vec![], vec![]);
-    for _ in 0..41 {
-        let t = Instant::now();
-        for (ic, oc, wf, _) in &mats {
-            linear_rows(&mut out, &inp, wf, None, n, *ic, *oc, false);
+    // the whole step, each dtype on its own (a real step touches one weight set): 6 layers and the head, each
+    // matrix once, 1 input row and 8 interleaved so the ratio compares the same minutes
+    let shapes: Vec<(usize, usize)> = (0..6).flat_map(|_| layer).chain([head]).map(|(_, ic, oc)| (ic, oc)).collect();
+    let time = |f: &mut dyn FnMut(usize)| {
+        let (mut t1, mut t8) = (vec![], vec![]);
+        for _ in 0..41 {
+            for (rows, t) in [(1, &mut t1), (8, &mut t8)] {
+                let start = Instant::now();
+                f(rows);
+                t.push(start.elapsed().as_secs_f64() * 1e3);
+            }
         }
-        tf.push(t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        for (ic, oc, _, wp) in &mats {
-            linear_panels(&mut out, &inp, wp, None, n, *ic, *oc, false);
+        let (a, b) = (median(t1), median(t8));
+        format!("1 row {a:.3} ms, 8 rows {b:.3} ms: 8 rows / 1 row {:.2}x time, {:.2}x tokens/s", b / a, 8.0 * a / b)
+    };
+    let inp = vec![0.5f32; 8 * 2048];
+    let mut out = vec![0f32; 8 * 50304];
+    let wf: Vec<Vec<f32>> = shapes.iter().map(|&(ic, oc)| weights(ic, oc, 1).0).collect();
+    let r = time(&mut |rows| {
+        for ((ic, oc), w) in shapes.iter().zip(&wf) {
+            linear_rows(&mut out, &inp, w, None, rows, *ic, *oc, false);
         }
-        tb.push(t.elapsed().as_secs_f64());
-    }
-    println!("whole step (25 matrices): f32 {:.3} ms, bf16 panels {:.3} ms", median(tf) * 1e3, median(tb) * 1e3);
+    });
+    println!("whole step (25 matrices), f32:         {r}");
+    drop(wf);
+    let wp: Vec<Vec<Line>> = shapes.iter().map(|&(ic, oc)| weights(ic, oc, 1).1).collect();
+    let r = time(&mut |rows| {
+        for ((ic, oc), w) in shapes.iter().zip(&wp) {
+            linear_panels(&mut out, &inp, w, None, rows, *ic, *oc, false);
+        }
+    });
+    println!("whole step (25 matrices), bf16 panels: {r}");
 }
