@@ -20,14 +20,14 @@ pub(crate) const SMALL: usize = 1 << 15;
 
 /// A raw pointer that may cross rayon threads; each user writes disjoint ranges (documented at each use).
 #[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+pub(crate) struct SendPtr<T = f32>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
-impl SendPtr {
+impl<T> SendPtr<T> {
     /// The pointer (a method, so closures capture the whole Send wrapper).
     #[inline(always)]
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

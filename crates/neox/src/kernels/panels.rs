@@ -11,6 +11,7 @@
 //! so a row gets the same bits alone or in a batch.
 
 use super::pool;
+use super::rows::Dest;
 use super::SendPtr;
 
 /// Output columns per panel.
@@ -30,7 +31,7 @@ pub fn packed_lines(oc: usize, ic: usize) -> usize {
 pub fn pack_bf16(dst: &mut [Line], w: &[f32], oc: usize, ic: usize) {
     assert!(dst.len() == packed_lines(oc, ic) && w.len() >= oc * ic);
     let bits = |x: f32| half::bf16::from_f32(x).to_bits();
-    let dp = LinePtr(dst.as_mut_ptr());
+    let dp = SendPtr(dst.as_mut_ptr());
     pool::for_each(oc.div_ceil(PANEL), |p| {
         // SAFETY: panel p's lines p*ic..(p+1)*ic are written by this task alone, inside `dst` (asserted above).
         let lines = unsafe { std::slice::from_raw_parts_mut(dp.get().add(p * ic), ic) };
@@ -41,16 +42,6 @@ pub fn pack_bf16(dst: &mut [Line], w: &[f32], oc: usize, ic: usize) {
             }
         }
     });
-}
-
-#[derive(Clone, Copy)]
-struct LinePtr(*mut Line);
-unsafe impl Send for LinePtr {}
-unsafe impl Sync for LinePtr {}
-impl LinePtr {
-    fn get(self) -> *mut Line {
-        self.0
-    }
 }
 
 /// Most panels per parallel task (256 columns, 256 KiB of weights at IC 512); fewer when that would leave a
@@ -76,7 +67,8 @@ pub fn linear_panels(
 ) {
     assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= packed_lines(oc, ic));
     assert!(bias.is_none_or(|b| b.len() == oc));
-    let job = Job { out: SendPtr(out.as_mut_ptr()), inp, w, bias, n, ic, oc, accumulate };
+    let dst = Dest { out: SendPtr(out.as_mut_ptr()), bias, n, oc, accumulate };
+    let job = Job { dst, inp, w, ic };
     let panels = oc.div_ceil(PANEL);
     let tp = TASK_PANELS.min(panels.div_ceil(rayon::current_num_threads()));
     pool::for_each(panels.div_ceil(tp), |t| {
@@ -93,36 +85,20 @@ pub fn linear_panels(
 
 /// One call's operands.
 struct Job<'a> {
-    out: SendPtr,
+    dst: Dest<'a>,
     inp: &'a [f32],
     w: &'a [Line],
-    bias: Option<&'a [f32]>,
-    n: usize,
     ic: usize,
-    oc: usize,
-    accumulate: bool,
 }
 
 impl Job<'_> {
-    /// Writes y + bias into (r, o), or adds it. Column o belongs to one task only.
-    #[inline(always)]
-    fn put(&self, r: usize, o: usize, y: f32) {
-        let b = self.bias.map_or(0.0, |b| b[o]);
-        debug_assert!(r < self.n && o < self.oc);
-        // SAFETY: r < n and o < oc (the caller asserted out.len() >= n * oc); column o is this task's alone.
-        unsafe {
-            let dst = self.out.get().add(r * self.oc + o);
-            *dst = if self.accumulate { *dst + y + b } else { y + b };
-        }
-    }
-
     /// Panels p0..p1 for every row, without SIMD intrinsics: the same fused multiply-adds in the same order as the
     /// AVX-512 tile, so the same bits.
     fn portable(&self, p0: usize, p1: usize) {
         let ic = self.ic;
         for p in p0..p1 {
             let lines = &self.w[p * ic..(p + 1) * ic];
-            for r in 0..self.n {
+            for r in 0..self.dst.n {
                 let x = &self.inp[r * ic..(r + 1) * ic];
                 let mut acc = [0f32; PANEL];
                 for (&xk, line) in x.iter().zip(lines) {
@@ -131,8 +107,8 @@ impl Job<'_> {
                         acc[col] = xk.mul_add(f32::from_bits((b as u32) << 16), acc[col]);
                     }
                 }
-                for (j, &y) in acc.iter().enumerate().take(self.oc - p * PANEL) {
-                    self.put(r, p * PANEL + j, y);
+                for (j, &y) in acc.iter().enumerate().take(self.dst.oc - p * PANEL) {
+                    self.dst.put(r, p * PANEL + j, y);
                 }
             }
         }
@@ -185,19 +161,19 @@ mod x86 {
             }
         }
         for r in 0..R {
-            let row = job.out.get().add((r0 + r) * job.oc);
+            let row = job.dst.out.get().add((r0 + r) * job.dst.oc);
             for q in 0..P {
                 for h in 0..2 {
                     let col = (p + q) * PANEL + h * 16;
-                    if col >= job.oc {
+                    if col >= job.dst.oc {
                         continue;
                     }
-                    let m: __mmask16 = if job.oc - col >= 16 { 0xffff } else { (1u16 << (job.oc - col)) - 1 };
+                    let m: __mmask16 = if job.dst.oc - col >= 16 { 0xffff } else { (1u16 << (job.dst.oc - col)) - 1 };
                     let mut y = acc[r][q][h];
-                    if job.accumulate {
+                    if job.dst.accumulate {
                         y = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row.add(col)), y);
                     }
-                    if let Some(b) = job.bias {
+                    if let Some(b) = job.dst.bias {
                         y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, b.as_ptr().add(col)));
                     }
                     _mm512_mask_storeu_ps(row.add(col), m, y);
@@ -213,13 +189,13 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn panels(job: &Job<'_>, p0: usize, p1: usize) {
         // two panels at a time for up to 4 rows (more independent accumulators and streams), one above
-        let pair = job.n <= 4;
+        let pair = job.dst.n <= 4;
         let mut p = p0;
         while p < p1 {
             let two = pair && p + 1 < p1;
             let mut r = 0;
-            while r < job.n {
-                let m = (job.n - r).min(TILE_ROWS);
+            while r < job.dst.n {
+                let m = (job.dst.n - r).min(TILE_ROWS);
                 macro_rules! run {
                     ($R:literal) => {
                         if two {
@@ -284,8 +260,8 @@ mod tests {
                         }
                     }
                     let mut port = before.clone();
-                    let job =
-                        Job { out: SendPtr(port.as_mut_ptr()), inp: &inp, w: &wp, bias: b, n, ic, oc, accumulate };
+                    let dst = Dest { out: SendPtr(port.as_mut_ptr()), bias: b, n, oc, accumulate };
+                    let job = Job { dst, inp: &inp, w: &wp, ic };
                     job.portable(0, oc.div_ceil(PANEL));
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&port), bits(&out), "portable {n}x{ic}x{oc}");

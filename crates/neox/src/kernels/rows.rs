@@ -32,8 +32,8 @@ pub fn linear_rows(
 ) {
     assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic);
     assert!(bias.is_none_or(|b| b.len() == oc));
-    let op = SendPtr(out.as_mut_ptr());
-    let job = Block { out: op, inp, bias, n, ic, oc, accumulate };
+    let dst = Dest { out: SendPtr(out.as_mut_ptr()), bias, n, oc, accumulate };
+    let job = Block { dst, inp, ic };
     let cols = COLS.min(oc.div_ceil(rayon::current_num_threads()));
     pool::for_each(oc.div_ceil(cols), |blk| {
         let (o0, o1) = (blk * cols, (blk * cols + cols).min(oc));
@@ -41,15 +41,35 @@ pub fn linear_rows(
     });
 }
 
+/// Where a few-row product goes: out (N, OC), each column written by one task only, as y + bias or added to it.
+/// Shared with the bf16 panel kernel.
+pub(super) struct Dest<'a> {
+    pub out: SendPtr,
+    pub bias: Option<&'a [f32]>,
+    pub n: usize,
+    pub oc: usize,
+    pub accumulate: bool,
+}
+
+impl Dest<'_> {
+    /// Writes y + bias into (r, o), or adds it. Column o belongs to one task only.
+    #[inline(always)]
+    pub fn put(&self, r: usize, o: usize, y: f32) {
+        let b = self.bias.map_or(0.0, |b| b[o]);
+        debug_assert!(r < self.n && o < self.oc);
+        // SAFETY: r < n and o < oc (the caller asserted out.len() >= n * oc); column o is this task's alone.
+        unsafe {
+            let dst = self.out.get().add(r * self.oc + o);
+            *dst = if self.accumulate { *dst + y + b } else { y + b };
+        }
+    }
+}
+
 /// One call's operands; `run` computes output columns o0..o1 of every row.
 struct Block<'a> {
-    out: SendPtr,
+    dst: Dest<'a>,
     inp: &'a [f32],
-    bias: Option<&'a [f32]>,
-    n: usize,
     ic: usize,
-    oc: usize,
-    accumulate: bool,
 }
 
 impl Block<'_> {
@@ -63,33 +83,21 @@ impl Block<'_> {
         self.portable(w, o0, o1)
     }
 
-    /// Writes y + bias into (r, o), or adds it. Column o belongs to one task only.
-    #[inline(always)]
-    fn put(&self, r: usize, o: usize, y: f32) {
-        let b = self.bias.map_or(0.0, |b| b[o]);
-        debug_assert!(r < self.n && o < self.oc);
-        // SAFETY: r < n and o < oc (the caller asserted out.len() >= n * oc); column o is this task's alone.
-        unsafe {
-            let dst = self.out.get().add(r * self.oc + o);
-            *dst = if self.accumulate { *dst + y + b } else { y + b };
-        }
-    }
-
     fn portable(&self, w: &[f32], o0: usize, o1: usize) {
         let ic = self.ic;
         let row = |r: usize| &self.inp[r * ic..(r + 1) * ic];
         for o in o0..o1 {
             let wr = &w[o * ic..(o + 1) * ic];
             let mut r = 0;
-            while r + 4 <= self.n {
+            while r + 4 <= self.dst.n {
                 let y = math::dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wr);
                 for (k, &yk) in y.iter().enumerate() {
-                    self.put(r + k, o, yk);
+                    self.dst.put(r + k, o, yk);
                 }
                 r += 4;
             }
-            for r in r..self.n {
-                self.put(r, o, math::dot(row(r), wr));
+            for r in r..self.dst.n {
+                self.dst.put(r, o, math::dot(row(r), wr));
             }
         }
     }
@@ -179,15 +187,15 @@ mod x86 {
                 tile::<$R, C>(x.add(r * ic), wp, ic, &mut res);
                 for (i, row) in res.iter().enumerate() {
                     for (c, &y) in row.iter().enumerate() {
-                        b.put(r + i, o + c, y);
+                        b.dst.put(r + i, o + c, y);
                     }
                 }
             }};
         }
         // at most 24 accumulators: C = 4 columns x 4 rows, or 3 x 8, or 1 x 8
         let cap = if C >= 4 { 4 } else { 8 };
-        while r < b.n {
-            let k = (b.n - r).min(cap);
+        while r < b.dst.n {
+            let k = (b.dst.n - r).min(cap);
             match k {
                 1 => run!(1),
                 2 => run!(2),
@@ -213,7 +221,7 @@ mod x86 {
         // streamed once per group of 4. `dolly bench generate --batch-size 8`, alternating builds, 3 rounds each:
         // float32 625-697 vs 571-631 tok/s for 4 x 4 in two passes; per call (`decode_times`, ROWS=8) the
         // pythia-70m head took 5.0-5.3 ms vs 7.1 ms.
-        if b.n <= 4 {
+        if b.dst.n <= 4 {
             cols::<4>(b, w, o0, o1)
         } else {
             cols::<3>(b, w, o0, o1)
@@ -262,7 +270,8 @@ mod tests {
                 }
                 // the portable loop (CPUs without AVX-512) gives the same within rounding
                 let mut port = before.clone();
-                let b = Block { out: SendPtr(port.as_mut_ptr()), inp: &inp, bias: Some(&bias), n, ic, oc, accumulate };
+                let dst = Dest { out: SendPtr(port.as_mut_ptr()), bias: Some(&bias), n, oc, accumulate };
+                let b = Block { dst, inp: &inp, ic };
                 b.portable(&w, 0, oc);
                 for (a, b) in port.iter().zip(&out) {
                     assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "portable {n}x{ic}x{oc}");
