@@ -4,7 +4,7 @@
 //! Does not apply repetition penalties or stop rules (the caller stops on `### End`).
 
 use common::Rng;
-use neox::kernels::math::exp;
+use neox::kernels::math::{exp, max};
 
 /// Sampling settings of one sequence. `Default` is Dolly's pipeline: sampling on, top_p 0.92, top_k 0 (off),
 /// temperature 1.0.
@@ -70,18 +70,6 @@ pub struct Scratch {
 /// first one whose total weight reaches the target hold the whole nucleus, so only they are sorted.
 const NUCLEUS_THRESHOLDS: [f32; 7] = [1.0 / 16.0, 1.0 / 256.0, 1.0 / 4096.0, 1.0 / 65536.0, 1.0 / 1048576.0, 1e-9, 0.0];
 
-/// The largest value (16 independent lanes, so it vectorises); -inf for an empty slice.
-fn lane_max(x: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for k in 0..16 {
-            lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
-        }
-    }
-    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
 /// Σ of the weights >= `tau`, in f64 (8 independent lanes, so it vectorises).
 fn mass(w: &[f32], tau: f32) -> f64 {
     let mut lanes = [0f64; 8];
@@ -107,13 +95,12 @@ pub fn sample(logits: &[f32], vocab_limit: usize, p: &SamplingParams, rng: &mut 
     let Scratch { w, kept } = scratch;
     w.clear();
     w.extend(logits.iter().map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l * inv_t }));
-    let mx = lane_max(w);
+    let mx = max(w);
     if !mx.is_finite() {
         // all -inf, or a temperature so small that a logit overflowed: the limit is the argmax
         return argmax(logits);
     }
     w.iter_mut().for_each(|x| *x = exp(*x - mx));
-    let w_all = mass(w, 0.0);
     kept.clear();
     if p.top_k > 0 && p.top_k < w.len() {
         // top-k: the k largest, in the draw order
@@ -122,7 +109,7 @@ pub fn sample(logits: &[f32], vocab_limit: usize, p: &SamplingParams, rng: &mut 
         kept.truncate(p.top_k);
         kept.sort_unstable_by(desc);
     }
-    let total = if kept.is_empty() { w_all } else { kept.iter().map(|c| c.0 as f64).sum() };
+    let total = if kept.is_empty() { mass(w, 0.0) } else { kept.iter().map(|c| c.0 as f64).sum() };
     // top-p: the smallest prefix of the descending order whose mass reaches top_p (at least one token)
     if p.top_p < 1.0 {
         let target = p.top_p as f64 * total;

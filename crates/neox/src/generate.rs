@@ -2,22 +2,15 @@
 //! HF `generate(do_sample=False)`. Sampling, stop strings and response extraction belong to the inference crate.
 
 use crate::error::{Error, Result};
-use crate::kernels::pool;
+use crate::kernels::{math, pool};
 use crate::model::Model;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 /// Index of the largest value; the first one on ties (as `torch.argmax`). NaN never wins; all-NaN, all -inf or
 /// empty gives 0.
 pub fn argmax(x: &[f32]) -> usize {
-    // the maximum with 16 independent lanes (vectorises; NaN never wins a `>`), then its first position
-    let mut lanes = [f32::NEG_INFINITY; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for k in 0..16 {
-            lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
-        }
-    }
-    let mx = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    // the maximum (vectorised; NaN never wins), then its first position
+    let mx = math::max(x);
     if mx == f32::NEG_INFINITY {
         return 0;
     }

@@ -124,7 +124,6 @@ mod x86 {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// Lines ahead at which each panel is prefetched into L1, and (a second stream) into L2.
     /// Lines ahead at which each panel is prefetched into L1 (4 KiB), and by a second stream into L2 (16 KiB).
     /// Whole decode step, 8 input rows (`decode_times`, interleaved): no prefetch 6.1 ms, L1 only 3.7-3.9 ms, both
     /// 3.3-3.4 ms; 32/128 and 128/512 lines were within noise of 64/256.
