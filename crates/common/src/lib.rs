@@ -3,6 +3,8 @@
 
 pub mod atomic;
 pub mod rng;
+pub mod sysmem;
 
 pub use atomic::{atomic_write, atomic_write_with, sha256_file, sha256_hex, sync_dir};
 pub use rng::Rng;
+pub use sysmem::{check_fits, human_bytes};

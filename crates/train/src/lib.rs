@@ -8,10 +8,12 @@ pub mod config;
 pub mod deepspeed;
 pub mod error;
 pub mod metrics;
+pub mod model_source;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;
 
 pub use config::{LrScheduler, TestSize, TrainConfig};
 pub use error::{Result, TrainError};
+pub use model_source::resolve_model;
 pub use trainer::{train, RunSummary};

@@ -8,13 +8,14 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::error::{io_ctx, Result, TrainError};
 use crate::metrics::Metrics;
+use crate::model_source::resolve_model;
 use crate::schedule::Schedule;
 use crate::{bail, deepspeed};
 use data::{BadRecordPolicy, DollyTokenizer, Example, HubOptions, PrepareOptions, Sampler};
 use neox::{clip_coef, grad_norm, Activations, AdamW, AdamWConfig, BatchInput, Model, SaveDtype};
 use rayon::prelude::*;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// What a finished run reports.
@@ -38,28 +39,6 @@ fn view(b: &data::Batch) -> BatchInput<'_> {
         position_ids: &b.position_ids,
         doc_ids: b.doc_ids.as_deref(),
     }
-}
-
-/// A local model directory, or a hub model id fetched into the hub cache.
-pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    let p = Path::new(spec);
-    if p.is_dir() {
-        return Ok(p.to_path_buf());
-    }
-    if data::hub::looks_like_repo_id(spec) {
-        let hub = data::Hub::new(HubOptions::from_env());
-        let repo = data::Repo::model(spec, "main");
-        let keep = |f: &str| {
-            f == "config.json"
-                || f == "tokenizer.json"
-                || f == "model.safetensors"
-                || f == "model.safetensors.index.json"
-                || (f.starts_with("model-") && f.ends_with(".safetensors"))
-        };
-        let snap = hub.snapshot(&repo, &keep)?;
-        return Ok(snap.dir);
-    }
-    bail!("--input-model {spec}: not a directory, and not a hub model id like EleutherAI/pythia-70m")
 }
 
 /// Fields that must not change across a resume (they decide the data order and the schedule).
