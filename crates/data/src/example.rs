@@ -204,6 +204,17 @@ pub fn prepare_examples(records: &[Record], tok: &DollyTokenizer, opts: &Prepare
         seed: opts.seed,
         ..Default::default()
     };
+    if records.is_empty() {
+        return Err(DataError::config("the dataset has no records"));
+    }
+    // Records too long to fit whatever their text (a lower bound from their byte length) are dropped without
+    // tokenizing them: the same examples are dropped as after tokenizing, at bounded cost per record.
+    let (indices, too_long): (Vec<usize>, Vec<usize>) = indices.into_iter().partition(|&i| {
+        let r = &records[i];
+        tok.min_tokens_for_bytes(r.instruction.len() + r.context.len() + r.response.len()) < opts.max_length
+    });
+    report.dropped += too_long.len();
+    report.dropped_records.extend(too_long.iter().map(|&i| records[i].source.to_string()));
     let all = build_examples(records, &indices, tok)?;
     let mut kept = Vec::with_capacity(all.len());
     for ex in all {
@@ -218,7 +229,15 @@ pub fn prepare_examples(records: &[Record], tok: &DollyTokenizer, opts: &Prepare
     report.kept_tokens = kept.iter().map(|e| e.len() as u64).sum();
     report.supervised_tokens = kept.iter().map(|e| (e.len() - e.prompt_len()) as u64).sum();
     let n_test = opts.test_size.count(kept.len());
-    if kept.is_empty() || n_test >= kept.len() {
+    if kept.is_empty() {
+        return Err(DataError::config(format!(
+            "no training examples: all {} records are at least {} tokens long (Dolly drops those); raise \
+             --max-length",
+            records.len() - report.duplicates_removed,
+            opts.max_length
+        )));
+    }
+    if n_test >= kept.len() {
         return Err(DataError::config(format!(
             "test size {n_test} leaves no training examples ({} kept of {} records at max length {})",
             kept.len(),

@@ -7,6 +7,7 @@
 use crate::error::{DataError, Result};
 use crate::template::DOLLY_SPECIAL_TOKENS;
 use std::path::{Path, PathBuf};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// The pad/end-of-text token Dolly pads with.
@@ -48,6 +49,8 @@ pub struct DollyTokenizer {
     /// `inner.get_vocab_size(true)`, computed once: `tokenizers` builds the whole vocabulary map to count it
     /// (~1 ms), and decoding checks ids against it on every streamed token.
     vocab_size: usize,
+    /// The most bytes of text one token can stand for (see `min_tokens_for_bytes`).
+    max_token_bytes: usize,
     source: PathBuf,
 }
 
@@ -110,7 +113,32 @@ impl DollyTokenizer {
         // Tokens already present (a saved Dolly tokenizer) keep their ids and are not counted as new.
         let base_vocab_size = base_vocab_size.min(ids.iter().copied().min().unwrap_or(0) as usize);
         let vocab_size = inner.get_vocab_size(true);
-        Ok(DollyTokenizer { inner, special, base_vocab_size, vocab_size, source: source.to_path_buf() })
+        // Byte-level BPE (GPT-NeoX): each character of a vocabulary entry stands for one byte. Otherwise count
+        // the entry's UTF-8 bytes, which can only overstate it.
+        let byte_level = matches!(inner.get_pre_tokenizer(), Some(PreTokenizerWrapper::ByteLevel(_)));
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(|k| if byte_level { k.chars().count() } else { k.len() })
+            .max()
+            .unwrap_or(1)
+            .max(DOLLY_SPECIAL_TOKENS.iter().map(|t| t.len()).max().unwrap_or(1));
+        Ok(DollyTokenizer {
+            inner,
+            special,
+            base_vocab_size,
+            vocab_size,
+            max_token_bytes,
+            source: source.to_path_buf(),
+        })
+    }
+
+    /// A lower bound on the number of tokens `bytes` bytes of text encode to, whatever the text: one token
+    /// covers at most `max_token_bytes` bytes after normalisation, and NFC shrinks UTF-8 text at most 3-fold
+    /// (Hangul L+V+T jamo, 9 bytes, compose to one 3-byte syllable; 4 is used for margin). Lets the data
+    /// pipeline drop a record that cannot fit `max_length` without tokenizing it.
+    pub fn min_tokens_for_bytes(&self, bytes: usize) -> usize {
+        bytes / (4 * self.max_token_bytes)
     }
 
     /// The special ids (end=50277, instruction=50278, response=50279, pad=0 on the 20B tokenizer).

@@ -4,77 +4,11 @@
 //! Pythia-shaped model, the shared 20B tokenizer and the first records of the shared dolly-15k.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 
-fn dolly() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dolly"));
-    c.arg("--threads").arg("2");
-    c.env_remove("DOLLY_FAULT_WRITE").env_remove("DOLLY_FAULT_ABORT_IN_CHECKPOINT");
-    c.env_remove("DOLLY_FAULT_PAUSE_AFTER_STEP").env("HF_HUB_OFFLINE", "1");
-    c
-}
-
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
-
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let data = std::fs::read_to_string(shared().join("databricks-dolly-15k.jsonl")).unwrap();
-        let first: String = data.lines().take(120).map(|l| format!("{l}\n")).collect();
-        std::fs::write(dir.path().join("d.jsonl"), first).unwrap();
-        let st = dolly()
-            .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "2", "--seed", "3", "--output"])
-            .arg(dir.path().join("model"))
-            .status()
-            .unwrap();
-        assert!(st.success());
-        Fixture { dir }
-    }
-
-    fn train_cmd(&self, out: &str, extra: &[&str]) -> Command {
-        let mut c = dolly();
-        c.arg("train")
-            .arg("--input-model")
-            .arg(self.dir.path().join("model"))
-            .arg("--tokenizer")
-            .arg(shared().join("20B_tokenizer.json"))
-            .arg("--training-dataset")
-            .arg(self.dir.path().join("d.jsonl"))
-            .arg("--local-output-dir")
-            .arg(self.dir.path().join(out))
-            .args(["--per-device-train-batch-size", "2", "--test-size", "8", "--max-length", "256", "--lr", "1e-3"])
-            .args(["--logging-steps", "1", "--eval-steps", "7", "--save-steps", "5", "--save-total-limit", "3"])
-            .args(extra);
-        c
-    }
-
-    fn run(&self, out: &str, extra: &[&str]) -> std::process::Output {
-        self.train_cmd(out, extra).output().unwrap()
-    }
-
-    fn losses(&self, out: &str) -> Vec<(u64, u64)> {
-        let text = std::fs::read_to_string(self.dir.path().join(out).join("metrics.jsonl")).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter_map(|v| {
-                let step = v["step"].as_u64()?;
-                let loss = v.get("loss").or(v.get("eval_loss"))?.as_f64()?;
-                Some((step, loss.to_bits()))
-            })
-            .collect()
-    }
-}
-
-fn ok(o: &std::process::Output) {
-    assert!(o.status.success(), "dolly failed: {}", String::from_utf8_lossy(&o.stderr));
-}
+mod common;
+use common::{ok, Fixture};
 
 #[test]
 fn resume_after_kill_is_bit_identical() {

@@ -2,23 +2,29 @@
 //! AdamW moments (`optimizer.safetensors`), `trainer_state.json` (step, sampler cursor, RNG/scheduler state,
 //! log accumulators, resolved config), `manifest.json` (sha256 and size per file) and, written last, the
 //! `COMPLETE` marker. A directory without the marker, or whose files do not match the manifest, is not a
-//! checkpoint: `latest` skips it and saving the same step again replaces it. Retention keeps the newest N.
+//! checkpoint: `latest` skips it and saving the same step again replaces it. Checkpoints also carry the
+//! tokenizer files, so each is a self-contained HF model directory. Retention keeps the newest N of the
+//! current run (other runs' checkpoints are never deleted). Weights that are not finite are never saved.
 
 use crate::config::TrainConfig;
 use crate::error::{io_ctx, Result, TrainError};
-use data::SamplerState;
+use data::{DollyTokenizer, SamplerState};
 use neox::{AdamW, Model, SaveDtype};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const MARKER: &str = "COMPLETE";
 const FILES: [&str; 4] = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"];
+const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
 
 /// Everything besides tensors that an exact resume needs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerState {
     pub format_version: u32,
+    /// The run this checkpoint belongs to (`OUT/dolly-run.json`); empty in checkpoints from before run ids.
+    #[serde(default)]
+    pub run_id: String,
     /// Optimizer steps completed.
     pub global_step: u64,
     pub total_steps: u64,
@@ -77,7 +83,8 @@ pub fn is_complete(dir: &Path) -> bool {
     let Ok(m) = serde_json::from_str::<std::collections::BTreeMap<String, ManifestEntry>>(&text) else {
         return false;
     };
-    FILES.iter().all(|f| m.get(*f).is_some_and(|e| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == e.bytes)))
+    FILES.iter().all(|f| m.contains_key(*f))
+        && m.iter().all(|(f, e)| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == e.bytes))
 }
 
 /// Full check: every file's sha256 equals the manifest's.
@@ -99,13 +106,64 @@ pub fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The newest complete checkpoint under `out`.
+/// The newest complete checkpoint under `out` (marker and sizes; not the sha256).
 pub fn latest(out: &Path) -> Option<PathBuf> {
     list(out).into_iter().rev().map(|(_, p)| p).find(|p| is_complete(p))
 }
 
-/// Write checkpoint `state.global_step` under `out`; returns its directory.
-pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Result<PathBuf> {
+/// The newest complete checkpoint under `out` whose files pass their sha256 check. A newer one that fails is
+/// reported through `warn` and skipped (the previous complete one is used instead).
+pub fn latest_verified(out: &Path, warn: &dyn Fn(&str)) -> Option<PathBuf> {
+    for (_, p) in list(out).into_iter().rev() {
+        if !is_complete(&p) {
+            continue;
+        }
+        match verify(&p) {
+            Ok(()) => return Some(p),
+            Err(e) => warn(&format!("warning: skipping {}: {e}; falling back to the previous checkpoint", p.display())),
+        }
+    }
+    None
+}
+
+/// The run id a checkpoint directory's `trainer_state.json` names (None when it cannot be read).
+pub fn run_id_of(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("trainer_state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v.get("run_id").and_then(|x| x.as_str()).unwrap_or("").to_string())
+}
+
+/// The first tensor of `model` holding a NaN or infinity, with the index of the first such value.
+pub fn first_nonfinite(model: &Model) -> Option<(String, usize)> {
+    let params = model.params();
+    model
+        .layout
+        .params
+        .iter()
+        .find_map(|p| params[p.range()].iter().position(|x| !x.is_finite()).map(|i| (p.name.clone(), i)))
+}
+
+/// Err naming the first non-finite tensor: such weights are never written as a checkpoint or a model.
+pub fn check_finite(model: &Model, what: &str) -> Result<()> {
+    match first_nonfinite(model) {
+        Some((name, i)) => crate::bail!(
+            "{what}: the weights are not finite (first in `{name}`, element {i}); nothing was written. Lower \
+             --lr, check --adam-beta2/--adam-epsilon, or resume from an earlier checkpoint"
+        ),
+        None => Ok(()),
+    }
+}
+
+/// Write checkpoint `state.global_step` under `out` (with the tokenizer files when given); returns its
+/// directory. Refuses non-finite weights.
+pub fn save(
+    out: &Path,
+    model: &Model,
+    opt: &AdamW,
+    state: &TrainerState,
+    tok: Option<&DollyTokenizer>,
+) -> Result<PathBuf> {
+    check_finite(model, &format!("checkpoint at step {}", state.global_step))?;
     let dir = dir_for(out, state.global_step);
     if dir.exists() {
         // A leftover from a crash (or a re-save of the same step): replace it whole.
@@ -127,8 +185,13 @@ pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Res
     let st = serde_json::to_string_pretty(state).map_err(|e| TrainError(e.to_string()))?;
     let sp = dir.join("trainer_state.json");
     io_ctx(common::atomic_write(&sp, st.as_bytes()), || sp.display().to_string())?;
+    let mut files: Vec<&str> = FILES.to_vec();
+    if let Some(t) = tok {
+        t.save_pretrained(&dir, Some(model.config.max_position_embeddings))?;
+        files.extend(TOKENIZER_FILES);
+    }
     let mut manifest = std::collections::BTreeMap::new();
-    for f in FILES {
+    for f in files {
         let p = dir.join(f);
         let sha = io_ctx(common::sha256_file(&p), || p.display().to_string())?;
         let bytes = io_ctx(std::fs::metadata(&p), || p.display().to_string())?.len();
@@ -144,13 +207,17 @@ pub fn save(out: &Path, model: &Model, opt: &AdamW, state: &TrainerState) -> Res
     Ok(dir)
 }
 
-/// Load a verified checkpoint: (model, optimizer moments m and v, state).
-pub fn load(dir: &Path) -> Result<(Model, Vec<f32>, Vec<f32>, TrainerState)> {
-    verify(dir)?;
-    let model = Model::load(dir)?;
+/// The `trainer_state.json` of a checkpoint directory.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let sp = dir.join("trainer_state.json");
     let text = io_ctx(std::fs::read_to_string(&sp), || sp.display().to_string())?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError(format!("{}: {e}", sp.display())))?;
+    serde_json::from_str(&text).map_err(|e| TrainError(format!("{}: {e}", sp.display())))
+}
+
+/// Load a checkpoint that `verify` passed: (model, optimizer moments m and v, state).
+pub fn load(dir: &Path) -> Result<(Model, Vec<f32>, Vec<f32>, TrainerState)> {
+    let model = Model::load(dir)?;
+    let state = read_state(dir)?;
     let op = dir.join("optimizer.safetensors");
     let mut wanted: Vec<(String, Vec<usize>)> = Vec::new();
     for p in &model.layout.params {
@@ -167,10 +234,12 @@ pub fn load(dir: &Path) -> Result<(Model, Vec<f32>, Vec<f32>, TrainerState)> {
     Ok((model, m, v, state))
 }
 
-/// Delete the oldest complete checkpoints beyond `keep` (and incomplete ones older than the newest complete).
-pub fn enforce_limit(out: &Path, keep: usize) -> Result<()> {
+/// Delete the oldest complete checkpoints of run `run_id` beyond `keep` (and incomplete ones older than the
+/// newest complete). Checkpoints of any other run are left alone.
+pub fn enforce_limit(out: &Path, keep: usize, run_id: &str) -> Result<()> {
     let all = list(out);
-    let complete: Vec<&(u64, PathBuf)> = all.iter().filter(|(_, p)| is_complete(p)).collect();
+    let complete: Vec<&(u64, PathBuf)> =
+        all.iter().filter(|(_, p)| is_complete(p) && run_id_of(p).as_deref() == Some(run_id)).collect();
     let newest = complete.last().map(|(s, _)| *s);
     let excess = complete.len().saturating_sub(keep.max(1));
     for (_, p) in complete.iter().take(excess) {

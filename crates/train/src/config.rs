@@ -110,6 +110,12 @@ pub struct TrainConfig {
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
+    /// Learning rate at the start of a `warmup-log` warmup (DeepSpeed WarmupLR's `warmup_min_lr`).
+    pub min_lr: f64,
+    /// Clear a non-empty output directory that holds another run instead of refusing it (HF's flag).
+    pub overwrite_output_dir: bool,
+    /// `tensorboard` (event files in OUT/runs/, the seed trainer's default) or `none`.
+    pub report_to: String,
 }
 
 impl Default for TrainConfig {
@@ -150,70 +156,154 @@ impl Default for TrainConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
+            min_lr: 0.0,
+            overwrite_output_dir: false,
+            report_to: "tensorboard".into(),
         }
     }
 }
 
+/// Largest accepted values: far beyond any real run, small enough that products of them cannot overflow.
+const MAX_BATCH: usize = 1 << 16;
+const MAX_ACCUM: usize = 1 << 20;
+const MAX_STEPS: u64 = 1 << 40;
+const MAX_EPOCHS: u32 = 1 << 20;
+
+/// A resolved configuration and the notes its sources left (what the DeepSpeed JSON applied or did not).
+pub struct Resolved {
+    pub config: TrainConfig,
+    pub notes: Vec<String>,
+}
+
 impl TrainConfig {
-    /// Defaults, then the TOML file (if any), then `overrides` (a JSON object of flag-name keys, from the CLI).
+    /// Defaults, then the TOML file (if any), then `overrides` (a JSON object of flag-name keys, from the CLI),
+    /// then the DeepSpeed JSON (if `deepspeed` is set; its `"auto"` values keep what the others gave), then one
+    /// validation of the merged result.
     pub fn resolve(file: Option<&Path>, overrides: serde_json::Value) -> Result<TrainConfig, String> {
+        Self::resolve_full(file, overrides).map(|r| r.config)
+    }
+
+    /// `resolve`, also returning the DeepSpeed notes for the start-up report.
+    pub fn resolve_full(file: Option<&Path>, overrides: serde_json::Value) -> Result<Resolved, String> {
         let mut base = serde_json::to_value(TrainConfig::default()).map_err(|e| e.to_string())?;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // Deserialise the file on its own first: toml's errors carry the line and the key.
             let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(k) = non_finite_key(&table) {
+                return Err(format!("{}: `{k}` must be a finite number", path.display()));
+            }
+            toml::from_str::<TrainConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?;
             let v = serde_json::to_value(table).map_err(|e| format!("{}: {e}", path.display()))?;
             merge(&mut base, v);
-            // Validate the file alone first so its errors name it.
-            serde_json::from_value::<TrainConfig>(base.clone()).map_err(|e| format!("{}: {e}", path.display()))?;
         }
         merge(&mut base, overrides);
-        let cfg: TrainConfig = serde_json::from_value(base).map_err(|e| format!("command line: {e}"))?;
+        let mut cfg: TrainConfig = serde_json::from_value(base.clone()).map_err(|e| explain(&base, e))?;
+        let mut notes = Vec::new();
+        if let Some(ds) = cfg.deepspeed.clone() {
+            let r = crate::deepspeed::apply(&ds, &mut cfg)?;
+            notes.extend(r.applied.iter().map(|a| format!("deepspeed: applied {a}")));
+            notes.extend(r.not_honoured.iter().map(|n| format!("deepspeed: not honoured here: {n}")));
+        }
         cfg.validate()?;
-        Ok(cfg)
+        Ok(Resolved { config: cfg, notes })
     }
 
+    /// Every value in range. Limits that need the model (max-length vs its context) are checked by the trainer
+    /// once config.json is read, still before any weights are loaded.
     pub fn validate(&self) -> Result<(), String> {
-        if self.local_output_dir.is_none() {
+        if self.local_output_dir.as_ref().is_none_or(|p| p.as_os_str().is_empty()) {
             return Err("--local-output-dir is required".into());
         }
-        let positive = [
-            ("per-device-train-batch-size", self.per_device_train_batch_size as u64),
-            ("per-device-eval-batch-size", self.per_device_eval_batch_size as u64),
-            ("gradient-accumulation-steps", self.gradient_accumulation_steps as u64),
+        let counts = [
+            ("per-device-train-batch-size", self.per_device_train_batch_size, MAX_BATCH),
+            ("per-device-eval-batch-size", self.per_device_eval_batch_size, MAX_BATCH),
+            ("gradient-accumulation-steps", self.gradient_accumulation_steps, MAX_ACCUM),
+            ("save-total-limit", self.save_total_limit, usize::MAX),
+        ];
+        for (k, v, max) in counts {
+            if v == 0 || v > max {
+                return Err(format!("{k} must be between 1 and {max}, got {v}"));
+            }
+        }
+        let steps = [
             ("logging-steps", self.logging_steps),
             ("eval-steps", self.eval_steps),
             ("save-steps", self.save_steps),
+            ("max-steps", self.max_steps.unwrap_or(1)),
         ];
-        for (k, v) in positive {
-            if v == 0 {
-                return Err(format!("{k} must be at least 1"));
+        for (k, v) in steps {
+            if v == 0 || v > MAX_STEPS {
+                return Err(format!("{k} must be between 1 and {MAX_STEPS}, got {v}"));
             }
+        }
+        if self.warmup_steps > MAX_STEPS {
+            return Err(format!("warmup-steps must be at most {MAX_STEPS}, got {}", self.warmup_steps));
+        }
+        if self.epochs > MAX_EPOCHS {
+            return Err(format!("epochs must be at most {MAX_EPOCHS}, got {}", self.epochs));
         }
         if self.epochs == 0 && self.max_steps.is_none() {
             return Err("epochs must be at least 1 (or give max-steps)".into());
         }
-        if self.max_steps == Some(0) {
-            return Err("max-steps must be at least 1".into());
+        let reals = [
+            ("lr", self.lr, 0.0, f64::INFINITY, true),
+            ("min-lr", self.min_lr, 0.0, f64::INFINITY, true),
+            ("weight-decay", self.weight_decay, 0.0, f64::INFINITY, true),
+            ("max-grad-norm (0 = no clipping)", self.max_grad_norm, 0.0, f64::INFINITY, true),
+            ("adam-beta1", self.adam_beta1, 0.0, 1.0, false),
+            ("adam-beta2", self.adam_beta2, 0.0, 1.0, false),
+        ];
+        for (k, v, lo, hi, hi_inclusive) in reals {
+            let ok = v.is_finite() && v >= lo && if hi_inclusive { v <= hi } else { v < hi };
+            if !ok {
+                let range = if hi.is_infinite() { format!(">= {lo}") } else { format!("in [{lo}, {hi})") };
+                return Err(format!("{k} must be a finite number {range}, got {v}"));
+            }
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(format!("lr must be a positive number, got {}", self.lr));
+        for (k, v) in [("lr", self.lr), ("weight-decay", self.weight_decay)] {
+            if v > f32::MAX as f64 {
+                return Err(format!("{k} {v} is beyond float32's range (the optimizer works in float32)"));
+            }
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(format!("weight-decay must be >= 0, got {}", self.weight_decay));
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            return Err(format!("adam-epsilon must be a finite number > 0, got {}", self.adam_epsilon));
         }
-        if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
-            return Err(format!("max-grad-norm must be > 0, got {}", self.max_grad_norm));
+        if self.min_lr > self.lr {
+            return Err(format!("min-lr {} is above lr {}", self.min_lr, self.lr));
         }
         if !matches!(self.on_bad_record.as_str(), "fail" | "skip") {
             return Err(format!("on-bad-record must be `fail` or `skip`, got `{}`", self.on_bad_record));
+        }
+        if !matches!(self.report_to.as_str(), "tensorboard" | "none") {
+            return Err(format!("report-to must be `tensorboard` or `none`, got `{}`", self.report_to));
         }
         if let TestSize::Ratio(r) = self.test_size {
             if !(r > 0.0 && r < 1.0) {
                 return Err(format!("test-size ratio must be in (0, 1), got {r}"));
             }
         }
-        if self.threads == Some(0) {
-            return Err("threads must be at least 1".into());
+        if let Some(m) = self.max_length {
+            if m < 2 {
+                return Err(format!("max-length must be at least 2, got {m}"));
+            }
+        }
+        if let Some(p) = self.pack_length {
+            if p < 2 {
+                return Err(format!("pack-length must be at least 2, got {p}"));
+            }
+        }
+        if self.max_nonfinite_steps == 0 {
+            return Err("max-nonfinite-steps must be at least 1".into());
+        }
+        if self.threads.is_some_and(|t| t == 0 || t > 4096) {
+            return Err(format!("threads must be between 1 and 4096, got {}", self.threads.unwrap_or(0)));
+        }
+        if self.training_dataset.trim().is_empty() {
+            return Err("training-dataset must not be empty".into());
+        }
+        if self.resume_from_checkpoint.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err("resume-from-checkpoint must be a checkpoint directory, `latest` or `auto`".into());
         }
         Ok(())
     }
@@ -221,6 +311,75 @@ impl TrainConfig {
     pub fn output_dir(&self) -> &Path {
         self.local_output_dir.as_deref().unwrap_or(Path::new("."))
     }
+
+    /// The total number of optimizer steps for `steps_per_epoch`.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        self.max_steps.unwrap_or(steps_per_epoch.saturating_mul(self.epochs as u64))
+    }
+
+    /// The settings that change the result of a run, each as the user writes it (flag name, value). A resume
+    /// must find them all unchanged; `epochs` and `max-steps` are not here (a run may be extended).
+    pub fn result_settings(&self) -> Vec<(&'static str, String)> {
+        let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "(model default)".into());
+        let sched = serde_json::to_value(self.lr_scheduler)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        vec![
+            ("training-dataset", self.training_dataset.clone()),
+            ("seed", self.seed.to_string()),
+            ("per-device-train-batch-size", self.per_device_train_batch_size.to_string()),
+            ("gradient-accumulation-steps", self.gradient_accumulation_steps.to_string()),
+            ("test-size", self.test_size.to_string()),
+            ("max-length", opt(self.max_length)),
+            ("packing", self.packing.to_string()),
+            ("pack-length", opt(self.pack_length)),
+            ("dedup", self.dedup.to_string()),
+            ("on-bad-record", self.on_bad_record.clone()),
+            ("lr", self.lr.to_string()),
+            ("min-lr", self.min_lr.to_string()),
+            ("lr-scheduler", sched),
+            ("warmup-steps", self.warmup_steps.to_string()),
+            ("weight-decay", self.weight_decay.to_string()),
+            ("adam-beta1", self.adam_beta1.to_string()),
+            ("adam-beta2", self.adam_beta2.to_string()),
+            ("adam-epsilon", self.adam_epsilon.to_string()),
+            ("max-grad-norm", self.max_grad_norm.to_string()),
+            ("bf16", self.bf16.unwrap_or(false).to_string()),
+            ("max-nonfinite-steps", self.max_nonfinite_steps.to_string()),
+        ]
+    }
+}
+
+impl std::fmt::Display for TestSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TestSize::Count(n) => write!(f, "{n}"),
+            TestSize::Ratio(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// The first key (dotted) of a TOML table whose value is a NaN or infinite float.
+fn non_finite_key(t: &toml::Table) -> Option<String> {
+    t.iter().find_map(|(k, v)| match v {
+        toml::Value::Float(f) if !f.is_finite() => Some(k.clone()),
+        toml::Value::Table(sub) => non_finite_key(sub).map(|s| format!("{k}.{s}")),
+        _ => None,
+    })
+}
+
+/// A serde error on the merged object, with the key that caused it found by deserialising keys one at a time.
+fn explain(merged: &serde_json::Value, e: serde_json::Error) -> String {
+    if let Some(m) = merged.as_object() {
+        for (k, v) in m {
+            let one = serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect());
+            if let Err(e1) = serde_json::from_value::<TrainConfig>(one) {
+                return format!("`{k}`: {e1}");
+            }
+        }
+    }
+    format!("configuration: {e}")
 }
 
 /// Overlay `top` onto `base` (objects merge key by key).

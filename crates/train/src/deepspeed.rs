@@ -20,25 +20,64 @@ fn num(v: &Value, key: &str, path: &Path) -> Result<Option<f64>, String> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s == "auto" => Ok(None),
-        Some(x) => {
-            x.as_f64().map(Some).ok_or_else(|| format!("{}: `{key}` must be a number or \"auto\"", path.display()))
-        }
+        Some(x) => match x.as_f64() {
+            Some(f) if f.is_finite() => Ok(Some(f)),
+            _ => Err(format!("{}: `{key}` must be a finite number or \"auto\", got {x}", path.display())),
+        },
     }
 }
+
+/// A number in `[lo, hi]` (or `[lo, hi)` when `hi_open`), named by its DeepSpeed key in errors.
+fn ranged(v: &Value, key: &str, path: &Path, lo: f64, hi: f64, hi_open: bool) -> Result<Option<f64>, String> {
+    let Some(x) = num(v, key, path)? else { return Ok(None) };
+    let ok = x >= lo && if hi_open { x < hi } else { x <= hi };
+    if !ok {
+        let close = if hi_open { ")" } else { "]" };
+        let range = if hi.is_infinite() { format!(">= {lo}") } else { format!("in [{lo}, {hi}{close}") };
+        return Err(format!("{}: `{key}` must be {range}, got {x}", path.display()));
+    }
+    Ok(Some(x))
+}
+
+/// A whole number >= 1 (micro-batch, accumulation, warmup steps may be 0), named by its key in errors.
+fn whole(v: &Value, key: &str, path: &Path, min: u64) -> Result<Option<u64>, String> {
+    let Some(x) = num(v, key, path)? else { return Ok(None) };
+    if x.fract() != 0.0 || x < min as f64 || x > (1u64 << 40) as f64 {
+        return Err(format!("{}: `{key}` must be a whole number >= {min}, got {x}", path.display()));
+    }
+    Ok(Some(x as u64))
+}
+
+/// Top-level keys we read, or know and report.
+const KNOWN: [&str; 12] = [
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    "gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu",
+    "train_batch_size",
+    "zero_optimization",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "zero_allow_untested_optimizer",
+];
 
 /// Apply `path` to `cfg`.
 pub fn apply(path: &Path, cfg: &mut TrainConfig) -> Result<DeepSpeedReport, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: invalid JSON at line {} column {}: {e}", path.display(), e.line(), e.column()))?;
-    if !v.is_object() {
-        return Err(format!("{}: must be a JSON object", path.display()));
-    }
+    let Some(obj) = v.as_object() else { return Err(format!("{}: must be a JSON object", path.display())) };
     let mut r = DeepSpeedReport::default();
+    for k in obj.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+        r.not_honoured.push(format!("`{k}`: not a setting dolly reads (ignored)"));
+    }
     let enabled = |k: &str| v.get(k).and_then(|x| x.get("enabled")).and_then(|x| x.as_bool()).unwrap_or(false);
     if enabled("bf16") {
         cfg.bf16.get_or_insert(true);
-        r.applied.push("bf16.enabled: bf16 weights on save (compute stays float32 on CPU)".into());
+        r.applied.push("bf16.enabled: bf16 mixed precision (bf16 operands, f32 master weights), bf16 save".into());
     }
     if enabled("fp16") {
         r.not_honoured.push("fp16 with dynamic loss scaling: not used; training runs in float32".into());
@@ -49,21 +88,38 @@ pub fn apply(path: &Path, cfg: &mut TrainConfig) -> Result<DeepSpeedReport, Stri
             return Err(format!("{}: optimizer type `{ty}` is not supported (AdamW only)", path.display()));
         }
         let p = opt.get("params").cloned().unwrap_or(Value::Null);
-        if let Some(lr) = num(&p, "lr", path)? {
+        if let Some(lr) = ranged(&p, "lr", path, 0.0, f64::INFINITY, false)? {
             cfg.lr = lr;
             r.applied.push(format!("optimizer.lr = {lr}"));
         }
-        if let Some(wd) = num(&p, "weight_decay", path)? {
+        if let Some(wd) = ranged(&p, "weight_decay", path, 0.0, f64::INFINITY, false)? {
             cfg.weight_decay = wd;
             r.applied.push(format!("optimizer.weight_decay = {wd}"));
         }
         if let Some(eps) = num(&p, "eps", path)? {
+            if eps <= 0.0 {
+                return Err(format!("{}: `eps` must be > 0, got {eps}", path.display()));
+            }
             cfg.adam_epsilon = eps;
+            r.applied.push(format!("optimizer.eps = {eps}"));
         }
-        if let Some(Value::Array(b)) = p.get("betas") {
-            if let (Some(b1), Some(b2)) = (b.first().and_then(|x| x.as_f64()), b.get(1).and_then(|x| x.as_f64())) {
-                cfg.adam_beta1 = b1;
-                cfg.adam_beta2 = b2;
+        match p.get("betas") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "auto" => {}
+            Some(Value::Array(b)) if b.len() == 2 => {
+                let beta = |i: usize| match b[i].as_f64() {
+                    Some(x) if (0.0..1.0).contains(&x) => Ok(x),
+                    _ => Err(format!("{}: `betas[{i}]` must be a number in [0, 1), got {}", path.display(), b[i])),
+                };
+                cfg.adam_beta1 = beta(0)?;
+                cfg.adam_beta2 = beta(1)?;
+                r.applied.push(format!("optimizer.betas = [{}, {}]", cfg.adam_beta1, cfg.adam_beta2));
+            }
+            Some(x) => return Err(format!("{}: `betas` must be [beta1, beta2] or \"auto\", got {x}", path.display())),
+        }
+        if let Some(po) = p.as_object() {
+            for k in po.keys().filter(|k| !["lr", "weight_decay", "eps", "betas"].contains(&k.as_str())) {
+                r.not_honoured.push(format!("optimizer.params.{k}: not read"));
             }
         }
         r.applied.push("optimizer: AdamW".into());
@@ -75,31 +131,44 @@ pub fn apply(path: &Path, cfg: &mut TrainConfig) -> Result<DeepSpeedReport, Stri
         }
         let p = s.get("params").cloned().unwrap_or(Value::Null);
         cfg.lr_scheduler = LrScheduler::WarmupLog;
-        if let Some(max) = num(&p, "warmup_max_lr", path)? {
+        if let Some(max) = ranged(&p, "warmup_max_lr", path, 0.0, f64::INFINITY, false)? {
             cfg.lr = max;
         }
-        if let Some(min) = num(&p, "warmup_min_lr", path)? {
+        if let Some(min) = ranged(&p, "warmup_min_lr", path, 0.0, f64::INFINITY, false)? {
             r.min_lr = min;
+            cfg.min_lr = min;
         }
-        if let Some(w) = num(&p, "warmup_num_steps", path)? {
-            cfg.warmup_steps = w as u64;
+        if let Some(w) = whole(&p, "warmup_num_steps", path, 0)? {
+            cfg.warmup_steps = w;
         }
         if p.get("warmup_type").and_then(|x| x.as_str()).is_some_and(|t| t != "log") {
             r.not_honoured.push("scheduler.warmup_type other than `log`: log warmup used".into());
         }
         r.applied.push("scheduler: WarmupLR (log warmup, then constant)".into());
     }
-    if let Some(c) = num(&v, "gradient_clipping", path)? {
+    if let Some(c) = ranged(&v, "gradient_clipping", path, 0.0, f64::INFINITY, false)? {
         cfg.max_grad_norm = c;
-        r.applied.push(format!("gradient_clipping = {c}"));
+        r.applied.push(format!("gradient_clipping = {c}{}", if c == 0.0 { " (off)" } else { "" }));
     }
-    if let Some(a) = num(&v, "gradient_accumulation_steps", path)? {
+    if let Some(a) = whole(&v, "gradient_accumulation_steps", path, 1)? {
         cfg.gradient_accumulation_steps = a as usize;
         r.applied.push(format!("gradient_accumulation_steps = {a}"));
     }
-    if let Some(m) = num(&v, "train_micro_batch_size_per_gpu", path)? {
+    if let Some(m) = whole(&v, "train_micro_batch_size_per_gpu", path, 1)? {
         cfg.per_device_train_batch_size = m as usize;
         r.applied.push(format!("train_micro_batch_size_per_gpu = {m}"));
+    }
+    if let Some(t) = whole(&v, "train_batch_size", path, 1)? {
+        // DeepSpeed's own rule: train_batch_size = micro-batch x accumulation x data-parallel ranks (1 here).
+        let want = (cfg.per_device_train_batch_size as u64).saturating_mul(cfg.gradient_accumulation_steps as u64);
+        if t != want {
+            return Err(format!(
+                "{}: `train_batch_size` {t} != micro-batch {} x gradient accumulation {} x 1 process",
+                path.display(),
+                cfg.per_device_train_batch_size,
+                cfg.gradient_accumulation_steps
+            ));
+        }
     }
     if let Some(z) = v.get("zero_optimization") {
         let stage = z.get("stage").and_then(|x| x.as_u64()).unwrap_or(0);
@@ -108,6 +177,11 @@ pub fn apply(path: &Path, cfg: &mut TrainConfig) -> Result<DeepSpeedReport, Stri
         ));
         if z.get("offload_optimizer").is_some() || z.get("offload_param").is_some() {
             r.not_honoured.push("offload_optimizer/offload_param: state already lives in CPU memory".into());
+        }
+    }
+    for k in ["steps_per_print", "wall_clock_breakdown"] {
+        if v.get(k).is_some() {
+            r.not_honoured.push(format!("{k}: dolly logs every --logging-steps"));
         }
     }
     Ok(r)
@@ -137,5 +211,33 @@ mod tests {
         assert!(apply(&p, &mut TrainConfig::default()).unwrap_err().contains("line 2"));
         std::fs::write(&p, "{\"gradient_clipping\": \"x\"}").unwrap();
         assert!(apply(&p, &mut TrainConfig::default()).unwrap_err().contains("gradient_clipping"));
+        // Values that used to pass unchecked: each is an error naming its key.
+        for (json, key) in [
+            ("{\"train_micro_batch_size_per_gpu\": 0}", "train_micro_batch_size_per_gpu"),
+            ("{\"train_micro_batch_size_per_gpu\": -1}", "train_micro_batch_size_per_gpu"),
+            ("{\"train_micro_batch_size_per_gpu\": 2.7}", "train_micro_batch_size_per_gpu"),
+            ("{\"gradient_accumulation_steps\": 0}", "gradient_accumulation_steps"),
+            ("{\"gradient_clipping\": -1}", "gradient_clipping"),
+            ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"lr\": -0.1}}}", "lr"),
+            ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"eps\": 0}}}", "eps"),
+            ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"betas\": [1, 1]}}}", "betas[0]"),
+            ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"betas\": [0.9]}}}", "betas"),
+            ("{\"train_batch_size\": 16, \"train_micro_batch_size_per_gpu\": 4}", "train_batch_size"),
+        ] {
+            std::fs::write(&p, json).unwrap();
+            let e = apply(&p, &mut TrainConfig::default()).unwrap_err();
+            assert!(e.contains(&format!("`{key}`")), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_sections_are_reported_and_zero_clipping_is_off() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ds.json");
+        std::fs::write(&p, "{\"activation_checkpointing\": {}, \"gradient_clipping\": 0}").unwrap();
+        let mut c = TrainConfig::default();
+        let r = apply(&p, &mut c).unwrap();
+        assert!(r.not_honoured.iter().any(|n| n.contains("activation_checkpointing")), "{:?}", r.not_honoured);
+        assert_eq!(c.max_grad_norm, 0.0);
     }
 }

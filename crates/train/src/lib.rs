@@ -7,13 +7,17 @@ pub mod checkpoint;
 pub mod config;
 pub mod deepspeed;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod model_source;
 pub mod plot;
+pub mod progress;
+pub mod rundir;
 pub mod schedule;
+pub mod start;
 pub mod trainer;
 
 pub use config::{LrScheduler, TestSize, TrainConfig};
 pub use error::{Result, TrainError};
 pub use model_source::resolve_model;
-pub use trainer::{train, RunSummary};
+pub use trainer::{train, train_with, Control, Outcome, RunSummary};
