@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model_source;
 pub mod plot;
 pub mod schedule;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{LrScheduler, TestSize, TrainConfig};
