@@ -50,6 +50,17 @@ fn draw_err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> TrainError + '_ {
     move |e| TrainError(format!("drawing {}: {e:?}", path.display()))
 }
 
+/// A y tick label: up to 6 decimals, trailing zeros cut (ticks are round numbers at any scale).
+fn tick_label(y: f64) -> String {
+    let s = format!("{y:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
+}
+
 /// Draw `train` and `eval` (step, loss) series into `path`; non-finite points are skipped. Returns the y range.
 pub fn loss_png(path: &Path, title: &str, train: &[(f64, f64)], eval: &[(f64, f64)]) -> Result<(f64, f64)> {
     font_ready()?;
@@ -77,9 +88,7 @@ pub fn loss_png(path: &Path, title: &str, train: &[(f64, f64)], eval: &[(f64, f6
             .build_cartesian_2d(0f64..xmax, ylo..yhi)
             .map_err(&err)?;
         let int_fmt = |x: &f64| format!("{x:.0}");
-        // Enough decimals to tell about 8 ticks apart.
-        let dec = (-((yhi - ylo) / 8.0).log10()).ceil().clamp(0.0, 6.0) as usize;
-        let y_fmt = move |y: &f64| format!("{y:.dec$}");
+        let y_fmt = |y: &f64| tick_label(*y);
         chart
             .configure_mesh()
             .x_desc("step")
@@ -201,6 +210,14 @@ mod tests {
         assert_eq!(y_range(&[f64::NAN]), None);
         let (lo, hi) = y_range(&[2.0, 2.0]).unwrap();
         assert!(lo < 2.0 && hi > 2.0);
+    }
+
+    #[test]
+    fn tick_labels_drop_trailing_zeros() {
+        assert_eq!(tick_label(2.504_000_000_01), "2.504");
+        assert_eq!(tick_label(10.0), "10");
+        assert_eq!(tick_label(9.5), "9.5");
+        assert_eq!(tick_label(-0.000_000_1), "0");
     }
 
     #[test]
