@@ -4,6 +4,7 @@
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -228,7 +229,10 @@ pub fn run(mut a: TrainArgs, threads: Option<usize>) -> anyhow::Result<()> {
         eprintln!("{n}");
     }
     let stop = install_stop_flag()?;
-    let say = |s: &str| eprintln!("{s}");
+    // Not eprintln!: a closed stderr (`dolly train ... 2>&1 | head`) must not panic the run mid-step.
+    let say = |s: &str| {
+        let _ = writeln!(std::io::stderr(), "{s}");
+    };
     let ctl = train::Control { say: &say, stop: Some(&stop) };
     let summary = train::train_with(resolved.config, &ctl).map_err(anyhow::Error::msg).context("training failed")?;
     match &summary.outcome {

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod rundir;
 pub mod schedule;
 pub mod start;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::{LrScheduler, TestSize, TrainConfig};

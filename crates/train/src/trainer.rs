@@ -326,7 +326,11 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     });
     st.total_steps = total_steps;
     st.config = cfg.clone();
-    let mut metrics = Metrics::open(&out, Some(st.global_step).filter(|_| resumed))?;
+    let mut metrics =
+        Metrics::open_with(&out, Some(st.global_step).filter(|_| resumed), cfg.report_to == "tensorboard")?;
+    if let Some(ev) = metrics.event_file() {
+        say(&format!("tensorboard: {} (tensorboard --logdir {})", ev.display(), out.join("runs").display()));
+    }
     let mut acts = Activations::new(&model.config, cfg.per_device_train_batch_size, 8, cfg.gradient_checkpointing);
     let mut grads = vec![0f32; model.num_params()];
     let t0 = Instant::now();
@@ -335,7 +339,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let mut last_loss = None;
     let mut last_eval = None;
     let mut saved_at = None;
-    let title = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dolly".into());
+    let title = crate::plot::run_name(&out);
 
     while st.global_step < total_steps {
         // micro-batches of this optimizer step (an epoch's last step may have fewer)
@@ -430,11 +434,10 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             replot = true;
         }
         if replot {
-            if let Err(e) = crate::plot::plot_metrics(&out) {
+            if let Err(e) = crate::plot::plot_loss(&out, &title) {
                 progress.line(say, &format!("warning: loss.png not drawn: {e}"));
             }
         }
-        let _ = &title;
         if std::env::var("DOLLY_FAULT_PAUSE_AFTER_STEP").ok() == Some(st.global_step.to_string()) {
             // Test-only: stop here (without exiting) so a test can `kill -9` the process or signal it.
             eprintln!("paused after step {}", st.global_step);
