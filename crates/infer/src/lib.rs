@@ -5,7 +5,10 @@
 //! (KV cache rows, RNG, stop rules) lives in `batch::BatchDecoder`.
 
 pub mod batch;
+mod conn;
 pub mod extract;
+mod options;
+mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
