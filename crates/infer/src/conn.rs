@@ -7,7 +7,8 @@
 //! - an idle timeout: a keep-alive connection with no request in flight is closed after `idle_timeout`;
 //! - a `Content-Length` over the body limit is answered `413` before the body is read (chunked bodies are cut by
 //!   axum's `DefaultBodyLimit` as they arrive);
-//! - graceful shutdown: stop accepting, close idle connections, let in-flight requests finish.
+//! - graceful shutdown: stop accepting, close connections without a request in flight, let in-flight requests
+//!   finish.
 //!
 //! Also the open-file (fd) budget those connections need, checked at start (`fd_capacity`).
 //! Not handled: a client that uploads its body or reads its response very slowly holds its connection until the
@@ -323,6 +324,10 @@ async fn serve_conn(
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = stop.changed(), if !stopping => {
+                // no request in flight: close now rather than wait out a half-sent header
+                if act.deadline(&limits).is_some() {
+                    return;
+                }
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }

@@ -272,7 +272,8 @@ pub(crate) fn completion(s: &AppState, body: Result<Bytes, BytesRejection>) -> R
 pub fn chat_to_instruction(messages: &[(String, String)]) -> Result<(String, Option<String>), String> {
     let Some((role, last)) = messages.last() else { return Err("`messages` must not be empty".into()) };
     if role != "user" {
-        return Err(format!("the last message must have role `user`, got `{role}`"));
+        let i = messages.len() - 1;
+        return Err(format!("`messages[{i}].role`: the last message must have role `user`, got `{role}`"));
     }
     let mut ctx = Vec::new();
     for (i, (role, content)) in messages[..messages.len() - 1].iter().enumerate() {

@@ -169,3 +169,20 @@ fn oversize_content_length_gets_413_before_the_body() {
     assert_eq!(get(a, "/health").status, 200);
     srv.shutdown().unwrap();
 }
+
+#[test]
+fn shutdown_closes_connections_without_a_request_at_once() {
+    // a header timeout far beyond the read timeout: only the shutdown can close these in time
+    let srv = start(ServerOptions { header_timeout: Duration::from_secs(600), ..Default::default() });
+    let a = srv.addr;
+    let mut silent = connect(a);
+    let mut partial = connect(a);
+    partial.write_all(b"GET /health HTTP/1.1\r\nHo").unwrap();
+    // both accepted before the shutdown starts
+    assert_eq!(get(a, "/health").status, 200);
+    let stopper = std::thread::spawn(move || srv.shutdown());
+    assert!(read_to_close(&mut silent).is_empty());
+    assert!(read_to_close(&mut partial).is_empty());
+    stopper.join().unwrap().unwrap();
+    assert!(TcpStream::connect(a).is_err());
+}
