@@ -1,13 +1,16 @@
-//! `dolly generate MODEL_DIR [INSTRUCTION]`: Dolly's instruction pipeline from the command line — one instruction
+//! `dolly generate MODEL [INSTRUCTION]`: Dolly's instruction pipeline from the command line — one instruction
 //! (streamed token by token), an interactive prompt loop (no instruction, stdin a terminal), or batch mode
-//! (`--input FILE.jsonl` -> JSONL). Front-end only: sampling, batching and extraction live in the `infer` crate.
+//! (`--input FILE.jsonl` -> JSONL). MODEL is a directory or a hub id. Flags, the model, `--input` and `--output`
+//! are checked before the weights are loaded. Front-end only: sampling, batching and extraction live in the
+//! `infer` crate.
 
+use crate::flags::parse_bool;
 use anyhow::{bail, ensure, Context};
 use clap::Args;
 use common::Rng;
 use data::{generation_prompt, DollyTokenizer};
 use infer::{extract_response, GenOutput, SamplingParams, SeqParams, TextStream};
-use neox::Model;
+use neox::{Model, NeoxConfig};
 use serde_json::{json, Value};
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,11 +18,13 @@ use std::time::Instant;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer).
-    pub model_dir: PathBuf,
+    /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer), or a hub model id like
+    /// EleutherAI/pythia-70m (downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache).
+    pub model: String,
     /// Decode with bfloat16 copies of the weights (f32 activations): about 2x the tokens/s of float32 on a
-    /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in).
-    #[arg(long)]
+    /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in). `--bf16` = true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_bool)]
     pub bf16: bool,
     /// The instruction. Without it: an interactive loop when stdin is a terminal, else the instruction is read
     /// from stdin.
@@ -27,7 +32,7 @@ pub struct GenerateArgs {
     /// Context (input) for the instruction, folded in as Dolly's examples do.
     #[arg(long)]
     pub context: Option<String>,
-    /// tokenizer.json to use instead of MODEL_DIR/tokenizer.json.
+    /// tokenizer.json to use instead of the model directory's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Tokens to generate at most (Dolly: 256).
@@ -42,8 +47,9 @@ pub struct GenerateArgs {
     /// Keep only the k most likely tokens (Dolly: 0 = off).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
-    /// Greedy decoding (do_sample = false) instead of sampling.
-    #[arg(long)]
+    /// Greedy decoding (do_sample = false) instead of sampling. `--greedy` = true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_bool)]
     pub greedy: bool,
     /// Seed of the sampling RNG (each sequence draws from its own stream derived from it).
     #[arg(long, default_value_t = 42)]
@@ -60,8 +66,9 @@ pub struct GenerateArgs {
     /// Batch mode: instructions decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Print the answer at the end instead of streaming it.
-    #[arg(long)]
+    /// Print the answer at the end instead of streaming it. `--no-stream` = true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_bool)]
     pub no_stream: bool,
 }
 
@@ -113,8 +120,33 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
     let sampling = SamplingParams { do_sample: !a.greedy, temperature: a.temperature, top_p: a.top_p, top_k: a.top_k };
     sampling.validate().map_err(anyhow::Error::msg)?;
-    let tok = DollyTokenizer::resolve(Some(&a.model_dir), a.tokenizer.as_deref())?;
-    let mut model = Model::load(&a.model_dir).with_context(|| format!("loading model {}", a.model_dir.display()))?;
+    if a.input.is_some() {
+        ensure!(a.instruction.is_none(), "give either an INSTRUCTION or --input, not both");
+    } else {
+        ensure!(a.output.is_none(), "--output is for batch mode (--input)");
+    }
+    // the paths and the model before the tokenizer and the weights
+    let items = match &a.input {
+        Some(input) => {
+            let text = std::fs::read_to_string(input).with_context(|| format!("--input {}", input.display()))?;
+            Some(read_items(input, &text)?)
+        }
+        None => None,
+    };
+    if let Some(out) = &a.output {
+        check_output(out, a.input.as_deref())?;
+    }
+    let dir = crate::model_arg::resolve(&a.model)?;
+    let ctx = NeoxConfig::from_file(&dir.join("config.json"))?.max_position_embeddings;
+    ensure!(
+        a.max_new_tokens < ctx,
+        "--max-new-tokens must be between 1 and {} (the model's context window of {ctx} tokens less one prompt \
+         token), got {}",
+        ctx - 1,
+        a.max_new_tokens
+    );
+    let tok = DollyTokenizer::resolve(Some(&dir), a.tokenizer.as_deref())?;
+    let mut model = Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?;
     model.set_decode_bf16(a.bf16);
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
@@ -125,11 +157,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let p = Pipeline { model, tok, sampling, max_new: a.max_new_tokens, seed: a.seed, n: a.num_return_sequences };
-    if let Some(input) = &a.input {
-        ensure!(a.instruction.is_none(), "give either an INSTRUCTION or --input, not both");
-        return batch(&p, input, a.output.as_deref(), a.batch_size);
+    if let (Some(input), Some(items)) = (&a.input, items) {
+        return batch(&p, input, items, a.output.as_deref(), a.batch_size);
     }
-    ensure!(a.output.is_none(), "--output is for batch mode (--input)");
     let stream = !a.no_stream && p.n == 1;
     match a.instruction {
         Some(i) => single(&p, &i, a.context.as_deref(), stream, 0),
@@ -142,6 +172,27 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             single(&p, s, a.context.as_deref(), stream, 0)
         }
     }
+}
+
+/// `--output` must be a file path in an existing directory, and not the input.
+fn check_output(out: &Path, input: Option<&Path>) -> anyhow::Result<()> {
+    if out.is_dir() {
+        bail!("--output {}: is a directory (give a file path)", out.display());
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!("--output {}: directory {} does not exist", out.display(), parent.display());
+    }
+    if let Some(input) = input {
+        let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x));
+        if same(out, input) {
+            bail!("--output {} is the --input file", out.display());
+        }
+    }
+    Ok(())
 }
 
 /// One instruction: stream the answer (n = 1) or print each sequence.
@@ -256,12 +307,15 @@ pub fn read_items(path: &Path, text: &str) -> anyhow::Result<Vec<(usize, String,
     Ok(items)
 }
 
-fn batch(p: &Pipeline, input: &Path, output: Option<&Path>, batch_size: usize) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
-    let items: Vec<Item> = read_items(input, &text)?
-        .into_iter()
-        .map(|(line, instruction, context)| Item { line, instruction, context })
-        .collect();
+fn batch(
+    p: &Pipeline,
+    input: &Path,
+    items: Vec<(usize, String, Option<String>)>,
+    output: Option<&Path>,
+    batch_size: usize,
+) -> anyhow::Result<()> {
+    let items: Vec<Item> =
+        items.into_iter().map(|(line, instruction, context)| Item { line, instruction, context }).collect();
     let mut prompts = Vec::with_capacity(items.len());
     for it in &items {
         prompts.push(

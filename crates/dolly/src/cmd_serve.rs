@@ -1,79 +1,136 @@
-//! `dolly serve MODEL_DIR`: the OpenAI-compatible HTTP server of the `infer` crate (completions, chat, SSE,
-//! models, health) on `--host`/`--port`, stopping gracefully on SIGTERM or Ctrl-C (in-flight requests finish).
-//! Front-end only: parses flags, loads the model and tokenizer, runs the server.
+//! `dolly serve MODEL`: the OpenAI-compatible HTTP server of the `infer` crate (completions, chat, SSE, models,
+//! health) on `--host`/`--port`, stopping gracefully on SIGTERM or Ctrl-C (in-flight requests finish).
+//! Front-end only: checks the flags (ranges, the open-file limit, then the model's context window and the KV
+//! cache's memory, before the weights are loaded), loads the model and tokenizer, runs the server.
 
+use crate::flags::parse_bool;
 use anyhow::{bail, Context};
 use clap::Args;
 use data::DollyTokenizer;
-use infer::server::{serve, ServerOptions};
-use neox::Model;
-use std::path::PathBuf;
+use infer::server::{fd_capacity, fds_needed, serve, ServerOptions};
+use neox::{Model, NeoxConfig};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+const DEFAULT_MAX_CONNECTIONS: usize = 256;
+const DEFAULT_MAX_TOKENS: usize = 256;
+
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer).
-    pub model_dir: PathBuf,
+    /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer), or a hub model id like
+    /// EleutherAI/pythia-70m (downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache).
+    pub model: String,
     /// Decode with bfloat16 copies of the weights (f32 activations): about 2x the tokens/s of float32 on a
-    /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in).
-    #[arg(long)]
+    /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in). `--bf16` = true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = parse_bool)]
     pub bf16: bool,
+    /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// TCP port to listen on (0 = any free port; the chosen one is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// tokenizer.json to use instead of MODEL_DIR/tokenizer.json.
+    /// tokenizer.json to use instead of the model directory's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Model id clients must send (default: the model directory's name).
+    /// Model id clients must send (default: the hub id, or the model directory's name).
     #[arg(long)]
     pub model_name: Option<String>,
-    /// Most requests decoded together in one batch.
+    /// Most requests decoded together in one batch (1..=1024; its KV cache must fit in memory).
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
-    /// Most requests waiting for a batch row; more get 429.
+    /// Most requests waiting for a batch row; more get 429 (1..=1048576).
     #[arg(long, default_value_t = 64)]
     pub queue_size: usize,
-    /// KV cache slots per row, i.e. the longest prompt + answer (default: the model's context window).
+    /// KV cache slots per row, i.e. the longest prompt + answer (2..=the context window; default: the model's
+    /// context window).
     #[arg(long)]
     pub kv_slots: Option<usize>,
-    /// Largest request body in bytes.
+    /// Largest request body in bytes (1024..=1073741824); a larger Content-Length gets 413 before the body is read.
     #[arg(long, default_value_t = 1 << 20)]
     pub body_limit: usize,
-    /// max_tokens when a request sets none.
-    #[arg(long, default_value_t = 256)]
-    pub default_max_tokens: usize,
-    /// Milliseconds to wait for concurrent requests before starting a batch.
+    /// max_tokens when a request sets none (1..KV slots) [default: 256, or the KV slots - 1 when fewer].
+    #[arg(long)]
+    pub default_max_tokens: Option<usize>,
+    /// Milliseconds to wait for concurrent requests before starting a batch (0..=1000).
     #[arg(long, default_value_t = 2)]
     pub batch_window_ms: u64,
+    /// Open connections at most (1..=65536); one more is answered 503 and closed. Must fit in the open-file
+    /// limit (ulimit -n) [default: 256, lowered to what that limit allows].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a connection may take to send its request header (1..=3600); slower ones are closed.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_s: u64,
+    /// Seconds a kept-alive connection may stay idle between requests (1..=3600).
+    #[arg(long, default_value_t = 30)]
+    pub idle_timeout_s: u64,
+}
+
+/// `--max-connections` within the open-file limit: an explicit value that does not fit is refused, the default
+/// is lowered with a note.
+fn max_connections(given: Option<usize>) -> anyhow::Result<usize> {
+    let want = given.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=infer::server::MAX_CONNECTIONS.1).contains(&want) {
+        bail!("--max-connections must be between 1 and {}, got {want}", infer::server::MAX_CONNECTIONS.1);
+    }
+    let Some((cap, limit)) = fd_capacity(want) else { return Ok(want) };
+    if cap >= want {
+        return Ok(want);
+    }
+    if cap == 0 {
+        bail!("the open-file limit (ulimit -n {limit}) is too low to serve connections: raise it");
+    }
+    match given {
+        Some(n) => bail!(
+            "--max-connections {n} needs ~{} open files, but this process may open only {limit} (ulimit -n): use \
+             --max-connections {cap} or less, or raise the limit",
+            fds_needed(n)
+        ),
+        None => {
+            eprintln!(
+                "dolly serve: the open-file limit (ulimit -n {limit}) allows {cap} connections: --max-connections \
+                 lowered from {want} to {cap}"
+            );
+            Ok(cap)
+        }
+    }
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    let tok = DollyTokenizer::resolve(Some(&a.model_dir), a.tokenizer.as_deref())?;
-    let mut model = Model::load(&a.model_dir).with_context(|| format!("loading model {}", a.model_dir.display()))?;
-    model.set_decode_bf16(a.bf16);
-    let name = a.model_name.clone().unwrap_or_else(|| {
-        let canon = a.model_dir.canonicalize().unwrap_or_else(|_| a.model_dir.clone());
-        canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dolly".into())
-    });
-    if a.max_batch == 0 || a.queue_size == 0 {
-        bail!("--max-batch and --queue-size must be at least 1");
-    }
-    let opts = ServerOptions {
-        model_id: name.clone(),
+    let mut opts = ServerOptions {
+        model_id: String::new(),
         max_batch: a.max_batch,
         queue_size: a.queue_size,
         kv_slots: a.kv_slots,
         body_limit: a.body_limit,
-        default_max_tokens: a.default_max_tokens,
+        default_max_tokens: a.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
         batch_window: Duration::from_millis(a.batch_window_ms),
+        max_connections: max_connections(a.max_connections)?,
+        header_timeout: Duration::from_secs(a.header_timeout_s),
+        idle_timeout: Duration::from_secs(a.idle_timeout_s),
     };
+    opts.validate_flags().map_err(anyhow::Error::msg)?;
+    let dir = crate::model_arg::resolve(&a.model)?;
+    let cfg = NeoxConfig::from_file(&dir.join("config.json"))?;
+    if a.default_max_tokens.is_none() {
+        opts.default_max_tokens = DEFAULT_MAX_TOKENS.min(opts.kv_slots_for(&cfg).saturating_sub(1)).max(1);
+    }
+    opts.validate_for_model(&cfg, if a.bf16 { 2 } else { 4 }).map_err(anyhow::Error::msg)?;
+    opts.model_id = a.model_name.clone().unwrap_or_else(|| default_name(&a.model, &dir));
+    // a busy port is reported before the weights load
+    let addr = format!("{}:{}", a.host, a.port);
+    let std_listener = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
+    std_listener.set_nonblocking(true)?;
+    let tok = DollyTokenizer::resolve(Some(&dir), a.tokenizer.as_deref())?;
+    let mut model = Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?;
+    model.set_decode_bf16(a.bf16);
+    let name = opts.model_id.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
-        let addr = format!("{}:{}", a.host, a.port);
-        let listener =
-            tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::from_std(std_listener).context("listening")?;
         let local = listener.local_addr()?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
@@ -90,4 +147,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         eprintln!("dolly serve: stopped");
         anyhow::Ok(())
     })
+}
+
+/// The hub id when the model came from the hub (its directory is a commit hash), else the directory's name.
+fn default_name(spec: &str, dir: &Path) -> String {
+    if !Path::new(spec).is_dir() {
+        return spec.to_string();
+    }
+    let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "dolly".into())
 }

@@ -9,6 +9,8 @@ mod cmd_generate;
 mod cmd_model;
 mod cmd_serve;
 mod cmd_train;
+mod flags;
+mod model_arg;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,11 +1,15 @@
 //! `infer`: Dolly's instruction pipeline at inference time (dolly-spec section 9) — sampling (`sampling`), response
 //! extraction (`extract`), UTF-8-safe incremental text streaming (`stream`), batched generation on the KV cache
 //! with left padding and rows joining a running batch (`batch`), the request scheduler (`scheduler`) and the
-//! OpenAI-compatible HTTP server (`server`). Does not train, and never mutates the model: per-request state
+//! OpenAI-compatible HTTP server (`server`; its settings and their checks in `options`, request validation in
+//! `request`, connection handling in `conn`). Does not train, and never mutates the model: per-request state
 //! (KV cache rows, RNG, stop rules) lives in `batch::BatchDecoder`.
 
 pub mod batch;
+mod conn;
 pub mod extract;
+mod options;
+mod request;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

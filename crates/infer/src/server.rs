@@ -1,14 +1,15 @@
 //! OpenAI-compatible HTTP server for a Dolly model: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-//! SSE streaming), `GET /v1/models`, `GET /health`. Requests are validated (model id, max_tokens, temperature,
-//! top_p, top_k, n, prompt length against the context window, body size) and refused with an OpenAI-style JSON
-//! error; accepted ones go to the `scheduler` (bounded queue: 429 when full). A dropped connection drops the job's
-//! receiver, which cancels it. Completions wrap the prompt in Dolly's generation template unless `"raw_prompt":
-//! true`; chat uses the last user message as the instruction and earlier messages as the context.
-//! Streamed and non-streamed texts come from the same `TextStream`, so they are equal under greedy decoding.
+//! SSE streaming), `GET /v1/models`, `GET /health`. Requests are validated (`request`) and refused with an
+//! OpenAI-style JSON error; accepted ones go to the `scheduler` (bounded queue: 429 when full). A dropped
+//! connection drops the job's receiver, which cancels it. Completions wrap the prompt in Dolly's generation
+//! template unless `"raw_prompt": true`; chat uses the last user message as the instruction and earlier messages as
+//! the context. Streamed and non-streamed texts come from the same `TextStream`, so they are equal under greedy
+//! decoding. Connections (cap, header and idle timeouts, early 413, graceful drain) are handled by `conn`.
 //! Does not support `stop`, `logprobs`, `echo`, `n > 1`, tools or HTTP/2.
 
-use crate::batch::{FinishReason, SeqParams};
-use crate::sampling::SamplingParams;
+use crate::batch::FinishReason;
+use crate::conn::{self, Limits};
+use crate::request::{self, ApiError, Gen};
 use crate::scheduler::{JobEvent, Scheduler, SchedulerConfig, SubmitError};
 use crate::stream::TextStream;
 use axum::body::Bytes;
@@ -19,7 +20,6 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::Rng;
 use data::DollyTokenizer;
 use neox::Model;
 use serde_json::{json, Value};
@@ -28,88 +28,25 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-/// Server settings (the `dolly serve` flags).
-#[derive(Clone, Debug)]
-pub struct ServerOptions {
-    /// The id clients must use as `model` (also listed by `/v1/models`).
-    pub model_id: String,
-    pub max_batch: usize,
-    pub queue_size: usize,
-    /// KV cache slots per row (longest prompt + answer); None = the model's context window.
-    pub kv_slots: Option<usize>,
-    /// Largest accepted request body in bytes.
-    pub body_limit: usize,
-    /// `max_tokens` when a request gives none (Dolly: 256).
-    pub default_max_tokens: usize,
-    pub batch_window: Duration,
-}
+pub use crate::conn::{fd_capacity, fds_needed};
+pub use crate::options::{ServerOptions, MAX_CONNECTIONS};
+pub use crate::request::chat_to_instruction;
 
-impl Default for ServerOptions {
-    fn default() -> Self {
-        ServerOptions {
-            model_id: "dolly".into(),
-            max_batch: 8,
-            queue_size: 64,
-            kv_slots: None,
-            body_limit: 1 << 20,
-            default_max_tokens: 256,
-            batch_window: Duration::from_millis(2),
-        }
-    }
-}
-
-struct AppState {
-    scheduler: Scheduler,
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub scheduler: Scheduler,
     /// Shared by every response's stream decoder (a clone of the tokenizer copies its vocabulary and merges: ~MBs
     /// and milliseconds per request).
-    tokenizer: Arc<DollyTokenizer>,
-    model_id: String,
+    pub tokenizer: Arc<DollyTokenizer>,
+    pub model_id: String,
     /// Prompt + max_tokens must fit in this.
-    max_context: usize,
-    default_max_tokens: usize,
-    created: u64,
-    counter: AtomicU64,
-}
-
-/// An OpenAI-style error response.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    message: String,
-    kind: &'static str,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
-}
-
-impl ApiError {
-    fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param,
-            code: None,
-        }
-    }
-    fn code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-    fn status(mut self, s: StatusCode) -> Self {
-        self.status = s;
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
-        (self.status, Json(body)).into_response()
-    }
+    pub max_context: usize,
+    pub default_max_tokens: usize,
+    pub created: u64,
+    pub counter: AtomicU64,
 }
 
 fn now_s() -> u64 {
@@ -127,10 +64,10 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
             tokenizer.vocab_size()
         )));
     }
-    let max_pos = cfg.max_position_embeddings;
-    let kv_slots = opts.kv_slots.unwrap_or(max_pos).max(2);
+    opts.validate_for_model(cfg, if model.decode_bf16() { 2 } else { 4 }).map_err(crate::Error)?;
+    let kv_slots = opts.kv_slots_for(cfg);
     let sched_cfg = SchedulerConfig {
-        max_batch: opts.max_batch.max(1),
+        max_batch: opts.max_batch,
         queue_size: opts.queue_size,
         kv_slots,
         vocab_limit: tokenizer.vocab_size(),
@@ -143,8 +80,8 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
         scheduler: scheduler.clone(),
         tokenizer: Arc::new(tokenizer),
         model_id: opts.model_id.clone(),
-        max_context: max_pos.min(kv_slots),
-        default_max_tokens: opts.default_max_tokens.max(1),
+        max_context: kv_slots,
+        default_max_tokens: opts.default_max_tokens,
         created: now_s(),
         counter: AtomicU64::new(0),
     });
@@ -160,7 +97,7 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
 }
 
 /// Serve on `listener` until `shutdown` resolves, then stop accepting, let in-flight requests finish (graceful
-/// drain) and stop the decode thread.
+/// drain) and stop the decode thread. Options out of range are refused (`ServerOptions::validate_for_model`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     model: Arc<Model>,
@@ -169,10 +106,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> crate::Result<()> {
     let (router, scheduler) = build(model, tokenizer, &opts)?;
-    let res = axum::serve(listener, router).with_graceful_shutdown(shutdown).await;
+    let limits = Limits {
+        max_connections: opts.max_connections,
+        header_timeout: opts.header_timeout,
+        idle_timeout: opts.idle_timeout,
+        body_limit: opts.body_limit,
+    };
+    conn::run(listener, router, limits, shutdown).await;
     let s = scheduler.clone();
     let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
-    res.map_err(|e| crate::Error(format!("server: {e}")))
+    Ok(())
 }
 
 /// A server running on its own thread and runtime (tests, benchmarks).
@@ -252,185 +195,15 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
     )
 }
 
-/// The parsed, validated common part of both endpoints.
-struct Gen {
-    prompt: Vec<u32>,
-    params: SeqParams,
-    stream: bool,
-    strip: bool,
-}
-
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<serde_json::Map<String, Value>, ApiError> {
-    let bytes = body.map_err(|e| {
-        let status = e.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request body is larger than the server's limit".to_string()
-        } else {
-            format!("cannot read request body: {e}")
-        };
-        ApiError::invalid(None, msg).status(status)
-    })?;
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::invalid(None, "request body must be a JSON object")),
-        Err(e) => Err(ApiError::invalid(None, format!("request body is not valid JSON: {e}"))),
-    }
-}
-
-fn num(m: &serde_json::Map<String, Value>, key: &'static str) -> Result<Option<f64>, ApiError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(ApiError::invalid(Some(key), format!("`{key}` must be a number"))),
-    }
-}
-
-fn int(m: &serde_json::Map<String, Value>, key: &'static str) -> Result<Option<i64>, ApiError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => {
-            n.as_i64().map(Some).ok_or_else(|| ApiError::invalid(Some(key), format!("`{key}` must be an integer")))
-        }
-        Some(_) => Err(ApiError::invalid(Some(key), format!("`{key}` must be an integer"))),
-    }
-}
-
-/// Validate everything but the prompt; tokenize `prompt_text`; check the context window.
-fn common_params(
-    s: &AppState,
-    m: &serde_json::Map<String, Value>,
-    prompt_text: &str,
-    max_tokens_keys: &[&'static str],
-) -> Result<Gen, ApiError> {
-    match m.get("model") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(id)) if *id == s.model_id => {}
-        Some(Value::String(id)) => {
-            return Err(ApiError::invalid(Some("model"), format!("The model `{id}` does not exist"))
-                .status(StatusCode::NOT_FOUND)
-                .code("model_not_found"))
-        }
-        Some(_) => return Err(ApiError::invalid(Some("model"), "`model` must be a string")),
-    }
-    for key in ["stop", "logprobs", "echo", "suffix", "tools", "functions", "best_of"] {
-        match m.get(key) {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-            Some(_) => return Err(ApiError::invalid(Some(key), format!("`{key}` is not supported by this server"))),
-        }
-    }
-    if let Some(n) = int(m, "n")? {
-        if n != 1 {
-            return Err(ApiError::invalid(Some("n"), "only n = 1 is supported"));
-        }
-    }
-    let mut max_tokens = None;
-    for &k in max_tokens_keys {
-        if let Some(v) = int(m, k)? {
-            if v < 1 || v as u64 > s.max_context as u64 {
-                return Err(ApiError::invalid(
-                    Some(k),
-                    format!("`{k}` must be between 1 and {} (the context window), got {v}", s.max_context),
-                ));
-            }
-            max_tokens = Some(v as usize);
-        }
-    }
-    let max_tokens = max_tokens.unwrap_or(s.default_max_tokens);
-    let temperature = num(m, "temperature")?.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            Some("temperature"),
-            format!("`temperature` must be in [0, 2], got {temperature}"),
-        ));
-    }
-    let top_p = num(m, "top_p")?.unwrap_or(0.92);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(Some("top_p"), format!("`top_p` must be in (0, 1], got {top_p}")));
-    }
-    let top_k = int(m, "top_k")?.unwrap_or(0);
-    if top_k < 0 {
-        return Err(ApiError::invalid(Some("top_k"), format!("`top_k` must be >= 0, got {top_k}")));
-    }
-    let stream = match m.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid(Some("stream"), "`stream` must be a boolean")),
-    };
-    let seed = match m.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) => Some(
-            n.as_i64()
-                .map(|x| x as u64)
-                .or_else(|| n.as_u64())
-                .ok_or_else(|| ApiError::invalid(Some("seed"), "`seed` must be an integer"))?,
-        ),
-        Some(_) => return Err(ApiError::invalid(Some("seed"), "`seed` must be an integer")),
-    };
-    let seed = seed.unwrap_or_else(|| {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        t ^ s.counter.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    });
-    let prompt = s
-        .tokenizer
-        .encode(prompt_text)
-        .map_err(|e| ApiError::invalid(Some("prompt"), format!("cannot tokenize the prompt: {e}")))?;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
-    }
-    if prompt.len() + max_tokens > s.max_context {
-        return Err(ApiError::invalid(
-            Some("messages"),
-            format!(
-                "This model's maximum context length is {} tokens. However, you requested {} tokens ({} in the \
-                 prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                s.max_context,
-                prompt.len() + max_tokens,
-                prompt.len()
-            ),
-        )
-        .code("context_length_exceeded"));
-    }
-    let sampling = SamplingParams {
-        do_sample: temperature > 0.0,
-        temperature: temperature as f32,
-        top_p: top_p as f32,
-        top_k: top_k as usize,
-    };
-    Ok(Gen {
-        prompt,
-        params: SeqParams { sampling, max_new_tokens: max_tokens, rng: Rng::new(seed) },
-        stream,
-        strip: true,
-    })
-}
-
-fn text_of(v: &Value, key: &'static str) -> Result<String, ApiError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        // content parts: [{"type": "text", "text": "..."}]
-        Value::Array(parts) => {
-            let mut out = String::new();
-            for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                    (Some("text"), Some(t)) => out.push_str(t),
-                    _ => return Err(ApiError::invalid(Some(key), "only text content parts are supported")),
-                }
-            }
-            Ok(out)
-        }
-        _ => Err(ApiError::invalid(Some(key), format!("`{key}` must be a string"))),
-    }
-}
-
 async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match completions_inner(&s, body) {
+    match request::completion(&s, body).and_then(|g| submit(&s, g)) {
         Ok((gen, rx)) => respond(s, gen, rx, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match chat_inner(&s, body) {
+    match request::chat(&s, body).and_then(|g| submit(&s, g)) {
         Ok((gen, rx)) => respond(s, gen, rx, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
@@ -456,73 +229,6 @@ fn submit(s: &AppState, gen: Gen) -> Result<Accepted, ApiError> {
             code: None,
         }),
     }
-}
-
-fn completions_inner(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Accepted, ApiError> {
-    let m = parse_body(body)?;
-    let prompt = match m.get("prompt") {
-        Some(Value::String(p)) => p.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        Some(Value::Array(_)) => {
-            return Err(ApiError::invalid(
-                Some("prompt"),
-                "only a single prompt string is supported (no batches, no ids)",
-            ))
-        }
-        None | Some(Value::Null) => return Err(ApiError::invalid(Some("prompt"), "`prompt` is required")),
-        Some(_) => return Err(ApiError::invalid(Some("prompt"), "`prompt` must be a string")),
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
-    }
-    let raw = matches!(m.get("raw_prompt"), Some(Value::Bool(true)));
-    let text = if raw { prompt } else { data::generation_prompt(&prompt, None) };
-    let mut gen = common_params(s, &m, &text, &["max_tokens"])?;
-    gen.strip = !raw;
-    submit(s, gen)
-}
-
-/// Dolly has one instruction and an optional context: the last user message is the instruction; system messages
-/// and earlier turns (as `User: ...` / `Assistant: ...`) become the context.
-pub fn chat_to_instruction(messages: &[(String, String)]) -> Result<(String, Option<String>), String> {
-    let Some((role, last)) = messages.last() else { return Err("`messages` must not be empty".into()) };
-    if role != "user" {
-        return Err(format!("the last message must have role `user`, got `{role}`"));
-    }
-    let mut ctx = Vec::new();
-    for (role, content) in &messages[..messages.len() - 1] {
-        match role.as_str() {
-            "system" | "developer" => ctx.push(content.clone()),
-            "user" => ctx.push(format!("User: {content}")),
-            "assistant" => ctx.push(format!("Assistant: {content}")),
-            other => return Err(format!("unsupported message role `{other}`")),
-        }
-    }
-    let ctx = ctx.join("\n\n");
-    Ok((last.clone(), if ctx.is_empty() { None } else { Some(ctx) }))
-}
-
-fn chat_inner(s: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Accepted, ApiError> {
-    let m = parse_body(body)?;
-    let Some(Value::Array(msgs)) = m.get("messages") else {
-        return Err(ApiError::invalid(Some("messages"), "`messages` must be an array"));
-    };
-    let mut turns = Vec::with_capacity(msgs.len());
-    for msg in msgs {
-        let role = msg
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::invalid(Some("messages"), "each message needs a string `role`"))?;
-        let content = text_of(msg.get("content").unwrap_or(&Value::Null), "messages")?;
-        turns.push((role.to_string(), content));
-    }
-    let (instruction, context) = chat_to_instruction(&turns).map_err(|e| ApiError::invalid(Some("messages"), e))?;
-    if instruction.is_empty() {
-        return Err(ApiError::invalid(Some("messages"), "the last user message is empty"));
-    }
-    let text = data::generation_prompt(&instruction, context.as_deref());
-    let gen = common_params(s, &m, &text, &["max_tokens", "max_completion_tokens"])?;
-    submit(s, gen)
 }
 
 #[derive(Clone, Copy)]

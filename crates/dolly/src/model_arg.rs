@@ -1,0 +1,27 @@
+//! The MODEL positional of `dolly generate` and `dolly serve`: a local model directory, or a hub model id
+//! (`EleutherAI/pythia-70m`) downloaded into the Hugging Face cache (reused offline with `HF_HUB_OFFLINE=1`), like
+//! `dolly train --input-model`. Checked before anything else is loaded, so a wrong model is reported as such.
+
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+
+/// The model directory `spec` names, with its `config.json` present.
+pub fn resolve(spec: &str) -> anyhow::Result<PathBuf> {
+    let p = Path::new(spec);
+    let dir = if p.is_dir() {
+        p.to_path_buf()
+    } else if p.exists() {
+        bail!(
+            "model `{spec}`: not a directory (give the model directory, or a hub model id like EleutherAI/pythia-70m)"
+        )
+    } else if data::hub::looks_like_repo_id(spec) {
+        train::resolve_model(spec)
+            .with_context(|| format!("model `{spec}`: not a directory, and fetching hub model id `{spec}` failed"))?
+    } else {
+        bail!("model `{spec}`: not a directory and not a hub model id (like EleutherAI/pythia-70m)")
+    };
+    if !dir.join("config.json").is_file() {
+        bail!("model `{spec}`: {} has no config.json (not a Hugging Face model directory)", dir.display());
+    }
+    Ok(dir)
+}
