@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Projected time and tokens/s of one real epoch over dolly-15k, padded vs packed, dolly vs PyTorch, in one run.
 
-Developer tool only (CI never runs it). Needs /work/venv (torch, transformers, tokenizers) and a release build of
+Developer tool only (CI never runs it). Needs ../venv (torch, transformers, tokenizers) and a release build of
 dolly (cargo build --release). A full epoch takes about an hour on the 2-core dev machine, so this measures the
 step time as a function of the batch shape on both engines and projects the epoch from the epoch's real shapes.
 
-    /work/venv/bin/python tools/bench_epoch.py                  # everything, ~15 min on 2 cores
-    /work/venv/bin/python tools/bench_epoch.py --sanity-steps 0 # without the real `dolly train` runs
+    ../venv/bin/python tools/bench_epoch.py                  # everything, ~15 min on 2 cores
+    ../venv/bin/python tools/bench_epoch.py --sanity-steps 0 # without the real `dolly train` runs
 
 1. Shapes. `dolly data stats --json` gives the kept records, the real tokens and the padding waste of both modes
    (batch 8, rows of --pack-length). Per-batch shapes are computed here: every record is tokenized with the Python
@@ -245,7 +245,7 @@ def project(shapes, grid_s, pack_step_s, args):
 # ----------------------------------------------------------------------------------------------- 4. sanity
 def sanity(args, tmp):
     model_dir = os.path.join(tmp, "model")
-    run([args.dolly, "init-model", "--preset", "pythia-70m", "--output", model_dir], args.timeout, "init-model")
+    run([args.dolly, "init-model", "--tokenizer", "none", "--preset", "pythia-70m", "--output", model_dir], args.timeout, "init-model")
     out = {}
     for mode in ("padded", "packed"):
         od = os.path.join(tmp, f"out-{mode}")
@@ -289,8 +289,8 @@ def hms(s):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dolly", default="target/release/dolly")
-    ap.add_argument("--dataset", default="/work/shared/data/databricks-dolly-15k.jsonl")
-    ap.add_argument("--tokenizer", default="/work/shared/data/20B_tokenizer.json")
+    ap.add_argument("--dataset", default="../shared/data/databricks-dolly-15k.jsonl")
+    ap.add_argument("--tokenizer", default="../shared/data/20B_tokenizer.json")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8, help="padded batch (Dolly's per-device batch)")
     ap.add_argument("--pack-length", type=int, default=2048)

@@ -171,7 +171,7 @@ def main():
     rounds = []
     with tempfile.TemporaryDirectory() as d:
         model_dir = os.path.join(d, args.preset)
-        subprocess.run([exe, "init-model", "--preset", args.preset, "--output", model_dir], check=True,
+        subprocess.run([exe, "init-model", "--tokenizer", "none", "--preset", args.preset, "--output", model_dir], check=True,
                        stderr=subprocess.DEVNULL)
         gen, hf_info = hf_setup(model_dir, tok, args)
         with DollyServer(exe, model_dir, tok, args) as server:

@@ -3,7 +3,7 @@
 
 Developer tool only (CI never runs Python). From the repository root, with the pinned tools/requirements.txt:
 
-    /work/venv/bin/python tools/check_export.py OUT_DIR [--instruction TEXT] [--tol 1e-3]
+    ../venv/bin/python tools/check_export.py OUT_DIR [--instruction TEXT] [--tol 1e-3]
 
 Does:
 - AutoTokenizer.from_pretrained(OUT_DIR): the three Dolly special tokens exist with ids `### End` 50277,

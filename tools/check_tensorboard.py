@@ -4,8 +4,8 @@
 Developer tool only (CI never runs it; the Rust test crates/train/tests/tensorboard_events.rs checks the format with
 an independent reader). Needs a venv outside the repo with the pinned TensorBoard:
 
-    python3 -m venv /work/venv-tb && /work/venv-tb/bin/pip install tensorboard==2.21.0
-    /work/venv-tb/bin/python tools/check_tensorboard.py OUT
+    python3 -m venv ../venv-tb && ../venv-tb/bin/pip install tensorboard==2.21.0
+    ../venv-tb/bin/python tools/check_tensorboard.py OUT
 
 Every numeric (non-null) value of every metrics.jsonl row must appear exactly once in OUT/runs/train, at the row's
 step, under the tag the trainer gives it (train rows: train/<key>, lr as train/learning_rate; eval rows:

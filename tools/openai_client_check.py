@@ -29,7 +29,7 @@ def main():
     exe = os.path.abspath(args.dolly)
     with tempfile.TemporaryDirectory() as d:
         m = os.path.join(d, "m")
-        subprocess.run([exe, "init-model", "--preset", "pythia-14m", "--output", m], check=True,
+        subprocess.run([exe, "init-model", "--tokenizer", "none", "--preset", "pythia-14m", "--output", m], check=True,
                        stderr=subprocess.DEVNULL)
         p = subprocess.Popen([exe, "serve", m, "--tokenizer", os.path.abspath(args.tokenizer), "--port", "0",
                               "--model-name", "dolly-check"], stderr=subprocess.PIPE, text=True)

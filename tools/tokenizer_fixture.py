@@ -11,8 +11,8 @@ and the drop counts at max length 2048 and 1024 (length >= max is dropped, spec 
 Does not: need transformers, torch or the network; CI never runs it (the fixture is committed).
 
 Usage (from the repository root):
-    python3 -m venv /work/venv-tok && /work/venv-tok/bin/pip install -r tools/requirements-data.txt
-    /work/venv-tok/bin/python tools/tokenizer_fixture.py [--shared ../shared/data] [--out PATH]
+    python3 -m venv ../venv-tok && ../venv-tok/bin/pip install -r tools/requirements-data.txt
+    ../venv-tok/bin/python tools/tokenizer_fixture.py [--shared ../shared/data] [--out PATH]
 """
 
 import argparse

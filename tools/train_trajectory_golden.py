@@ -5,7 +5,7 @@ Writes crates/train/tests/fixtures/trajectory.json, which crates/train/tests/tra
 `train::train` (per-step loss within 1e-4 + 1e-4*|golden|). Developer tool only; CI never runs Python.
 Run from the repository root with the pinned environment of tools/requirements.txt:
 
-    /work/venv/bin/python tools/train_trajectory_golden.py [--shared ../shared/data] [--out PATH]
+    ../venv/bin/python tools/train_trajectory_golden.py [--shared ../shared/data] [--out PATH]
 
 What both sides do (keep trajectory.rs in step with this list):
 - Model: GPT-NeoX, vocab 50280 (the Dolly tokenizer size), hidden 32, 2 layers, 4 heads, intermediate 128,

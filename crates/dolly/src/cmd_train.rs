@@ -1,6 +1,7 @@
 //! `dolly train`: the seed trainer's flags (same names and defaults; see `train::TrainConfig`), an optional
 //! `--config FILE.toml` whose keys are these flag names, the command line overriding the file.
 
+use crate::flags::parse_bool;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
@@ -8,14 +9,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-fn parse_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "true" | "True" | "1" | "yes" => Ok(true),
-        "false" | "False" | "0" | "no" => Ok(false),
-        _ => Err(format!("expected true or false, got `{s}`")),
-    }
-}
 
 /// Flags; each is optional so that only what is given overrides the config file and the defaults.
 #[derive(Args, Serialize, Default)]

@@ -37,7 +37,7 @@ fn run(c: &mut Command) -> (bool, String, String) {
 fn tiny_model(dir: &Path) -> PathBuf {
     let out = dir.join("tiny");
     let (ok, _, e) = run(dolly(dir)
-        .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "2", "--output"])
+        .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "2", "--tokenizer", "none", "--output"])
         .arg(&out));
     assert!(ok, "{e}");
     out

@@ -110,6 +110,7 @@ fn sigint_checkpoints_and_the_resume_is_exact() {
     );
     let out = f.dir.path().join("int");
     assert!(train::checkpoint::verify(&out.join("checkpoint-3")).is_ok());
+    assert!(out.join("checkpoint-3/tokenizer.json").is_file(), "checkpoints carry the tokenizer");
     ok(&f.run("int", &["--max-steps", "10", "--resume-from-checkpoint", "latest"]));
     assert_eq!(f.losses("int"), f.losses("straight"), "losses after SIGINT + resume differ");
 
@@ -155,4 +156,31 @@ fn non_finite_weights_are_never_exported() {
     let e = err(&f.run("nan", &["--max-steps", "3", "--lr", "1000", "--weight-decay", "1e36", "--save-steps", "100"]));
     assert!(e.contains("not finite") && e.contains("gpt_neox.embed_in.weight"), "{e}");
     assert!(!f.dir.path().join("nan/model.safetensors").exists());
+}
+
+#[test]
+fn init_model_ships_its_tokenizer() {
+    let f = Fixture::new();
+    let m = f.dir.path().join("self-contained");
+    let st = common::dolly()
+        .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "1", "--dtype", "bf16", "--tokenizer"])
+        .arg(common::shared().join("20B_tokenizer.json"))
+        .arg("--output")
+        .arg(&m)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(m.join("tokenizer.json").is_file());
+    // train without --tokenizer: the model directory's own is used
+    let mut c = common::dolly();
+    c.arg("train").arg("--input-model").arg(&m).arg("--training-dataset").arg(f.dir.path().join("d.jsonl"));
+    c.arg("--local-output-dir").arg(f.dir.path().join("sc"));
+    c.args(["--max-steps", "2", "--per-device-train-batch-size", "2", "--test-size", "0", "--max-length", "128"]);
+    ok(&c.output().unwrap());
+    let e = err(&common::dolly()
+        .args(["init-model", "--tokenizer", "EleutherAI/pythia-70m", "--output"])
+        .arg(f.dir.path().join("offline"))
+        .output()
+        .unwrap());
+    assert!(e.contains("--tokenizer") && e.contains("offline"), "{e}");
 }

@@ -194,7 +194,18 @@ fn names_in(dir: &Path) -> Vec<String> {
 fn model_files(tmp: &Path) -> Vec<RepoFile> {
     let dir = tmp.join("init");
     let st = Command::new(env!("CARGO_BIN_EXE_dolly"))
-        .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "2", "--seed", "3", "--output"])
+        .args([
+            "init-model",
+            "--preset",
+            "pythia-14m",
+            "--num-hidden-layers",
+            "2",
+            "--seed",
+            "3",
+            "--tokenizer",
+            "none",
+            "--output",
+        ])
         .arg(&dir)
         .output()
         .unwrap();

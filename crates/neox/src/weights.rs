@@ -213,16 +213,33 @@ pub fn load_tensors(path: &Path, wanted: &[(&str, &[usize])]) -> Result<Vec<Vec<
 
 /// Write named tensors into one safetensors file, atomically, streaming (no second copy in memory).
 pub fn save_tensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: SaveDtype) -> Result<()> {
+    for (name, shape, data) in tensors {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(Error::tensor(path, name, format!("shape {shape:?} does not hold {} values", data.len())));
+        }
+    }
+    let specs: Vec<(&str, &[usize])> = tensors.iter().map(|(n, s, _)| (*n, *s)).collect();
+    save_tensors_with(path, &specs, dtype, |k, buf| {
+        buf.extend_from_slice(tensors[k].2);
+        Ok(())
+    })
+}
+
+/// Write tensors `specs` (name, shape) into one safetensors file, atomically, asking `fill(k, buf)` for tensor
+/// k's values (f32, appended to the empty `buf`) one tensor at a time: the whole set is never in memory.
+pub fn save_tensors_with(
+    path: &Path,
+    specs: &[(&str, &[usize])],
+    dtype: SaveDtype,
+    mut fill: impl FnMut(usize, &mut Vec<f32>) -> Result<()>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut meta = serde_json::Map::new();
     meta.insert("format".into(), "pt".into());
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut off = 0usize;
-    for (name, shape, data) in tensors {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(Error::tensor(path, name, format!("shape {shape:?} does not hold {} values", data.len())));
-        }
-        let n = data.len() * dtype.size();
+    for (name, shape) in specs {
+        let n = shape.iter().product::<usize>() * dtype.size();
         header.insert(
             name.to_string(),
             serde_json::json!({"dtype": dtype.st_name(), "shape": shape, "data_offsets": [off, off + n]}),
@@ -233,12 +250,24 @@ pub fn save_tensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: Sa
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    common::atomic_write_with(path, |w: &mut dyn Write| {
+    let mut failure = None;
+    let written = common::atomic_write_with(path, |w: &mut dyn Write| {
         w.write_all(&(h.len() as u64).to_le_bytes())?;
         w.write_all(&h)?;
+        let mut vals = Vec::new();
         let mut buf = Vec::with_capacity(1 << 16);
-        for (_, _, data) in tensors {
-            for chunk in data.chunks(1 << 14) {
+        for (k, (name, shape)) in specs.iter().enumerate() {
+            vals.clear();
+            if let Err(e) = fill(k, &mut vals) {
+                failure = Some(e);
+                return Err(std::io::Error::other("tensor source failed"));
+            }
+            if vals.len() != shape.iter().product::<usize>() {
+                failure =
+                    Some(Error::tensor(path, name, format!("shape {shape:?} does not hold {} values", vals.len())));
+                return Err(std::io::Error::other("tensor size mismatch"));
+            }
+            for chunk in vals.chunks(1 << 14) {
                 buf.clear();
                 match dtype {
                     SaveDtype::F32 => chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
@@ -253,8 +282,12 @@ pub fn save_tensors(path: &Path, tensors: &[(&str, &[usize], &[f32])], dtype: Sa
             }
         }
         Ok(())
-    })
-    .map_err(|e| Error::io(path, e))
+    });
+    match (written, failure) {
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(Error::io(path, e)),
+        (Ok(()), None) => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -29,7 +29,18 @@ impl Fixture {
         let first: String = data.lines().take(120).map(|l| format!("{l}\n")).collect();
         std::fs::write(dir.path().join("d.jsonl"), first).unwrap();
         let st = dolly()
-            .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "2", "--seed", "3", "--output"])
+            .args([
+                "init-model",
+                "--preset",
+                "pythia-14m",
+                "--num-hidden-layers",
+                "2",
+                "--seed",
+                "3",
+                "--tokenizer",
+                "none",
+                "--output",
+            ])
             .arg(dir.path().join("model"))
             .status()
             .unwrap();
