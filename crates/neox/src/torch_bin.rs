@@ -81,7 +81,8 @@ impl TorchArchive {
         };
         let prefix = pkl.trim_end_matches("data.pkl").to_string();
         let order_name = format!("{prefix}byteorder");
-        if let Ok(f) = zip.by_name(&order_name) {
+        if zip.index_for_name(&order_name).is_some() {
+            let f = zip.by_name(&order_name).map_err(|e| Error::file(path, format!("`{order_name}`: {e}")))?;
             let mut order = String::new();
             f.take(16).read_to_string(&mut order).map_err(|e| Error::file(path, format!("`{order_name}`: {e}")))?;
             if order.trim() != "little" {

@@ -44,11 +44,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if data::hub::looks_like_repo_id(spec) {
         let hub = data::Hub::new(HubOptions::from_env());
         let repo = data::Repo::model(spec, "main");
-        // The keep filter sees one name at a time: list first to know whether safetensors exist.
-        let (_, names) = hub.list_files(&repo)?;
-        let wanted = wanted_model_files(&names);
-        let keep = |f: &str| wanted.iter().any(|w| w == f);
-        let snap = hub.snapshot(&repo, &keep)?;
+        let snap = hub.snapshot_of(&repo, &wanted_model_files)?;
         return Ok(snap.dir);
     }
     bail!("--input-model {spec}: not a directory, and not a hub model id like EleutherAI/pythia-70m")
