@@ -543,8 +543,14 @@ impl Hub {
 
     /// Download the files of `repo` accepted by `keep` and return the snapshot.
     pub fn snapshot(&self, repo: &Repo, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
+        self.snapshot_of(repo, &|names: &[String]| names.iter().filter(|n| keep(n)).cloned().collect())
+    }
+
+    /// Download the files that `select` picks from the repo's whole listing (a choice that depends on which
+    /// files exist, e.g. safetensors or else pickle weights) and return the snapshot.
+    pub fn snapshot_of(&self, repo: &Repo, select: &dyn Fn(&[String]) -> Vec<String>) -> Result<Snapshot> {
         let (commit, names) = self.list_files(repo)?;
-        let files: Vec<String> = names.into_iter().filter(|n| keep(n)).collect();
+        let files = select(&names);
         if files.is_empty() {
             return Err(DataError::hub(format!("{}: no matching files at revision {:?}", repo.id, repo.revision)));
         }

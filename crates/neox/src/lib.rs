@@ -4,6 +4,8 @@
 pub mod config;
 pub mod error;
 pub mod layout;
+pub mod pickle;
+mod torch_bin;
 pub mod weights;
 
 pub use config::NeoxConfig;

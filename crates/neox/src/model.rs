@@ -341,11 +341,15 @@ impl Model {
         })
     }
 
-    /// Load `config.json` + safetensors weights from an HF model directory.
+    /// Load `config.json` + weights (safetensors, or `pytorch_model.bin` read without executing its pickle) from
+    /// an HF model directory. The weights' headers are checked against config.json before anything is allocated.
     pub fn load(dir: &Path) -> Result<Self> {
-        let config = NeoxConfig::from_file(&dir.join("config.json"))?;
-        let layout = Layout::new(&config);
-        let params = weights::load_params(dir, &config, &layout)?;
+        let cpath = dir.join("config.json");
+        let config = NeoxConfig::from_file(&cpath)?;
+        if weights::checked_param_count(&config).is_none() {
+            return Err(Error::file(&cpath, "the parameter count these sizes give does not fit in memory addresses"));
+        }
+        let params = weights::load_params(dir, &config)?;
         Self::from_parts(config, params)
     }
 

@@ -1,11 +1,14 @@
-//! Hugging Face weights IO: reads `model.safetensors` or a sharded set through `model.safetensors.index.json`
-//! (f32/f16/bf16, converted to f32), strictly: every expected tensor exactly once with the right shape, the known
-//! buffers ignored, anything else an error naming the tensor and file. Shard names may not leave the model
-//! directory. Never reads pickle (`pytorch_model.bin`). Writes the same layout atomically.
+//! Hugging Face weights IO: reads `model.safetensors` or a sharded set through `model.safetensors.index.json`,
+//! else `pytorch_model.bin` (or its shards through `pytorch_model.bin.index.json`) with the non-executing
+//! unpickler of `torch_bin`/`pickle`; f32/f16/bf16, converted to f32. Strict: every expected tensor exactly once
+//! with the right shape, the known buffers ignored, anything else an error naming the tensor and file, all
+//! found from the headers before the parameter buffer is allocated. Shard names may not leave the model
+//! directory (a hub cache snapshot's links into its own `blobs/` are fine). Writes safetensors atomically.
 
 use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::torch_bin::{self, TorchArchive};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -50,87 +53,134 @@ impl SaveDtype {
     }
 }
 
-/// The weight files of a model directory, validated to stay inside it.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-            Error::file(&index, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
-        })?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::file(&index, "missing object `weight_map`"))?;
-        let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        let mut seen = HashSet::new();
-        for (tensor, f) in map {
-            let name = f
-                .as_str()
-                .ok_or_else(|| Error::file(&index, format!("weight_map[`{tensor}`] must be a file name string")))?;
-            if !seen.insert(name.to_string()) {
-                continue;
-            }
-            let rel = Path::new(name);
-            let plain = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
-            if !plain {
-                return Err(Error::file(
-                    &index,
-                    format!("shard `{name}` (for `{tensor}`) must be a relative path inside the model directory"),
-                ));
-            }
-            let p = dir.join(rel);
-            let canon = p.canonicalize().map_err(|e| Error::io(&p, e))?;
-            if !canon.starts_with(&canon_dir) {
-                return Err(Error::file(&index, format!("shard `{name}` resolves outside the model directory")));
-            }
-            files.push(p);
-        }
-        if files.is_empty() {
-            return Err(Error::file(&index, "weight_map is empty"));
-        }
-        return Ok(files);
-    }
-    for pickle in ["pytorch_model.bin", "pytorch_model.bin.index.json"] {
-        if dir.join(pickle).exists() {
-            return Err(Error::file(
-                &dir.join(pickle),
-                "PyTorch pickle checkpoints are not loaded (unpickling can execute code). Convert once with \
-                 transformers: `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`",
-            ));
-        }
-    }
-    Err(Error::file(dir, "no model.safetensors or model.safetensors.index.json in the model directory"))
+/// Which kind of weight files a model directory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    Safetensors,
+    /// `pytorch_model.bin` (zip from `torch.save`), read by the non-executing unpickler.
+    TorchBin,
 }
 
-fn convert(path: &Path, name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    let esize = match dtype {
-        Dtype::F32 => 4,
-        Dtype::F16 | Dtype::BF16 => 2,
-        other => {
-            return Err(Error::tensor(path, name, format!("dtype {other:?} is not supported (need F32, F16 or BF16)")))
+/// The weight files of a model directory, validated to stay inside it.
+#[derive(Clone, Debug)]
+pub struct WeightFiles {
+    pub format: WeightFormat,
+    pub files: Vec<PathBuf>,
+}
+
+/// The weight files of `dir`: safetensors when present (single file, then index), else `pytorch_model.bin`
+/// (single file, then `pytorch_model.bin.index.json`).
+pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
+    let candidates = [
+        (WeightFormat::Safetensors, "model.safetensors", "model.safetensors.index.json"),
+        (WeightFormat::TorchBin, "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ];
+    for (format, single, index) in candidates {
+        let (single, index) = (dir.join(single), dir.join(index));
+        if single.is_file() {
+            return Ok(WeightFiles { format, files: vec![single] });
         }
-    };
+        if index.is_file() {
+            return Ok(WeightFiles { format, files: shard_files(dir, &index)? });
+        }
+    }
+    Err(Error::file(
+        dir,
+        "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in \
+         the model directory",
+    ))
+}
+
+/// The `blobs/` folder of the hub cache repository when `canon_dir` is one of its snapshots
+/// (`.../models--ORG--NAME/snapshots/REV`), where shard files are symlinks to `../../blobs/SHA`.
+fn hub_blobs_dir(canon_dir: &Path) -> Option<PathBuf> {
+    let snapshots = canon_dir.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    snapshots.parent()?.join("blobs").canonicalize().ok()
+}
+
+/// The shard files an index names: plain relative names (no `..`, no absolute paths) that resolve inside the
+/// directory, or, in a hub cache snapshot, into that cache repository's `blobs/`.
+fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(index, format!("invalid JSON at line {} column {}: {e}", e.line(), e.column())))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::file(index, "missing object `weight_map`"))?;
+    let canon_dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    let blobs = hub_blobs_dir(&canon_dir);
+    let mut files: Vec<PathBuf> = Vec::new();
+    let mut seen = HashSet::new();
+    for (tensor, f) in map {
+        let name = f
+            .as_str()
+            .ok_or_else(|| Error::file(index, format!("weight_map[`{tensor}`] must be a file name string")))?;
+        if !seen.insert(name.to_string()) {
+            continue;
+        }
+        let rel = Path::new(name);
+        let plain = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !plain {
+            return Err(Error::file(
+                index,
+                format!("shard `{name}` (for `{tensor}`) must be a relative path inside the model directory"),
+            ));
+        }
+        let p = dir.join(rel);
+        let canon = p.canonicalize().map_err(|e| Error::io(&p, e))?;
+        let in_blobs = blobs.as_deref().is_some_and(|b| canon.parent() == Some(b));
+        if !canon.starts_with(&canon_dir) && !in_blobs {
+            return Err(Error::file(index, format!("shard `{name}` resolves outside the model directory")));
+        }
+        files.push(p);
+    }
+    if files.is_empty() {
+        return Err(Error::file(index, "weight_map is empty"));
+    }
+    Ok(files)
+}
+
+/// Element types the loader converts to f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Elem {
+    fn from_st(d: Dtype) -> std::result::Result<Elem, String> {
+        match d {
+            Dtype::F32 => Ok(Elem::F32),
+            Dtype::F16 => Ok(Elem::F16),
+            Dtype::BF16 => Ok(Elem::Bf16),
+            other => Err(format!("dtype {other:?} is not supported (need F32, F16 or BF16)")),
+        }
+    }
+}
+
+/// Little-endian `elem` values in `bytes` to f32 in `out` (exactly as many).
+pub(crate) fn convert(path: &Path, name: &str, elem: Elem, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    let esize = if elem == Elem::F32 { 4 } else { 2 };
     if bytes.len() != out.len() * esize {
         return Err(Error::tensor(path, name, format!("{} bytes for {} elements", bytes.len(), out.len())));
     }
-    match dtype {
-        Dtype::F32 => {
+    match elem {
+        Elem::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        Dtype::F16 => {
+        Elem::F16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                 *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
             }
         }
-        _ => {
+        Elem::Bf16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                 *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
             }
@@ -139,47 +189,139 @@ fn convert(path: &Path, name: &str, dtype: Dtype, bytes: &[u8], out: &mut [f32])
     Ok(())
 }
 
-/// Read all parameters of `config`'s model from `dir` into one flat f32 buffer in `Layout` order.
-pub fn load_params(dir: &Path, config: &NeoxConfig, layout: &Layout) -> Result<Vec<f32>> {
-    let files = weight_files(dir)?;
-    let mut params = vec![0f32; layout.total];
-    let mut loaded: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for path in &files {
+/// Every tensor size of `config`'s model, multiplied out without overflow (an absurd config.json is an error,
+/// not a wrapped count): the parameter count.
+pub fn checked_param_count(config: &NeoxConfig) -> Option<u64> {
+    let (v, h, f, l) = (
+        config.vocab_size as u64,
+        config.hidden_size as u64,
+        config.intermediate_size as u64,
+        config.num_hidden_layers as u64,
+    );
+    let m = |a: u64, b: u64| a.checked_mul(b);
+    let per_layer = [m(4, h)?, m(m(3, h)?, h)?, m(3, h)?, m(h, h)?, h, m(f, h)?, f, m(h, f)?, h]
+        .into_iter()
+        .try_fold(0u64, |a, x| a.checked_add(x))?;
+    m(2, m(v, h)?)?.checked_add(m(l, per_layer)?)?.checked_add(m(2, h)?).filter(|&n| usize::try_from(n).is_ok())
+}
+
+/// Tensors per layer in `Layout` (two LayerNorms, qkv, dense, the two MLP matrices: weight and bias each); the
+/// model has 4 more (embed_in, the final LayerNorm, embed_out).
+const TENSORS_PER_LAYER: usize = 12;
+
+/// One opened weights file: its bytes (memory-mapped) and, for torch archives, the validated tensor records.
+struct Opened {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    torch: Option<TorchArchive>,
+}
+
+/// (name, element type or why it cannot load, shape) of one tensor, from a file's header.
+type Header = (String, std::result::Result<Elem, String>, Vec<usize>);
+
+/// The headers of every tensor in a file (safetensors: sorted by name; torch: in pickle order).
+fn headers(o: &Opened) -> Result<Vec<Header>> {
+    if let Some(a) = &o.torch {
+        return Ok(a.tensors.iter().map(|(n, t)| (n.clone(), torch_bin::elem_of(t), t.size.clone())).collect());
+    }
+    let st = safetensors_of(o)?;
+    let mut out: Vec<_> =
+        st.iter().map(|(name, view)| (name.to_string(), Elem::from_st(view.dtype()), view.shape().to_vec())).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn safetensors_of(o: &Opened) -> Result<SafeTensors<'_>> {
+    SafeTensors::deserialize(&o.mmap)
+        .map_err(|e| Error::file(&o.path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))
+}
+
+/// Read all parameters of `config`'s model from `dir` into one flat f32 buffer in `Layout` order. Every header
+/// is read and checked against config.json (names, shapes, dtypes, nothing missing or doubled) and the total is
+/// checked against this machine's memory before the buffer is allocated; the layout itself is built only once
+/// the files hold at least as many tensors as config.json's layer count needs.
+pub fn load_params(dir: &Path, config: &NeoxConfig) -> Result<Vec<f32>> {
+    let wf = weight_files(dir)?;
+    let mut opened = Vec::new();
+    for path in &wf.files {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only and lives only within this loop iteration; a concurrent writer could only
-        // change values, which the format checks below would report or the model would carry as data.
+        // SAFETY: the map is read-only and lives only within this call; a concurrent writer could only change
+        // values, which the format checks below would report or the model would carry as data.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&mmap)
-            .map_err(|e| Error::file(path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
-        let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-        names.sort();
-        for name in names {
+        let torch = match wf.format {
+            WeightFormat::TorchBin => Some(TorchArchive::open(path, &mmap)?),
+            WeightFormat::Safetensors => None,
+        };
+        opened.push(Opened { path: path.clone(), mmap, torch });
+    }
+    let all: Vec<Vec<Header>> = opened.iter().map(headers).collect::<Result<_>>()?;
+    let held: usize = all.iter().map(Vec::len).sum();
+    // Only a layer count far beyond the files is refused here (it would build a huge layout); a few missing
+    // tensors get the precise "missing" error below.
+    let needed = config.num_hidden_layers.saturating_mul(TENSORS_PER_LAYER).saturating_add(4);
+    if needed > held.saturating_mul(2).saturating_add(64) {
+        return Err(Error::file(
+            &dir.join("config.json"),
+            format!(
+                "num_hidden_layers {} needs {needed} tensors, the weight files hold only {held}",
+                config.num_hidden_layers
+            ),
+        ));
+    }
+    let layout = Layout::new(config);
+    // Plan: (file, tensor name, parameter index, header index), all checked before allocating.
+    let mut plan: Vec<(usize, String, usize, usize)> = Vec::new();
+    let mut loaded: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for (fi, (o, hs)) in opened.iter().zip(all).enumerate() {
+        let path = &o.path;
+        for (ti, (name, elem, shape)) in hs.into_iter().enumerate() {
             if is_known_buffer(&name) {
                 continue;
             }
-            let view = st.tensor(&name).map_err(|e| Error::tensor(path, &name, e.to_string()))?;
             let canonical = if name == "lm_head.weight" { "embed_out.weight" } else { name.as_str() };
-            let info = layout.find(canonical).ok_or_else(|| {
+            let pi = layout.params.iter().position(|p| p.name == canonical).ok_or_else(|| {
                 Error::tensor(path, &name, "unexpected tensor for a GPT-NeoX model with this config.json")
             })?;
-            if view.shape() != info.shape.as_slice() {
+            let info = &layout.params[pi];
+            if shape != info.shape {
                 return Err(Error::tensor(
                     path,
                     &name,
-                    format!("shape {:?}, expected {:?} from config.json", view.shape(), info.shape),
+                    format!("shape {shape:?}, expected {:?} from config.json", info.shape),
                 ));
             }
             if let Some(prev) = loaded.insert(canonical.to_string(), path.clone()) {
                 return Err(Error::tensor(path, &name, format!("appears twice (also in {})", prev.display())));
             }
-            convert(path, &name, view.dtype(), view.data(), &mut params[info.range()])?;
+            elem.map_err(|m| Error::tensor(path, &name, m))?;
+            plan.push((fi, name, pi, ti));
         }
     }
-    let _ = config;
     for p in &layout.params {
         if !loaded.contains_key(&p.name) {
-            let shown = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
-            return Err(Error::tensor(&files[0], &p.name, format!("missing (looked in: {shown})")));
+            let shown = wf.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(Error::tensor(&wf.files[0], &p.name, format!("missing (looked in: {shown})")));
+        }
+    }
+    let bytes = (layout.total as u64).saturating_mul(4);
+    common::check_fits(&format!("loading the model {}", dir.display()), bytes).map_err(Error::invalid)?;
+    let mut params = vec![0f32; layout.total];
+    for (fi, o) in opened.iter().enumerate() {
+        let mine = plan.iter().filter(|p| p.0 == fi);
+        match &o.torch {
+            Some(a) => {
+                for (_, name, pi, ti) in mine {
+                    a.read_into(&o.path, &o.mmap, name, &a.tensors[*ti].1, &mut params[layout.params[*pi].range()])?;
+                }
+            }
+            None => {
+                let st = safetensors_of(o)?;
+                for (_, name, pi, _) in mine {
+                    let view = st.tensor(name).map_err(|e| Error::tensor(&o.path, name, e.to_string()))?;
+                    let elem = Elem::from_st(view.dtype()).map_err(|m| Error::tensor(&o.path, name, m))?;
+                    convert(&o.path, name, elem, view.data(), &mut params[layout.params[*pi].range()])?;
+                }
+            }
         }
     }
     Ok(params)
@@ -204,8 +346,9 @@ pub fn load_tensors(path: &Path, wanted: &[(&str, &[usize])]) -> Result<Vec<Vec<
             if view.shape() != *shape {
                 return Err(Error::tensor(path, name, format!("shape {:?}, expected {shape:?}", view.shape())));
             }
+            let elem = Elem::from_st(view.dtype()).map_err(|m| Error::tensor(path, name, m))?;
             let mut out = vec![0f32; shape.iter().product()];
-            convert(path, name, view.dtype(), view.data(), &mut out)?;
+            convert(path, name, elem, view.data(), &mut out)?;
             Ok(out)
         })
         .collect()
