@@ -433,6 +433,43 @@ mod tests {
     }
 
     #[test]
+    fn merged_values_are_validated_and_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.toml");
+        std::fs::write(&f, "lr = 1e-4\nepochs = \"two\"\n").unwrap();
+        let e = TrainConfig::resolve(Some(&f), json!({"local-output-dir": "o"})).unwrap_err();
+        assert!(e.contains("t.toml") && e.contains("epochs") && e.contains("line 2"), "{e}");
+        std::fs::write(&f, "lr = nan\n").unwrap();
+        let e = TrainConfig::resolve(Some(&f), json!({"local-output-dir": "o"})).unwrap_err();
+        assert!(e.contains("`lr`") && e.contains("finite"), "{e}");
+        let base = json!({"local-output-dir": "o"});
+        let bad = [
+            (json!({"adam-beta2": 1.0}), "adam-beta2"),
+            (json!({"adam-epsilon": 0.0}), "adam-epsilon"),
+            (json!({"max-grad-norm": -1.0}), "max-grad-norm"),
+            (json!({"per-device-train-batch-size": 9_223_372_036_854_775_808u64}), "per-device-train-batch-size"),
+            (json!({"lr": 1e39}), "float32"),
+            (json!({"report-to": "wandb"}), "report-to"),
+            (json!({"max-length": 1}), "max-length"),
+        ];
+        for (v, key) in bad {
+            let mut o = base.clone();
+            merge(&mut o, v.clone());
+            let e = TrainConfig::resolve(None, o).unwrap_err();
+            assert!(e.contains(key), "{v}: {e}");
+        }
+        // DeepSpeed values are merged first, then validated: a 0 micro-batch is an error, not a division by 0.
+        let ds = dir.path().join("ds.json");
+        std::fs::write(&ds, "{\"train_micro_batch_size_per_gpu\": 0}").unwrap();
+        let e = TrainConfig::resolve(None, json!({"local-output-dir": "o", "deepspeed": ds})).unwrap_err();
+        assert!(e.contains("train_micro_batch_size_per_gpu"), "{e}");
+        std::fs::write(&ds, "{\"gradient_clipping\": 0, \"flops_profiler\": {}}").unwrap();
+        let r = TrainConfig::resolve_full(None, json!({"local-output-dir": "o", "deepspeed": ds})).unwrap();
+        assert_eq!(r.config.max_grad_norm, 0.0);
+        assert!(r.notes.iter().any(|n| n.contains("flops_profiler")), "{:?}", r.notes);
+    }
+
+    #[test]
     fn shipped_example_config_parses() {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/dolly-notebook.toml");
         let c = TrainConfig::resolve(Some(&p), json!({"local-output-dir": "o"})).unwrap();
