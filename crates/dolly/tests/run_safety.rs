@@ -9,8 +9,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 
-mod common;
-use common::{checkpoints, err, ok, stderr_ok, Fixture};
+mod cli;
+use cli::{checkpoints, err, ok, stderr_ok, Fixture};
 
 const STEPS: [&str; 2] = ["--max-steps", "10"];
 
@@ -162,9 +162,9 @@ fn non_finite_weights_are_never_exported() {
 fn init_model_ships_its_tokenizer() {
     let f = Fixture::new();
     let m = f.dir.path().join("self-contained");
-    let st = common::dolly()
+    let st = cli::dolly()
         .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "1", "--dtype", "bf16", "--tokenizer"])
-        .arg(common::shared().join("20B_tokenizer.json"))
+        .arg(cli::shared().join("20B_tokenizer.json"))
         .arg("--output")
         .arg(&m)
         .status()
@@ -172,12 +172,12 @@ fn init_model_ships_its_tokenizer() {
     assert!(st.success());
     assert!(m.join("tokenizer.json").is_file());
     // train without --tokenizer: the model directory's own is used
-    let mut c = common::dolly();
+    let mut c = cli::dolly();
     c.arg("train").arg("--input-model").arg(&m).arg("--training-dataset").arg(f.dir.path().join("d.jsonl"));
     c.arg("--local-output-dir").arg(f.dir.path().join("sc"));
     c.args(["--max-steps", "2", "--per-device-train-batch-size", "2", "--test-size", "0", "--max-length", "128"]);
     ok(&c.output().unwrap());
-    let e = err(&common::dolly()
+    let e = err(&cli::dolly()
         .args(["init-model", "--tokenizer", "EleutherAI/pythia-70m", "--output"])
         .arg(f.dir.path().join("offline"))
         .output()

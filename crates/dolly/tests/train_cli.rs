@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 
-mod common;
-use common::{ok, Fixture};
+mod cli;
+use cli::{ok, Fixture};
 
 #[test]
 fn resume_after_kill_is_bit_identical() {

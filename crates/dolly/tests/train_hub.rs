@@ -11,6 +11,8 @@
 //! X-Error-Code. The model is a 2-layer pythia-14m from `dolly init-model`, the tokenizer the shared 20B one,
 //! the training data the first records of the shared dolly-15k.
 
+mod cli;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -193,23 +195,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 /// `dolly init-model` output (2-layer pythia-14m) plus the shared tokenizer, as the repo's files.
 fn model_files(tmp: &Path) -> Vec<RepoFile> {
     let dir = tmp.join("init");
-    let st = Command::new(env!("CARGO_BIN_EXE_dolly"))
-        .args([
-            "init-model",
-            "--preset",
-            "pythia-14m",
-            "--num-hidden-layers",
-            "2",
-            "--seed",
-            "3",
-            "--tokenizer",
-            "none",
-            "--output",
-        ])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "dolly init-model failed: {}", stderr(&st));
+    cli::init_model(&dir);
     let file = |name: &'static str, path: PathBuf, lfs: bool| {
         let body = std::fs::read(path).unwrap();
         RepoFile { name, sha256: common::sha256_hex(&body), body, lfs }

@@ -17,13 +17,13 @@ fn main() -> Result<(), String> {
     };
     let rows = train::metrics::read(&src.join("metrics.jsonl")).map_err(|e| e.0)?;
     std::fs::create_dir_all(dst).map_err(|e| format!("creating {}: {e}", dst.display()))?;
-    let mut m = train::metrics::Metrics::open_with(dst, None, true).map_err(|e| e.0)?;
+    let mut m = train::metrics::Metrics::open(dst, None, true).map_err(|e| e.0)?;
     for r in &rows {
         m.write(r).map_err(|e| e.0)?;
     }
     if let Some(s) = resume {
         drop(m);
-        m = train::metrics::Metrics::open_with(dst, Some(s), true).map_err(|e| e.0)?;
+        m = train::metrics::Metrics::open(dst, Some(s), true).map_err(|e| e.0)?;
         for r in rows.iter().filter(|r| r.get("step").and_then(|x| x.as_u64()).is_some_and(|st| st > s)) {
             m.write(r).map_err(|e| e.0)?;
         }

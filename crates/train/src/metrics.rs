@@ -19,14 +19,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Open without TensorBoard events.
-    pub fn open(out: &Path, resume_step: Option<u64>) -> Result<Metrics> {
-        Self::open_with(out, resume_step, false)
-    }
-
     /// Open `OUT/metrics.jsonl` (and, with `tensorboard`, a new event file) for a run starting fresh
     /// (`resume_step = None`) or resuming after checkpoint step S.
-    pub fn open_with(out: &Path, resume_step: Option<u64>, tensorboard: bool) -> Result<Metrics> {
+    pub fn open(out: &Path, resume_step: Option<u64>, tensorboard: bool) -> Result<Metrics> {
         let path = out.join("metrics.jsonl");
         let kept = match resume_step {
             Some(s) => std::fs::read_to_string(&path)

@@ -7,7 +7,7 @@ use crate::bail;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::rundir;
+use crate::rundir::{self, RunInfo};
 use std::path::{Path, PathBuf};
 
 /// How the run starts, decided from the flags and what the output directory holds. Nothing is deleted or
@@ -17,14 +17,16 @@ pub enum Plan {
     Resume { dir: PathBuf, state: Box<TrainerState> },
 }
 
-fn same_dir(a: &Path, b: &Path) -> bool {
+/// `a` lies inside (or is) directory `b`.
+fn is_inside(a: &Path, b: &Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x.starts_with(y),
         _ => false,
     }
 }
 
-pub fn plan(cfg: &TrainConfig, out: &Path, say: &dyn Fn(&str)) -> Result<Plan> {
+/// The plan, and the run the directory holds (its `dolly-run.json`), read once here.
+pub fn plan(cfg: &TrainConfig, out: &Path, say: &dyn Fn(&str)) -> Result<(Plan, Option<RunInfo>)> {
     let names = rundir::entries(out);
     let run = rundir::read(out)?;
     let mode = cfg.resume_from_checkpoint.as_deref();
@@ -67,13 +69,13 @@ pub fn plan(cfg: &TrainConfig, out: &Path, say: &dyn Fn(&str)) -> Result<Plan> {
                     out.display(),
                     r.run_id
                 ),
-                None if !names.is_empty() && !same_dir(&dir, out) => bail!("{occupied}"),
+                None if !names.is_empty() && !is_inside(&dir, out) => bail!("{occupied}"),
                 _ => {}
             }
-            Ok(Plan::Resume { dir, state: Box::new(state) })
+            Ok((Plan::Resume { dir, state: Box::new(state) }, run))
         }
-        None if names.is_empty() => Ok(Plan::Fresh { clear: false }),
-        None if cfg.overwrite_output_dir => Ok(Plan::Fresh { clear: true }),
+        None if names.is_empty() => Ok((Plan::Fresh { clear: false }, run)),
+        None if cfg.overwrite_output_dir => Ok((Plan::Fresh { clear: true }, run)),
         None if mode == Some("auto") => {
             if names.iter().any(|n| n == "model.safetensors" || n == "model.safetensors.index.json") {
                 bail!(
@@ -83,7 +85,7 @@ pub fn plan(cfg: &TrainConfig, out: &Path, say: &dyn Fn(&str)) -> Result<Plan> {
                 );
             }
             say(&format!("no complete checkpoint in {}: starting the run from the beginning", out.display()));
-            Ok(Plan::Fresh { clear: true })
+            Ok((Plan::Fresh { clear: true }, run))
         }
         None => bail!("{occupied}"),
     }

@@ -109,7 +109,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let probe = out.join(".dolly-write-probe");
     io_ctx(common::atomic_write(&probe, b"ok"), || format!("output directory {} is not writable", out.display()))?;
     let _ = std::fs::remove_file(&probe);
-    let plan = plan(&cfg, &out, say)?;
+    let (plan, run_info) = plan(&cfg, &out, say)?;
     let bf16 = cfg.bf16.unwrap_or(false);
 
     // ---- the model's config and tokenizer (no weights yet)
@@ -157,6 +157,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         Plan::Resume { state, .. } => Some(state.as_ref().clone()),
         Plan::Fresh { .. } => None,
     };
+    let start_step = resumed_state.as_ref().map_or(0, |s| s.global_step);
     let sampler = match &resumed_state {
         Some(s) => Sampler::from_state(s.sampler.clone(), train_ex.len())?,
         None => Sampler::new(train_ex.len(), cfg.seed, 0, 1, true)?,
@@ -174,7 +175,6 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     };
 
     // ---- resume checks, before the weights are read
-    let run_info = rundir::read(&out)?;
     if let Some(s) = &resumed_state {
         check_resume_compatible(&s.config, &cfg)?;
         if s.global_step > total_steps {
@@ -190,16 +190,8 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
                  --max-steps or --epochs to continue it",
                 out.display()
             ));
-            return Ok(RunSummary {
-                output_dir: out,
-                steps: s.global_step,
-                total_steps,
-                last_loss: None,
-                last_eval_loss: None,
-                train_examples: train_ex.len(),
-                tokens_per_s: s.tokens_seen as f64 / s.elapsed_s.max(1e-9),
-                outcome: Outcome::AlreadyFinished,
-            });
+            let tps = s.tokens_seen as f64 / s.elapsed_s.max(1e-9);
+            return Ok(summary(out, s.global_step, total_steps, train_ex.len(), tps, Outcome::AlreadyFinished));
         }
         if s.total_steps != total_steps {
             say(&format!(
@@ -243,7 +235,14 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let avail = common::sysmem::total_bytes().map(|t| format!(" of {}", common::human_bytes(t))).unwrap_or_default();
     say(&format!("memory: {}{avail}", est.describe()));
     if stop_requested() {
-        return Ok(interrupted_before_start(out, total_steps, train_ex.len()));
+        return Ok(summary(
+            out,
+            start_step,
+            total_steps,
+            train_ex.len(),
+            0.0,
+            Outcome::Interrupted { checkpoint: None },
+        ));
     }
 
     // ---- weights
@@ -271,7 +270,14 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     tok.check_model_vocab(model.config.vocab_size)?;
     model.set_compute_bf16(bf16);
     if stop_requested() {
-        return Ok(interrupted_before_start(out, total_steps, train_ex.len()));
+        return Ok(summary(
+            out,
+            start_step,
+            total_steps,
+            train_ex.len(),
+            0.0,
+            Outcome::Interrupted { checkpoint: None },
+        ));
     }
 
     // ---- the run directory: now that every check passed
@@ -326,8 +332,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     });
     st.total_steps = total_steps;
     st.config = cfg.clone();
-    let mut metrics =
-        Metrics::open_with(&out, Some(st.global_step).filter(|_| resumed), cfg.report_to == "tensorboard")?;
+    let mut metrics = Metrics::open(&out, Some(st.global_step).filter(|_| resumed), cfg.report_to == "tensorboard")?;
     if let Some(ev) = metrics.event_file() {
         say(&format!("tensorboard: {} (tensorboard --logdir {})", ev.display(), out.join("runs").display()));
     }
@@ -339,6 +344,10 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let mut last_loss = None;
     let mut last_eval = None;
     let mut saved_at = None;
+    // loss.png costs 20-50 ms to draw: at most every PLOT_EVERY of wall time (and at the last step), so that
+    // `--logging-steps 1` on a fast step does not spend its time plotting.
+    const PLOT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    let mut plotted: Option<Instant> = None;
     let title = crate::plot::run_name(&out);
 
     while st.global_step < total_steps {
@@ -433,7 +442,8 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             progress.line(say, &format!("eval at step {}: loss {el:.4}  ppl {:.2}", st.global_step, el.exp()));
             replot = true;
         }
-        if replot {
+        if replot && (last || plotted.is_none_or(|t| t.elapsed() >= PLOT_EVERY)) {
+            plotted = Some(Instant::now());
             if let Err(e) = crate::plot::plot_loss(&out, &title) {
                 progress.line(say, &format!("warning: loss.png not drawn: {e}"));
             }
@@ -454,16 +464,10 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         }
         if stop && !last {
             progress.finish();
-            return Ok(RunSummary {
-                output_dir: out,
-                steps: st.global_step,
-                total_steps,
-                last_loss,
-                last_eval_loss: last_eval,
-                train_examples: train_ex.len(),
-                tokens_per_s: st.tokens_seen as f64 / st.elapsed_s.max(1e-9),
-                outcome: Outcome::Interrupted { checkpoint: saved_at },
-            });
+            let tps = st.tokens_seen as f64 / st.elapsed_s.max(1e-9);
+            let outcome = Outcome::Interrupted { checkpoint: saved_at };
+            let base = summary(out, st.global_step, total_steps, train_ex.len(), tps, outcome);
+            return Ok(RunSummary { last_loss, last_eval_loss: last_eval, ..base });
         }
     }
     progress.finish();
@@ -485,28 +489,29 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     }
     info.finished_step = Some(st.global_step);
     rundir::write(&out, &info)?;
-    Ok(RunSummary {
-        output_dir: out,
-        steps: st.global_step,
-        total_steps,
-        last_loss,
-        last_eval_loss: last_eval,
-        train_examples: train_ex.len(),
-        tokens_per_s: st.tokens_seen as f64 / st.elapsed_s.max(1e-9),
-        outcome: Outcome::Finished,
-    })
+    let tps = st.tokens_seen as f64 / st.elapsed_s.max(1e-9);
+    let base = summary(out, st.global_step, total_steps, train_ex.len(), tps, Outcome::Finished);
+    Ok(RunSummary { last_loss, last_eval_loss: last_eval, ..base })
 }
 
-fn interrupted_before_start(out: PathBuf, total_steps: u64, train_examples: usize) -> RunSummary {
+/// A summary without losses (none were computed in this session, or the caller adds them).
+fn summary(
+    output_dir: PathBuf,
+    steps: u64,
+    total_steps: u64,
+    train_examples: usize,
+    tokens_per_s: f64,
+    outcome: Outcome,
+) -> RunSummary {
     RunSummary {
-        output_dir: out,
-        steps: 0,
+        output_dir,
+        steps,
         total_steps,
         last_loss: None,
         last_eval_loss: None,
         train_examples,
-        tokens_per_s: 0.0,
-        outcome: Outcome::Interrupted { checkpoint: None },
+        tokens_per_s,
+        outcome,
     }
 }
 

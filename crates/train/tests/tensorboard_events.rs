@@ -146,7 +146,7 @@ fn train_row(step: u64) -> serde_json::Value {
 fn rows_become_events_with_hf_tags() {
     let d = tempfile::tempdir().unwrap();
     let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let mut m = Metrics::open_with(d.path(), None, true).unwrap();
+    let mut m = Metrics::open(d.path(), None, true).unwrap();
     m.write(&train_row(5)).unwrap();
     m.write(&json!({"step": 10, "epoch": 0.1, "loss": f64::NAN, "lr": 2e-3, "grad_norm": 1.25})).unwrap();
     m.write(&json!({"step": 10, "epoch": 0.1, "eval_loss": 2.5, "eval_ppl": 2.5f64.exp()})).unwrap();
@@ -191,7 +191,7 @@ fn rows_become_events_with_hf_tags() {
 fn resume_keeps_old_events_up_to_the_checkpoint_and_starts_a_new_file() {
     let d = tempfile::tempdir().unwrap();
     {
-        let mut m = Metrics::open_with(d.path(), None, true).unwrap();
+        let mut m = Metrics::open(d.path(), None, true).unwrap();
         for s in (5..=30).step_by(5) {
             m.write(&train_row(s)).unwrap();
         }
@@ -201,7 +201,7 @@ fn resume_keeps_old_events_up_to_the_checkpoint_and_starts_a_new_file() {
         b.extend_from_slice(&[7, 0, 0, 0, 0, 0]);
         std::fs::write(&f, b).unwrap();
     }
-    let mut m = Metrics::open_with(d.path(), Some(20), true).unwrap();
+    let mut m = Metrics::open(d.path(), Some(20), true).unwrap();
     m.write(&train_row(25)).unwrap();
     m.write(&train_row(30)).unwrap();
     let files = event_files(d.path());
@@ -220,7 +220,7 @@ fn resume_keeps_old_events_up_to_the_checkpoint_and_starts_a_new_file() {
     drop(m);
 
     // A fresh run in the same output dir starts over: old event files go, like the old jsonl rows.
-    let m = Metrics::open_with(d.path(), None, true).unwrap();
+    let m = Metrics::open(d.path(), None, true).unwrap();
     assert_eq!(event_files(d.path()), vec![m.event_file().unwrap().to_path_buf()]);
     assert_eq!(events(m.event_file().unwrap()).len(), 1);
 }
@@ -228,7 +228,7 @@ fn resume_keeps_old_events_up_to_the_checkpoint_and_starts_a_new_file() {
 #[test]
 fn tensorboard_off_writes_no_events() {
     let d = tempfile::tempdir().unwrap();
-    let mut m = Metrics::open(d.path(), None).unwrap();
+    let mut m = Metrics::open(d.path(), None, false).unwrap();
     m.write(&train_row(5)).unwrap();
     assert!(m.event_file().is_none() && !d.path().join("runs").exists());
 }

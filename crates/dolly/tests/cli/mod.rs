@@ -28,23 +28,7 @@ impl Fixture {
         let data = std::fs::read_to_string(shared().join("databricks-dolly-15k.jsonl")).unwrap();
         let first: String = data.lines().take(120).map(|l| format!("{l}\n")).collect();
         std::fs::write(dir.path().join("d.jsonl"), first).unwrap();
-        let st = dolly()
-            .args([
-                "init-model",
-                "--preset",
-                "pythia-14m",
-                "--num-hidden-layers",
-                "2",
-                "--seed",
-                "3",
-                "--tokenizer",
-                "none",
-                "--output",
-            ])
-            .arg(dir.path().join("model"))
-            .status()
-            .unwrap();
-        assert!(st.success());
+        init_model(&dir.path().join("model"));
         Fixture { dir }
     }
 
@@ -84,6 +68,27 @@ impl Fixture {
 
 pub fn ok(o: &std::process::Output) {
     assert!(o.status.success(), "dolly failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// `dolly init-model` of the tests' model (2-layer pythia-14m, seed 3, no tokenizer: tests pass the shared one).
+pub fn init_model(out: &Path) {
+    let o = dolly()
+        .args([
+            "init-model",
+            "--preset",
+            "pythia-14m",
+            "--num-hidden-layers",
+            "2",
+            "--seed",
+            "3",
+            "--tokenizer",
+            "none",
+        ])
+        .arg("--output")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "dolly init-model failed: {}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// stderr of a failed run (asserts it failed).
