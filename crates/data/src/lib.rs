@@ -1,11 +1,11 @@
 //! Dolly's data pipeline: the hub cache (`hub`), record readers with line-numbered errors (`record`,
 //! `parquet_reader`, `dataset`), the byte-exact templates (`template`), the tokenizer set-up (`tokenizer`),
 //! examples with labels built by construction plus filtering and the seeded split (`example`), padded and packed
-//! batches (`batch`), the resumable sharded sampler (`sampler`), and `dolly data stats|inspect` (`stats`).
+//! batches (`collate`), the resumable sharded sampler (`sampler`), and `dolly data stats|inspect` (`stats`).
 //! Does not know about models beyond `config.json`'s max length and vocabulary size; no training logic.
 //! API overview: docs/data.md.
 
-pub mod batch;
+pub mod collate;
 pub mod dataset;
 pub mod error;
 pub mod example;
@@ -17,7 +17,7 @@ pub mod stats;
 pub mod template;
 pub mod tokenizer;
 
-pub use batch::{pack_batch, pad_batch, Batch, Waste};
+pub use collate::{pack_batch, pad_batch, Batch, Waste};
 pub use dataset::{load_dataset, DatasetSource, LoadedDataset, DOLLY_DATASET};
 pub use error::{DataError, ErrorKind, Result};
 pub use example::{

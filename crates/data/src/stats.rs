@@ -2,7 +2,7 @@
 //! skipped bad records by reason, per category), token counts, and the padding waste of both batching modes;
 //! or one record's training text, ids and labels. Does not print (the CLI does).
 
-use crate::batch::{packed_waste, padded_waste};
+use crate::collate::{packed_waste, padded_waste};
 use crate::dataset::LoadedDataset;
 use crate::error::{DataError, Result};
 use crate::example::{build_example, build_examples, dedup_indices, Example};

@@ -3,7 +3,7 @@
 //! batches; the sampler's sharding and exact resume.
 
 use common::Rng;
-use data::batch::{pack_batch, pad_batch, PAD_DOC};
+use data::collate::{pack_batch, pad_batch, PAD_DOC};
 use data::sampler::{epoch_order, Sampler, SamplerState};
 use data::template::{training_prompt, training_target, training_text};
 use data::{build_example, DollyTokenizer, Example, IGNORE_INDEX};

@@ -1,12 +1,12 @@
 //! `infer`: Dolly's instruction pipeline at inference time (dolly-spec section 9) — sampling (`sampling`), response
 //! extraction (`extract`), UTF-8-safe incremental text streaming (`stream`), batched generation on the KV cache
-//! with left padding and rows joining a running batch (`batch`), the request scheduler (`scheduler`) and the
+//! with left padding and rows joining a running batch (`decoding`), the request scheduler (`scheduler`) and the
 //! OpenAI-compatible HTTP server (`server`; its settings and their checks in `options`, request validation in
 //! `request`, connection handling in `conn`). Does not train, and never mutates the model: per-request state
-//! (KV cache rows, RNG, stop rules) lives in `batch::BatchDecoder`.
+//! (KV cache rows, RNG, stop rules) lives in `decoding::BatchDecoder`.
 
-pub mod batch;
 mod conn;
+pub mod decoding;
 pub mod extract;
 mod options;
 mod request;
@@ -15,7 +15,7 @@ pub mod scheduler;
 pub mod server;
 pub mod stream;
 
-pub use batch::{generate, BatchDecoder, FinishReason, GenOutput, SeqParams, TokenEvent};
+pub use decoding::{generate, BatchDecoder, FinishReason, GenOutput, SeqParams, TokenEvent};
 pub use extract::extract_response;
 pub use sampling::{sample, SamplingParams};
 pub use stream::TextStream;

@@ -4,7 +4,7 @@
 //! OpenAI-style error naming the offending field (`messages[2].content`, `max_tokens`, ...) in `param` and in the
 //! message.
 
-use crate::batch::SeqParams;
+use crate::decoding::SeqParams;
 use crate::sampling::SamplingParams;
 use crate::server::AppState;
 use axum::body::Bytes;

@@ -4,7 +4,7 @@
 //! Does not apply repetition penalties or stop rules (the caller stops on `### End`).
 
 use common::Rng;
-use neox::kernels::math::{exp, max};
+use neox::host::{exp, max};
 
 /// Sampling settings of one sequence. `Default` is Dolly's pipeline: sampling on, top_p 0.92, top_k 0 (off),
 /// temperature 1.0.

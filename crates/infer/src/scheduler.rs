@@ -5,7 +5,7 @@
 //! if still queued. `shutdown` lets queued and running jobs finish, then the thread exits.
 //! Does not tokenize, decode text or speak HTTP.
 
-use crate::batch::{BatchDecoder, FinishReason, SeqParams};
+use crate::decoding::{BatchDecoder, FinishReason, SeqParams};
 use neox::Model;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -7,8 +7,8 @@
 //! decoding. Connections (cap, header and idle timeouts, early 413, graceful drain) are handled by `conn`.
 //! Does not support `stop`, `logprobs`, `echo`, `n > 1`, tools or HTTP/2.
 
-use crate::batch::FinishReason;
 use crate::conn::{self, Limits};
+use crate::decoding::FinishReason;
 use crate::request::{self, ApiError, Gen};
 use crate::scheduler::{JobEvent, Scheduler, SchedulerConfig, SubmitError};
 use crate::stream::TextStream;

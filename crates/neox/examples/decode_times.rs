@@ -1,12 +1,14 @@
-//! Times the matrix products of a decode step at pythia-70m shape, f32 weights (`linear_rows`) and bf16 panels
-//! (`linear_panels`): each shape alone with the bytes it streams (weights cycled through 400 MB of copies, so they
-//! come from memory; ROWS input rows), then per dtype the whole step's 25 matrices (one copy, as a real step reads
-//! them) at 1 and 8 input rows, interleaved. Medians.
+//! Times the matrix products of a decode step at pythia-70m shape through the backend's decode path (f32 rows,
+//! and bf16 panels with `set_decode_bf16`): each Linear shape over the 6 layers' matrices (ROWS input rows), then
+//! per dtype the whole step's 25 matrices at 1 and 8 input rows, interleaved. Medians.
 //! `ROWS=8 cargo run --release -p neox --example decode_times` (ROWS = input rows of the per-shape part; default 1).
 
-use neox::kernels::matmul::linear_rows;
-use neox::kernels::panels::{linear_panels, pack_bf16, packed_lines, Line};
+use neox::backend::{Backend, Linear, Pass};
+use neox::{Model, NeoxConfig};
 use std::time::Instant;
+
+/// A layer's Linear: name, where its weight is, input and output sizes.
+type Shape = (&'static str, fn(&neox::layout::LayerOffsets) -> usize, usize, usize);
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -26,75 +28,58 @@ fn med<F: FnMut()>(mut f: F) -> f64 {
     )
 }
 
-fn weights(ic: usize, oc: usize, copies: usize) -> (Vec<f32>, Vec<Line>) {
-    let wf: Vec<f32> = (0..ic * oc * copies).map(|i| (i % 7) as f32 * 0.01).collect();
-    let pl = packed_lines(oc, ic);
-    let mut wp = vec![Line::default(); pl * copies];
-    for c in 0..copies {
-        pack_bf16(&mut wp[c * pl..(c + 1) * pl], &wf[c * ic * oc..(c + 1) * ic * oc], oc, ic);
-    }
-    (wf, wp)
-}
-
 fn main() {
     let n: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     println!("{n} input rows (set ROWS=N to change)");
-    let layer = [("qkv", 512, 1536), ("dense", 512, 512), ("fc", 512, 2048), ("proj", 2048, 512)];
-    let head = ("head", 512, 50304);
-    let inp = vec![0.5f32; n * 2048];
-    let mut out = vec![0f32; n * 50304];
-    for (name, ic, oc) in layer.into_iter().chain([head]) {
-        let copies = (400 << 20) / (ic * oc * 4) + 1;
-        let (wf, wp) = weights(ic, oc, copies);
-        let pl = packed_lines(oc, ic);
-        let mut k = 0;
-        let tf = med(|| {
-            k = (k + 1) % copies;
-            linear_rows(&mut out, &inp, &wf[k * ic * oc..(k + 1) * ic * oc], None, n, ic, oc, false)
-        });
-        let tb = med(|| {
-            k = (k + 1) % copies;
-            linear_panels(&mut out, &inp, &wp[k * pl..(k + 1) * pl], None, n, ic, oc, false)
-        });
-        let bytes = (ic * oc) as f64;
-        println!(
-            "{name:6} {ic:5}x{oc:<6} f32 {:7.1} us {:5.1} GB/s   bf16 panels {:7.1} us {:5.1} GB/s",
-            tf * 1e6,
-            bytes * 4.0 / tf / 1e9,
-            tb * 1e6,
-            bytes * 2.0 / tb / 1e9
-        );
-    }
-    // the whole step, each dtype on its own (a real step touches one weight set): 6 layers and the head, each
-    // matrix once, 1 input row and 8 interleaved so the ratio compares the same minutes
-    let shapes: Vec<(usize, usize)> = (0..6).flat_map(|_| layer).chain([head]).map(|(_, ic, oc)| (ic, oc)).collect();
-    let time = |f: &mut dyn FnMut(usize)| {
+    let cfg = NeoxConfig::preset("pythia-70m").unwrap();
+    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut model = Model::new_random(cfg, 0);
+    let lay = model.layout.clone();
+    let shapes: [Shape; 4] = [
+        ("qkv", |o| o.qkv_w, c, 3 * c),
+        ("dense", |o| o.dense_w, c, c),
+        ("fc", |o| o.fc_w, c, f),
+        ("proj", |o| o.proj_w, f, c),
+    ];
+    let inp = vec![0.5f32; 8 * f];
+    let mut out = vec![0f32; 8 * v];
+    for bf16 in [false, true] {
+        model.set_decode_bf16(bf16);
+        model.prepare_decode();
+        let be = model.backend();
+        let dtype = if bf16 { "bf16 panels" } else { "f32" };
+        for &(name, w, ic, oc) in &shapes {
+            let t = med(|| {
+                for o in &lay.layers {
+                    be.linear(&mut out, &inp, Linear { w: w(o), b: None, ic, oc }, n, false, Pass::Decode);
+                }
+            }) / lay.layers.len() as f64;
+            let bytes = (ic * oc * if bf16 { 2 } else { 4 }) as f64;
+            println!("{dtype:11} {name:6} {ic:5}x{oc:<6} {:7.1} us {:5.1} GB/s", t * 1e6, bytes / t / 1e9);
+        }
+        let head = Linear { w: lay.embed_out, b: None, ic: c, oc: v };
+        let t = med(|| be.linear(&mut out, &inp, head, n, false, Pass::Decode));
+        let bytes = (c * v * if bf16 { 2 } else { 4 }) as f64;
+        println!("{dtype:11} head   {c:5}x{v:<6} {:7.1} us {:5.1} GB/s", t * 1e6, bytes / t / 1e9);
+        // the whole step: 6 layers and the head, each matrix once, 1 input row and 8 interleaved
         let (mut t1, mut t8) = (vec![], vec![]);
         for _ in 0..41 {
             for (rows, t) in [(1, &mut t1), (8, &mut t8)] {
                 let start = Instant::now();
-                f(rows);
+                for o in &lay.layers {
+                    for &(_, w, ic, oc) in &shapes {
+                        be.linear(&mut out, &inp, Linear { w: w(o), b: None, ic, oc }, rows, false, Pass::Decode);
+                    }
+                }
+                be.linear(&mut out, &inp, head, rows, false, Pass::Decode);
                 t.push(start.elapsed().as_secs_f64() * 1e3);
             }
         }
         let (a, b) = (median(t1), median(t8));
-        format!("1 row {a:.3} ms, 8 rows {b:.3} ms: 8 rows / 1 row {:.2}x time, {:.2}x tokens/s", b / a, 8.0 * a / b)
-    };
-    let inp = vec![0.5f32; 8 * 2048];
-    let mut out = vec![0f32; 8 * 50304];
-    let wf: Vec<Vec<f32>> = shapes.iter().map(|&(ic, oc)| weights(ic, oc, 1).0).collect();
-    let r = time(&mut |rows| {
-        for ((ic, oc), w) in shapes.iter().zip(&wf) {
-            linear_rows(&mut out, &inp, w, None, rows, *ic, *oc, false);
-        }
-    });
-    println!("whole step (25 matrices), f32:         {r}");
-    drop(wf);
-    let wp: Vec<Vec<Line>> = shapes.iter().map(|&(ic, oc)| weights(ic, oc, 1).1).collect();
-    let r = time(&mut |rows| {
-        for ((ic, oc), w) in shapes.iter().zip(&wp) {
-            linear_panels(&mut out, &inp, w, None, rows, *ic, *oc, false);
-        }
-    });
-    println!("whole step (25 matrices), bf16 panels: {r}");
+        println!(
+            "{dtype:11} whole step (25 matrices): 1 row {a:.3} ms, 8 rows {b:.3} ms: {:.2}x time, {:.2}x tokens/s",
+            b / a,
+            8.0 * a / b
+        );
+    }
 }

@@ -39,6 +39,13 @@ pub struct LayerOffsets {
     pub proj_b: usize,
 }
 
+/// A contiguous range of the flat parameter/gradient/moment buffers (see `Layout::units`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unit {
+    pub name: String,
+    pub range: std::ops::Range<usize>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub params: Vec<ParamInfo>,
@@ -84,6 +91,21 @@ impl Layout {
         let lnf_b = add("gpt_neox.final_layer_norm.bias".into(), vec![h], false);
         let embed_out = add("embed_out.weight".into(), vec![v, h], true);
         Layout { params, embed_in, layers, lnf_w, lnf_b, embed_out, total: off }
+    }
+
+    /// The units of sharding and reduction, in layout order: the input embedding, each layer, and the final
+    /// LayerNorm with the LM head. Each is one contiguous range of the flat buffers.
+    pub fn units(&self) -> Vec<Unit> {
+        let mut units = vec![Unit {
+            name: "embed_in".into(),
+            range: self.embed_in..self.layers.first().map_or(self.lnf_w, |l| l.ln1_w),
+        }];
+        for (i, l) in self.layers.iter().enumerate() {
+            let end = self.layers.get(i + 1).map_or(self.lnf_w, |n| n.ln1_w);
+            units.push(Unit { name: format!("layers.{i}"), range: l.ln1_w..end });
+        }
+        units.push(Unit { name: "final_layer_norm+embed_out".into(), range: self.lnf_w..self.total });
+        units
     }
 
     pub fn find(&self, name: &str) -> Option<&ParamInfo> {

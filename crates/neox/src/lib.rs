@@ -1,5 +1,7 @@
-//! `neox`: our GPT-NeoX (Pythia) engine — config, HF weights IO, explicit forward and backward, KV-cache decode,
-//! AdamW, CPU kernels. Does not tokenize, read datasets, or run training loops (those live in other crates).
+//! `neox`: our GPT-NeoX (Pythia) engine — config, HF weights IO, the model's forward and explicit backward over a
+//! backend (`backend`: the seam a second device implements; `backend::cpu` today), KV-cache decode, AdamW.
+//! Does not tokenize, read datasets, or run training loops (those live in other crates). The kernels are private:
+//! other crates reach compute only through `Model`, `Backend` and the `host` helpers.
 
 pub mod config;
 pub mod error;
@@ -10,17 +12,23 @@ pub mod weights;
 
 pub use config::NeoxConfig;
 pub use error::{Error, Result};
-pub use layout::Layout;
+pub use layout::{Layout, Unit};
 
-pub mod batch;
+pub mod backend;
+pub mod batch_input;
+mod block;
 pub mod decode;
 pub mod generate;
+pub mod host;
 pub mod init;
-pub mod kernels;
+mod kernels;
 pub mod model;
+mod model_io;
 pub mod optim;
 
-pub use batch::{BatchInput, OwnedBatch, IGNORE_INDEX};
+pub use backend::cpu::Cpu;
+pub use backend::Backend;
+pub use batch_input::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;
 pub use model::{Activations, Model};
 pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWConfig};

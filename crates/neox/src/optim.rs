@@ -4,6 +4,7 @@
 //! clipping as `torch.nn.utils.clip_grad_norm_`. Schedules live with the training loop, not here.
 
 use crate::kernels::transpose::transpose_block;
+use crate::kernels::SendPtr;
 use crate::layout::Layout;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -56,7 +57,6 @@ impl AdamW {
     /// cache is then fresh without a separate transpose pass over every matrix (~40-70 ms a step at pythia-70m).
     /// The parameter values are bitwise those of `step_scaled_and_zero`. `round_bf16`: the transposed copies are
     /// rounded to bfloat16 (the compute weights of bf16 mixed precision; `params` stay the f32 master weights).
-    #[allow(clippy::too_many_arguments)]
     pub fn step_scaled_zero_transposed(
         &mut self,
         params: &mut [f32],
@@ -64,13 +64,11 @@ impl AdamW {
         lr: f32,
         layout: &Layout,
         coef: f32,
-        wt: &mut [f32],
-        mats: &[(usize, usize, usize)],
-        round_bf16: bool,
+        into: Transposed<'_>,
     ) {
-        assert!(wt.len() >= params.len());
-        assert!(mats.iter().all(|&(o, r, c)| o + r * c <= params.len()));
-        self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef, Some((wt, mats, round_bf16)));
+        assert!(into.wt.len() >= params.len());
+        assert!(into.mats.iter().all(|&(o, r, c)| o + r * c <= params.len()));
+        self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef, Some(into));
     }
 
     fn update(
@@ -97,11 +95,11 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let scaled = coef < 1.0;
         let (gptr, zero) = match grads {
-            GradSource::Read(g) => (SendConst(g.as_ptr()), false),
-            GradSource::ReadAndZero(g) => (SendConst(g.as_mut_ptr()), true),
+            GradSource::Read(g) => (SendPtr(g.as_ptr() as *mut f32), false),
+            GradSource::ReadAndZero(g) => (SendPtr(g.as_mut_ptr()), true),
         };
         let (wtp, mats, round) = match transposed {
-            Some((wt, mats, round)) => (Some(SendConst(wt.as_mut_ptr())), mats, round),
+            Some(Transposed { wt, mats, round_bf16 }) => (Some(SendPtr(wt.as_mut_ptr())), mats, round_bf16),
             None => (None, &[][..], false),
         };
         for info in &layout.params {
@@ -154,24 +152,17 @@ impl AdamW {
     }
 }
 
-/// Where `update` also writes the transposed matrices: the buffer, each (offset, rows, cols), rounded to bf16?
-type Transposed<'a> = (&'a mut [f32], &'a [(usize, usize, usize)], bool);
+/// Where the fused update also writes the transposed matrices: the buffer (same offsets as the parameters),
+/// each matrix's (offset, rows, cols), and whether the copies are rounded to bfloat16.
+pub struct Transposed<'a> {
+    pub wt: &'a mut [f32],
+    pub mats: &'a [(usize, usize, usize)],
+    pub round_bf16: bool,
+}
 
 enum GradSource<'a> {
     Read(&'a [f32]),
     ReadAndZero(&'a mut [f32]),
-}
-
-/// A read pointer shared by rayon tasks that touch disjoint ranges (and zero them only in `ReadAndZero` mode,
-/// where the caller lent the buffer mutably).
-#[derive(Clone, Copy)]
-struct SendConst(*const f32);
-unsafe impl Send for SendConst {}
-unsafe impl Sync for SendConst {}
-impl SendConst {
-    fn get(self) -> *mut f32 {
-        self.0 as *mut f32
-    }
 }
 
 /// PyTorch's clip coefficient for a gradient of norm `norm`: min(1, max_norm / (norm + 1e-6)).

@@ -17,8 +17,7 @@ use crate::schedule::Schedule;
 use crate::start::{check_dataset_source, check_resume_compatible, plan, Plan};
 use crate::{bail, memory};
 use data::{BadRecordPolicy, DollyTokenizer, Example, HubOptions, PrepareOptions, Sampler};
-use neox::{clip_coef, grad_norm, Activations, AdamW, AdamWConfig, BatchInput, Model, NeoxConfig, SaveDtype};
-use rayon::prelude::*;
+use neox::{clip_coef, Activations, AdamW, AdamWConfig, BatchInput, Model, NeoxConfig, SaveDtype};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -337,7 +336,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         say(&format!("tensorboard: {} (tensorboard --logdir {})", ev.display(), out.join("runs").display()));
     }
     let mut acts = Activations::new(&model.config, cfg.per_device_train_batch_size, 8, cfg.gradient_checkpointing);
-    let mut grads = vec![0f32; model.num_params()];
+    let mut grads = model.new_grads();
     let t0 = Instant::now();
     let elapsed0 = st.elapsed_s;
     let progress = Progress::new(total_steps, st.global_step);
@@ -374,7 +373,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             real_tokens += b.attention_mask.iter().map(|&m| m as u64).sum::<u64>();
         }
         let loss = loss_sum / targets as f64;
-        let norm = grad_norm(&grads);
+        let norm = model.grad_norm(&grads);
         let lr = sched.lr_at(st.global_step);
         st.global_step += 1;
         if loss.is_finite() && norm.is_finite() {
@@ -388,7 +387,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             st.log_steps += 1;
             last_loss = Some(loss);
         } else {
-            grads.par_iter_mut().for_each(|g| *g = 0.0);
+            model.zero_grads(&mut grads);
             st.nonfinite_in_row += 1;
             st.nonfinite_total += 1;
             progress.line(

@@ -8,21 +8,21 @@ use rayon::prelude::*;
 /// One row's (output, input) and (mean, rstd) slots.
 type RowArgs<'a> = ((&'a mut [f32], &'a [f32]), (&'a mut f32, &'a mut f32));
 
-/// out (N,C) = (inp - mean) * rstd * w + b; mean, rstd (N).
-#[allow(clippy::too_many_arguments)]
-pub fn layernorm_fwd(
-    out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    b: &[f32],
-    n: usize,
-    c: usize,
-    eps: f32,
-) {
+/// A LayerNorm's parameters: weight and bias (C) and the epsilon added to the variance.
+#[derive(Clone, Copy)]
+pub struct Norm<'a> {
+    pub w: &'a [f32],
+    pub b: &'a [f32],
+    pub eps: f32,
+}
+
+/// out (N,C) = (inp - mean) * rstd * w + b; `stats` = (mean, rstd), each (N).
+pub fn layernorm_fwd(out: &mut [f32], stats: (&mut [f32], &mut [f32]), inp: &[f32], norm: Norm<'_>, n: usize) {
+    let (mean, rstd) = stats;
+    let Norm { w, b, eps } = norm;
+    let c = w.len();
     assert!(out.len() >= n * c && inp.len() >= n * c && mean.len() >= n && rstd.len() >= n);
-    assert!(w.len() == c && b.len() == c);
+    assert!(b.len() == c);
     let row = |((o, x), (m, r)): RowArgs<'_>| {
         pulp::Arch::new().dispatch(|| {
             let mu = math::sum(x) / c as f32;
@@ -46,22 +46,20 @@ pub fn layernorm_fwd(
     }
 }
 
-/// dinp (N,C) += ∂L/∂inp; dw, db (C) += parameter gradients. `dout` is ∂L/∂out.
-#[allow(clippy::too_many_arguments)]
+/// dinp (N,C) += ∂L/∂inp; `dparams` = (dw, db) (C) += parameter gradients. `dout` is ∂L/∂out, `stats` the
+/// forward's (mean, rstd), `w` the LayerNorm weight.
 pub fn layernorm_bwd(
     dinp: &mut [f32],
-    dw: &mut [f32],
-    db: &mut [f32],
+    dparams: (&mut [f32], &mut [f32]),
     dout: &[f32],
     inp: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
+    stats: (&[f32], &[f32]),
     w: &[f32],
     n: usize,
-    c: usize,
 ) {
+    let ((dw, db), (mean, rstd), c) = (dparams, stats, w.len());
     assert!(dinp.len() >= n * c && dout.len() >= n * c && inp.len() >= n * c && mean.len() >= n && rstd.len() >= n);
-    assert!(dw.len() == c && db.len() == c && w.len() == c);
+    assert!(dw.len() == c && db.len() == c);
     const ROWS: usize = 64;
     let chunks = n.div_ceil(ROWS);
     // Per-chunk partial sums of dw and db, reduced in chunk order below (deterministic).

@@ -187,21 +187,7 @@ pub fn gelu_fwd(out: &mut [f32], inp: &[f32]) {
     }
 }
 
-/// dinp = dout * gelu'(inp), elementwise (dinp may alias nothing; it is overwritten).
-pub fn gelu_bwd(dinp: &mut [f32], dout: &[f32], inp: &[f32]) {
-    assert!(dinp.len() == dout.len() && dout.len() == inp.len());
-    dinp.par_chunks_mut(PAR_CHUNK).zip(dout.par_chunks(PAR_CHUNK)).zip(inp.par_chunks(PAR_CHUNK)).for_each(
-        |((d, g), i)| {
-            pulp::Arch::new().dispatch(|| {
-                for ((d, &g), &x) in d.iter_mut().zip(g).zip(i) {
-                    *d = g * gelu_grad(x);
-                }
-            })
-        },
-    );
-}
-
-/// Same as `gelu_bwd` but in place: `d` holds dout on entry and dinp on exit.
+/// d = d · gelu'(inp), elementwise in place: `d` holds ∂L/∂out on entry and ∂L/∂inp on exit.
 pub fn gelu_bwd_inplace(d: &mut [f32], inp: &[f32]) {
     assert_eq!(d.len(), inp.len());
     d.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(d, i)| {

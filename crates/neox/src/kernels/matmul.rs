@@ -15,83 +15,82 @@ pub(crate) fn par_all() -> Parallelism {
     }
 }
 
-/// dst (m×n) = alpha·dst + beta·lhs (m×k) · rhs (k×n), with explicit (row, col) strides.
+/// The sizes of a Linear product: `n` rows of `ic` inputs to `oc` outputs; the weight is (OC, IC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    pub n: usize,
+    pub ic: usize,
+    pub oc: usize,
+}
+
+/// A strided matrix view for `gemm`: `rows x cols`, element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<P> {
+    pub ptr: P,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl<P> Mat<P> {
+    /// Row-major with leading dimension `ld` (the row stride).
+    pub fn rm(ptr: P, rows: usize, cols: usize, ld: usize) -> Self {
+        Mat { ptr, rows, cols, rs: ld as isize, cs: 1 }
+    }
+
+    /// Column-major with leading dimension `ld` (the column stride): the transpose of a row-major buffer.
+    pub fn cm(ptr: P, rows: usize, cols: usize, ld: usize) -> Self {
+        Mat { ptr, rows, cols, rs: 1, cs: ld as isize }
+    }
+}
+
+/// dst = lhs · rhs · `scale`, added to dst when `accumulate`.
 ///
 /// # Safety
-/// Pointers must be valid for every index the strides reach; `dst` must not overlap `lhs`/`rhs`, and no other
-/// thread may touch the part of `dst` written here.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_strided(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: isize,
-    dst_cs: isize,
+/// Every view must be valid for every element its strides reach; `dst` must not overlap `lhs`/`rhs`, and no
+/// other thread may touch the part of `dst` written here.
+pub(crate) unsafe fn gemm(
+    dst: Mat<*mut f32>,
     accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: isize,
-    lhs_cs: isize,
-    rhs: *const f32,
-    rhs_rs: isize,
-    rhs_cs: isize,
-    beta: f32,
+    lhs: Mat<*const f32>,
+    rhs: Mat<*const f32>,
+    scale: f32,
     par: Parallelism,
 ) {
+    assert!(dst.rows == lhs.rows && lhs.cols == rhs.rows && rhs.cols == dst.cols, "gemm shapes");
+    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
     gemm::gemm(
-        m, n, k, dst, dst_cs, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 1.0, beta, false, false,
-        false, par,
+        m, n, k, dst.ptr, dst.cs, dst.rs, accumulate, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 1.0, scale,
+        false, false, false, par,
     );
 }
 
 /// out (N, OC) = inp (N, IC) · wᵀ + bias, or `out +=` that when `accumulate`; `w` is (OC, IC) as stored. The
-/// model uses `linear_fwd_t` instead (gemm packs this transposed operand ~1.5x slower); kept for comparison.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_fwd(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    ic: usize,
-    oc: usize,
-    accumulate: bool,
-) {
-    assert!(w.len() >= oc * ic);
-    // rhs = wᵀ (IC, OC): row stride 1, column stride IC
-    linear_fwd_strided(out, inp, w.as_ptr(), (1, ic as isize), bias, n, ic, oc, accumulate)
+/// model uses `linear_fwd_t` instead (gemm packs this transposed operand ~1.5x slower); the tests' reference.
+#[cfg(test)]
+pub fn linear_fwd(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, d: Dims, accumulate: bool) {
+    assert!(w.len() >= d.oc * d.ic);
+    // rhs = wᵀ (IC, OC): the (OC, IC) buffer read column-major
+    linear_fwd_into(out, inp, Mat::cm(w.as_ptr(), d.ic, d.oc, d.ic), bias, d, accumulate)
 }
 
 /// out (N, OC) = inp (N, IC) · wt + bias (or `+=`), where `wt` (IC, OC) is the transposed weight, row-major.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_fwd_t(
-    out: &mut [f32],
-    inp: &[f32],
-    wt: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    ic: usize,
-    oc: usize,
-    accumulate: bool,
-) {
-    assert!(wt.len() >= oc * ic);
-    linear_fwd_strided(out, inp, wt.as_ptr(), (oc as isize, 1), bias, n, ic, oc, accumulate)
+pub fn linear_fwd_t(out: &mut [f32], inp: &[f32], wt: &[f32], bias: Option<&[f32]>, d: Dims, accumulate: bool) {
+    assert!(wt.len() >= d.oc * d.ic);
+    linear_fwd_into(out, inp, Mat::rm(wt.as_ptr(), d.ic, d.oc, d.oc), bias, d, accumulate)
 }
 
-/// Shared body of the forward products: `rhs` (IC, OC) with (row, column) strides `rhs_strides`; the caller
-/// has checked that those strides stay inside an (OC·IC)-element buffer.
-#[allow(clippy::too_many_arguments)]
-fn linear_fwd_strided(
+/// Shared body of the forward products: `rhs` (IC, OC), which the caller checked stays inside its buffer.
+fn linear_fwd_into(
     out: &mut [f32],
     inp: &[f32],
-    rhs: *const f32,
-    rhs_strides: (isize, isize),
+    rhs: Mat<*const f32>,
     bias: Option<&[f32]>,
-    n: usize,
-    ic: usize,
-    oc: usize,
+    d: Dims,
     accumulate: bool,
 ) {
+    let Dims { n, ic, oc } = d;
     assert!(out.len() >= n * oc && inp.len() >= n * ic);
     if let Some(b) = bias {
         assert_eq!(b.len(), oc);
@@ -99,27 +98,10 @@ fn linear_fwd_strided(
     }
     // SAFETY: sizes asserted here and by the callers; out is exclusively borrowed.
     unsafe {
-        gemm_strided(
-            n,
-            oc,
-            ic,
-            out.as_mut_ptr(),
-            oc as isize,
-            1,
-            accumulate || bias.is_some(),
-            inp.as_ptr(),
-            ic as isize,
-            1,
-            rhs,
-            rhs_strides.0,
-            rhs_strides.1,
-            1.0,
-            par_all(),
-        )
+        let (dst, lhs) = (Mat::rm(out.as_mut_ptr(), n, oc, oc), Mat::rm(inp.as_ptr(), n, ic, ic));
+        gemm(dst, accumulate || bias.is_some(), lhs, rhs, 1.0, par_all())
     }
 }
-
-pub use super::rows::{linear_rows, FEW_ROWS};
 
 fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
     let oc = b.len();
@@ -135,95 +117,47 @@ fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
 }
 
 /// dinp (N, IC) = dout (N, OC) · w (OC, IC), or `+=` when `accumulate`.
-pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], n: usize, ic: usize, oc: usize, accumulate: bool) {
-    assert!(w.len() >= oc * ic);
-    bwd_input_strided(dinp, dout, w.as_ptr(), (ic as isize, 1), n, ic, oc, accumulate)
+pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], d: Dims, accumulate: bool) {
+    assert!(w.len() >= d.oc * d.ic);
+    bwd_input_into(dinp, dout, Mat::rm(w.as_ptr(), d.oc, d.ic, d.ic), d, accumulate)
 }
 
 /// `linear_bwd_input` reading the weight from its transposed (IC, OC) copy `wt` (gemm packs it transposed, ~1.5x
 /// slower; used where only that copy holds the values wanted, as in bf16 compute).
-pub fn linear_bwd_input_t(dinp: &mut [f32], dout: &[f32], wt: &[f32], n: usize, ic: usize, oc: usize) {
-    assert!(wt.len() >= oc * ic);
+pub fn linear_bwd_input_t(dinp: &mut [f32], dout: &[f32], wt: &[f32], d: Dims) {
+    assert!(wt.len() >= d.oc * d.ic);
     // W[o][i] = wt[i * oc + o]
-    bwd_input_strided(dinp, dout, wt.as_ptr(), (1, oc as isize), n, ic, oc, false)
+    bwd_input_into(dinp, dout, Mat::cm(wt.as_ptr(), d.oc, d.ic, d.oc), d, false)
 }
 
-/// dinp (N, IC) (+)= dout (N, OC) · W, W (OC, IC) read at `w` with (row, col) strides `ws`; the caller asserted
-/// that every element W[o][i], o < OC, i < IC, is inside w's buffer.
-#[allow(clippy::too_many_arguments)]
-fn bwd_input_strided(
-    dinp: &mut [f32],
-    dout: &[f32],
-    w: *const f32,
-    ws: (isize, isize),
-    n: usize,
-    ic: usize,
-    oc: usize,
-    accumulate: bool,
-) {
+/// dinp (N, IC) (+)= dout (N, OC) · W, W (OC, IC) a view the caller checked stays inside its buffer.
+fn bwd_input_into(dinp: &mut [f32], dout: &[f32], w: Mat<*const f32>, d: Dims, accumulate: bool) {
+    let Dims { n, ic, oc } = d;
     assert!(dinp.len() >= n * ic && dout.len() >= n * oc);
     // SAFETY: sizes asserted above and by the callers; dinp is exclusively borrowed.
     unsafe {
-        gemm_strided(
-            n,
-            ic,
-            oc,
-            dinp.as_mut_ptr(),
-            ic as isize,
-            1,
-            accumulate,
-            dout.as_ptr(),
-            oc as isize,
-            1,
-            w,
-            ws.0,
-            ws.1,
-            1.0,
-            par_all(),
-        )
+        let (dst, lhs) = (Mat::rm(dinp.as_mut_ptr(), n, ic, ic), Mat::rm(dout.as_ptr(), n, oc, oc));
+        gemm(dst, accumulate, lhs, w, 1.0, par_all())
     }
 }
 
 /// dw (OC, IC) += doutᵀ (OC, N) · inp (N, IC); dbias (OC) += column sums of dout.
-pub fn linear_bwd_weight(
-    dw: &mut [f32],
-    dbias: Option<&mut [f32]>,
-    dout: &[f32],
-    inp: &[f32],
-    n: usize,
-    ic: usize,
-    oc: usize,
-) {
-    linear_bwd_weight_t(dw, dout, inp, n, ic, oc);
+pub fn linear_bwd_weight(dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], d: Dims) {
+    linear_bwd_weight_t(dw, dout, inp, d);
     if let Some(db) = dbias {
-        col_sum_acc(db, dout, n, oc);
+        col_sum_acc(db, dout, d.n, d.oc);
     }
 }
 
 /// The product of `linear_bwd_weight` (without the bias), computed as dWᵀ (IC, OC) += inpᵀ · dout with dW
-/// addressed column-major: `gemm` then never packs a transposed (OC, N) operand (5-15% faster, measured with
-/// `examples/kernel_times`).
-pub fn linear_bwd_weight_t(dw: &mut [f32], dout: &[f32], inp: &[f32], n: usize, ic: usize, oc: usize) {
+/// addressed column-major: `gemm` then never packs a transposed (OC, N) operand (5-15% faster).
+pub fn linear_bwd_weight_t(dw: &mut [f32], dout: &[f32], inp: &[f32], d: Dims) {
+    let Dims { n, ic, oc } = d;
     assert!(dw.len() >= oc * ic && dout.len() >= n * oc && inp.len() >= n * ic);
     // SAFETY: sizes asserted above; dw is exclusively borrowed.
     unsafe {
-        gemm_strided(
-            ic,
-            oc,
-            n,
-            dw.as_mut_ptr(),
-            1,
-            ic as isize,
-            true,
-            inp.as_ptr(),
-            1,
-            ic as isize,
-            dout.as_ptr(),
-            oc as isize,
-            1,
-            1.0,
-            par_all(),
-        )
+        let dst = Mat::cm(dw.as_mut_ptr(), ic, oc, ic);
+        gemm(dst, true, Mat::cm(inp.as_ptr(), ic, n, ic), Mat::rm(dout.as_ptr(), n, oc, oc), 1.0, par_all())
     }
 }
 
@@ -250,7 +184,8 @@ pub fn col_sum_acc(acc: &mut [f32], x: &[f32], n: usize, c: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::panels::{linear_panels, pack_bf16, packed_lines, Line};
+    use crate::kernels::matvec_bf16::{linear_panels, pack_bf16, packed_lines, Line};
+    use crate::kernels::matvec_f32::linear_rows;
     use crate::kernels::transpose::transpose;
 
     fn naive(inp: &[f32], w: &[f32], b: &[f32], n: usize, ic: usize, oc: usize) -> Vec<f32> {
@@ -274,32 +209,32 @@ mod tests {
         let mut v = |k: usize| (0..k).map(|_| r.normal() as f32).collect::<Vec<_>>();
         let (inp, w, b, dout) = (v(n * ic), v(oc * ic), v(oc), v(n * oc));
         let mut out = vec![0f32; n * oc];
-        linear_fwd(&mut out, &inp, &w, Some(&b), n, ic, oc, false);
+        linear_fwd(&mut out, &inp, &w, Some(&b), Dims { n, ic, oc }, false);
         for (a, e) in out.iter().zip(naive(&inp, &w, &b, n, ic, oc)) {
             assert!((a - e).abs() < 1e-5);
         }
         let mut wt = vec![0f32; ic * oc];
         transpose(&mut wt, &w, oc, ic);
         let mut out_t = vec![0f32; n * oc];
-        linear_fwd_t(&mut out_t, &inp, &wt, Some(&b), n, ic, oc, false);
+        linear_fwd_t(&mut out_t, &inp, &wt, Some(&b), Dims { n, ic, oc }, false);
         for (a, e) in out_t.iter().zip(&out) {
             assert!((a - e).abs() < 1e-5);
         }
         let mut out_r = vec![0f32; n * oc];
-        linear_rows(&mut out_r, &inp, &w, Some(&b), n, ic, oc, false);
-        linear_rows(&mut out_r, &inp, &w, None, n, ic, oc, true);
+        linear_rows(&mut out_r, &inp, &w, Some(&b), Dims { n, ic, oc }, false);
+        linear_rows(&mut out_r, &inp, &w, None, Dims { n, ic, oc }, true);
         for ((a, e), bb) in out_r.iter().zip(&out).zip(b.iter().cycle()) {
             assert!((a - (2.0 * e - bb)).abs() < 1e-4);
         }
         let mut wb = vec![Line::default(); packed_lines(oc, ic)];
         pack_bf16(&mut wb, &w, oc, ic);
         let mut out_b = vec![0f32; n * oc];
-        linear_panels(&mut out_b, &inp, &wb, Some(&b), n, ic, oc, false);
+        linear_panels(&mut out_b, &inp, &wb, Some(&b), Dims { n, ic, oc }, false);
         for (a, e) in out_b.iter().zip(&out) {
             assert!((a - e).abs() < 0.05 * (1.0 + e.abs()), "bf16 {a} vs {e}");
         }
         let mut dinp = vec![0f32; n * ic];
-        linear_bwd_input(&mut dinp, &dout, &w, n, ic, oc, false);
+        linear_bwd_input(&mut dinp, &dout, &w, Dims { n, ic, oc }, false);
         for i in 0..n {
             for k in 0..ic {
                 let e: f32 = (0..oc).map(|o| dout[i * oc + o] * w[o * ic + k]).sum();
@@ -308,7 +243,7 @@ mod tests {
         }
         let mut dw = vec![1f32; oc * ic];
         let mut db = vec![1f32; oc];
-        linear_bwd_weight(&mut dw, Some(&mut db), &dout, &inp, n, ic, oc);
+        linear_bwd_weight(&mut dw, Some(&mut db), &dout, &inp, Dims { n, ic, oc });
 
         for o in 0..oc {
             let e: f32 = 1.0 + (0..n).map(|i| dout[i * oc + o]).sum::<f32>();

@@ -2,17 +2,23 @@
 //! loops dispatched to AVX2/AVX-512 at run time through `pulp`); matmul goes to the `gemm` crate. No allocation
 //! on the hot path beyond what callers pass in. Shapes: N rows (= B*T), C channels, etc. per function.
 
-pub mod attention;
-pub mod cached;
-pub mod layernorm;
-pub mod math;
-pub mod matmul;
-pub mod panels;
-pub mod pool;
-pub mod rotary;
-pub mod rows;
-pub mod transpose;
-pub mod xent;
+//!
+//! Files are named by what they compute: `attention_train` (causal attention over a batch, forward and backward),
+//! `attention_decode` (a query against the KV cache), `matmul` (gemm-backed Linear products), `matvec_f32` and
+//! `matvec_bf16` (few-row Linear on f32 rows or bf16 panels), `lm_head_loss` (fused head + cross-entropy),
+//! `layernorm`, `rotary`, `math` (exp/erf/GELU/reductions), `transpose`, `pool` (the decode task pool).
+
+pub(crate) mod attention_decode;
+pub(crate) mod attention_train;
+pub(crate) mod layernorm;
+pub(crate) mod lm_head_loss;
+pub(crate) mod math;
+pub(crate) mod matmul;
+pub(crate) mod matvec_bf16;
+pub(crate) mod matvec_f32;
+pub(crate) mod pool;
+pub(crate) mod rotary;
+pub(crate) mod transpose;
 
 /// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region costs tens of
 /// µs when called from outside the pool (a decode step has dozens of one-row calls).

@@ -28,9 +28,17 @@ pub fn rope_table(cos: &mut [f32], sin: &mut [f32], positions: &[u32], r: usize,
     }
 }
 
-/// Rotate q and k of every row/head in `qkv` (N, H·3D). `inverse` applies the transpose (for backward).
-#[allow(clippy::too_many_arguments)]
-pub fn rope_apply(qkv: &mut [f32], cos: &[f32], sin: &[f32], n: usize, h: usize, d: usize, r: usize, inverse: bool) {
+/// A filled rotary table: cos and sin (N, r/2) for rotary dims `r`.
+#[derive(Clone, Copy)]
+pub struct RopeTable<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub r: usize,
+}
+
+/// Rotate q and k of every row/head in `qkv` (N, H·3D), H heads of D. `inverse` applies the transpose (backward).
+pub fn rope_apply(qkv: &mut [f32], tab: RopeTable<'_>, n: usize, h: usize, d: usize, inverse: bool) {
+    let RopeTable { cos, sin, r } = tab;
     let half = r / 2;
     if half == 0 {
         return;

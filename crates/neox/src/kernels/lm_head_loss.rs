@@ -4,7 +4,7 @@
 //! may span micro-batches and ranks) to the caller via `scale`.
 
 use super::math;
-use super::matmul::{gemm_strided, par_all};
+use super::matmul::{gemm, par_all, Mat};
 use rayon::prelude::*;
 
 /// Reusable buffers for `lm_head_xent`.
@@ -29,22 +29,27 @@ pub fn chunk_rows(v: usize) -> usize {
     ((64 << 20) / v.max(1)).clamp(16, 4096)
 }
 
-/// Σ over `targets` (row, target id) of −log softmax(x[row] · wᵀ)[target]. x (N,C), w (V,C), and `wt` the same
-/// weight transposed (C,V) for the forward product. `bf16`: the operands of the head's products are bf16 values
-/// (`wt` holds the rounded weight and `x` rounded activations; the logit gradients are rounded here), so dX is
-/// taken from `wt` and `w` is not read.
-#[allow(clippy::too_many_arguments)]
+/// The LM head's weight in the two layouts the products read: `w` (V,C) as stored and `wt` its transpose (C,V).
+/// `bf16`: the operands of the head's products are bf16 values (`wt` holds the rounded weight and `x` rounded
+/// activations; the logit gradients are rounded here), so dX is taken from `wt` and `w` is not read.
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    pub w: &'a [f32],
+    pub wt: &'a [f32],
+    pub c: usize,
+    pub v: usize,
+    pub bf16: bool,
+}
+
+/// Σ over `targets` (row, target id) of −log softmax(x[row] · wᵀ)[target] for x (N,C).
 pub fn lm_head_xent(
     x: &[f32],
-    w: &[f32],
-    wt: &[f32],
+    head: Head<'_>,
     targets: &[(u32, u32)],
     mut grad: Option<XentGrad<'_>>,
     s: &mut XentScratch,
-    c: usize,
-    v: usize,
-    bf16: bool,
 ) -> f64 {
+    let Head { w, wt, c, v, bf16 } = head;
     assert!((bf16 || w.len() >= v * c) && wt.len() >= v * c);
     let r_max = chunk_rows(v).min(targets.len().max(1));
     s.x.resize(r_max * c, 0.0);
@@ -61,23 +66,8 @@ pub fn lm_head_xent(
         // logits (R,V) = X (R,C) · wᵀ
         // SAFETY: buffers sized above; w asserted (V,C).
         unsafe {
-            gemm_strided(
-                r,
-                v,
-                c,
-                s.logits.as_mut_ptr(),
-                v as isize,
-                1,
-                false,
-                s.x.as_ptr(),
-                c as isize,
-                1,
-                wt.as_ptr(),
-                v as isize,
-                1,
-                1.0,
-                par_all(),
-            );
+            let dst = Mat::rm(s.logits.as_mut_ptr(), r, v, v);
+            gemm(dst, false, Mat::rm(s.x.as_ptr(), r, c, c), Mat::rm(wt.as_ptr(), c, v, v), 1.0, par_all());
         }
         let scale = grad.as_ref().map(|g| g.scale);
         s.logits[..r * v].par_chunks_mut(v).zip(s.loss[..r].par_iter_mut()).zip(chunk.par_iter()).for_each(
@@ -105,44 +95,14 @@ pub fn lm_head_xent(
                 if bf16 {
                     math::round_bf16_slice(&mut s.logits[..r * v]);
                 }
-                let (wp, w_rs, w_cs) = if bf16 { (wt.as_ptr(), 1, v as isize) } else { (w.as_ptr(), c as isize, 1) };
-                gemm_strided(
-                    r,
-                    c,
-                    v,
-                    s.dx.as_mut_ptr(),
-                    c as isize,
-                    1,
-                    false,
-                    s.logits.as_ptr(),
-                    v as isize,
-                    1,
-                    wp,
-                    w_rs,
-                    w_cs,
-                    1.0,
-                    par_all(),
-                );
+                let w_view = if bf16 { Mat::cm(wt.as_ptr(), v, c, v) } else { Mat::rm(w.as_ptr(), v, c, c) };
+                let lg = Mat::rm(s.logits.as_ptr(), r, v, v);
+                gemm(Mat::rm(s.dx.as_mut_ptr(), r, c, c), false, lg, w_view, 1.0, par_all());
                 assert!(g.dw.len() >= v * c);
                 // dW (V,C) += dlogitsᵀ (V,R) · X (R,C), computed as dWᵀ (C,V) += Xᵀ (C,R) · dlogits (R,V) with dW
                 // addressed column-major (no transposed packing of the big operand)
-                gemm_strided(
-                    c,
-                    v,
-                    r,
-                    g.dw.as_mut_ptr(),
-                    1,
-                    c as isize,
-                    true,
-                    s.x.as_ptr(),
-                    1,
-                    c as isize,
-                    s.logits.as_ptr(),
-                    v as isize,
-                    1,
-                    1.0,
-                    par_all(),
-                );
+                let dwt = Mat::cm(g.dw.as_mut_ptr(), c, v, c);
+                gemm(dwt, true, Mat::cm(s.x.as_ptr(), c, r, c), Mat::rm(s.logits.as_ptr(), r, v, v), 1.0, par_all());
             }
             for (k, &(row, _)) in chunk.iter().enumerate() {
                 let row = row as usize;

@@ -4,7 +4,7 @@
 //! that sees no key gets a zero output. Letters: B batch, T time, H heads, D head dim, C = H·D; the fused qkv
 //! buffer has rows of `(H, 3D)` (HF interleaves q,k,v per head).
 
-use super::matmul::gemm_strided;
+use super::matmul::{gemm, Mat};
 use super::{math, SendPtr};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -30,16 +30,7 @@ impl Visibility<'_> {
 
 /// Forward. out (N,C) = merged heads of softmax(q kᵀ/√D + mask) v; att (B,H,T,T) = probabilities.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_fwd(
-    out: &mut [f32],
-    att: &mut [f32],
-    qkv: &[f32],
-    vis: Visibility<'_>,
-    b: usize,
-    t: usize,
-    h: usize,
-    d: usize,
-) {
+fn old_fwd(out: &mut [f32], att: &mut [f32], qkv: &[f32], vis: Visibility<'_>, b: usize, t: usize, h: usize, d: usize) {
     let (c, row) = (h * d, 3 * h * d);
     assert!(out.len() >= b * t * c && att.len() >= b * h * t * t && qkv.len() >= b * t * row);
     assert!(vis.attention_mask.len() >= b * t && vis.doc_ids.is_none_or(|x| x.len() >= b * t));
@@ -59,20 +50,11 @@ pub fn attention_fwd(
                 let q1 = (q0 + QB).min(t);
                 let (qn, kl) = (q1 - q0, q1);
                 // (Qn,D) x (D,Kl) -> scores rows q0..q1, columns 0..kl
-                gemm_strided(
-                    qn,
-                    kl,
-                    d,
-                    p.as_mut_ptr().add(q0 * t),
-                    t as isize,
-                    1,
+                gemm(
+                    Mat { ptr: p.as_mut_ptr().add(q0 * t), rows: qn, cols: kl, rs: t as isize, cs: 1 },
                     false,
-                    q.add(q0 * row),
-                    row as isize,
-                    1,
-                    k,
-                    1,
-                    row as isize,
+                    Mat { ptr: q.add(q0 * row), rows: qn, cols: d, rs: row as isize, cs: 1 },
+                    Mat { ptr: k, rows: d, cols: kl, rs: 1, cs: row as isize },
                     scale,
                     Parallelism::None,
                 );
@@ -82,20 +64,11 @@ pub fn attention_fwd(
                 let q1 = (q0 + QB).min(t);
                 let (qn, kl) = (q1 - q0, q1);
                 // (Qn,Kl) x (Kl,D) -> (Qn,D) into out[bi, q0..q1, hi*D..]
-                gemm_strided(
-                    qn,
-                    d,
-                    kl,
-                    out_p.get().add((bi * t + q0) * c + hi * d),
-                    c as isize,
-                    1,
+                gemm(
+                    Mat { ptr: out_p.get().add((bi * t + q0) * c + hi * d), rows: qn, cols: d, rs: c as isize, cs: 1 },
                     false,
-                    p.as_ptr().add(q0 * t),
-                    t as isize,
-                    1,
-                    v,
-                    row as isize,
-                    1,
+                    Mat { ptr: p.as_ptr().add(q0 * t), rows: qn, cols: kl, rs: t as isize, cs: 1 },
+                    Mat { ptr: v, rows: kl, cols: d, rs: row as isize, cs: 1 },
                     1.0,
                     Parallelism::None,
                 );
@@ -130,7 +103,7 @@ fn masked_softmax_rows(p: &mut [f32], vis: Visibility<'_>, row0: usize, t: usize
 /// Backward. Given dout (N,C), att (B,H,T,T) and qkv, writes dqkv (N, H·3D) (overwrites) using datt as
 /// (B,H,T,T) scratch.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_bwd(
+fn old_bwd(
     dqkv: &mut [f32],
     datt: &mut [f32],
     dout: &[f32],
@@ -169,20 +142,11 @@ pub fn attention_bwd(
                 let pb = p.as_ptr().add(q0 * t);
                 let db = dp.as_mut_ptr().add(q0 * t);
                 // dP (Qn,Kl) = dO (Qn,D) · V[0:kl]ᵀ
-                gemm_strided(
-                    qn,
-                    kl,
-                    d,
-                    db,
-                    t as isize,
-                    1,
+                gemm(
+                    Mat { ptr: db, rows: qn, cols: kl, rs: t as isize, cs: 1 },
                     false,
-                    go.add(q0 * c),
-                    c as isize,
-                    1,
-                    v,
-                    1,
-                    row as isize,
+                    Mat { ptr: go.add(q0 * c), rows: qn, cols: d, rs: c as isize, cs: 1 },
+                    Mat { ptr: v, rows: d, cols: kl, rs: 1, cs: row as isize },
                     1.0,
                     Parallelism::None,
                 );
@@ -198,60 +162,66 @@ pub fn attention_bwd(
                     }
                 });
                 // dV[0:kl] += P[q0:q1, 0:kl]ᵀ · dO[q0:q1]
-                gemm_strided(
-                    kl,
-                    d,
-                    qn,
-                    dv,
-                    row as isize,
-                    1,
+                gemm(
+                    Mat { ptr: dv, rows: kl, cols: d, rs: row as isize, cs: 1 },
                     true,
-                    pb,
-                    1,
-                    t as isize,
-                    go.add(q0 * c),
-                    c as isize,
-                    1,
+                    Mat { ptr: pb, rows: kl, cols: qn, rs: 1, cs: t as isize },
+                    Mat { ptr: go.add(q0 * c), rows: qn, cols: d, rs: c as isize, cs: 1 },
                     1.0,
                     Parallelism::None,
                 );
                 // dQ[q0:q1] = dS · K[0:kl]
-                gemm_strided(
-                    qn,
-                    d,
-                    kl,
-                    dq.add(q0 * row),
-                    row as isize,
-                    1,
+                gemm(
+                    Mat { ptr: dq.add(q0 * row), rows: qn, cols: d, rs: row as isize, cs: 1 },
                     false,
-                    db,
-                    t as isize,
-                    1,
-                    k,
-                    row as isize,
-                    1,
+                    Mat { ptr: db, rows: qn, cols: kl, rs: t as isize, cs: 1 },
+                    Mat { ptr: k, rows: kl, cols: d, rs: row as isize, cs: 1 },
                     1.0,
                     Parallelism::None,
                 );
                 // dK[0:kl] += dSᵀ · Q[q0:q1]
-                gemm_strided(
-                    kl,
-                    d,
-                    qn,
-                    dk,
-                    row as isize,
-                    1,
+                gemm(
+                    Mat { ptr: dk, rows: kl, cols: d, rs: row as isize, cs: 1 },
                     true,
-                    db,
-                    1,
-                    t as isize,
-                    q.add(q0 * row),
-                    row as isize,
-                    1,
+                    Mat { ptr: db, rows: kl, cols: qn, rs: 1, cs: t as isize },
+                    Mat { ptr: q.add(q0 * row), rows: qn, cols: d, rs: row as isize, cs: 1 },
                     1.0,
                     Parallelism::None,
                 );
             }
         }
     });
+}
+
+/// The sizes of one attention call: B rows of T tokens, H heads of D dims.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub d: usize,
+}
+
+/// Elements the forward saves for the backward.
+pub fn saved_len(s: AttnShape) -> usize {
+    s.b * s.h * s.t * s.t
+}
+
+/// out (N,C) merged heads; `saved` what the backward needs (`saved_len`).
+pub fn attention_fwd(out: &mut [f32], saved: &mut [f32], qkv: &[f32], vis: Visibility<'_>, s: AttnShape) {
+    old_fwd(out, saved, qkv, vis, s.b, s.t, s.h, s.d)
+}
+
+/// dqkv (N,3C) overwritten, from dout (N,C), the forward's out and saved values, and qkv (after rotary).
+pub fn attention_bwd(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    _out: &[f32],
+    saved: &[f32],
+    qkv: &[f32],
+    _vis: Visibility<'_>,
+    s: AttnShape,
+) {
+    let mut datt = vec![0f32; saved_len(s)];
+    old_bwd(dqkv, &mut datt, dout, saved, qkv, s.b, s.t, s.h, s.d)
 }

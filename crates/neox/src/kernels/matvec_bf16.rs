@@ -4,14 +4,15 @@
 //! Layout: panel p holds columns 32p..32p+31 as IC cache lines, one per input channel k. Line (p, k) has 16 32-bit
 //! words; word j holds column 32p+j in its low half and column 32p+16+j in its high half. A shift and a mask turn a
 //! line into two f32 vectors of 16 consecutive columns (bf16 widens exactly), and each input row's x[k] is
-//! broadcast against them. Compared with dotting weight rows (`rows.rs`), this needs one widening instruction per
+//! broadcast against them. Compared with dotting weight rows (`matvec_f32.rs`), this needs one widening instruction per
 //! 16 weights instead of two, no horizontal sums at the end, and reads one sequential stream per panel.
 //!
 //! Every output is Σ_k x[k]·w[k] summed in k order with one fused multiply-add per step, whatever the tile shape,
 //! so a row gets the same bits alone or in a batch.
 
+use super::matmul::Dims;
+use super::matvec_f32::Dest;
 use super::pool;
-use super::rows::Dest;
 use super::SendPtr;
 
 /// Output columns per panel.
@@ -54,17 +55,8 @@ const TASK_PANELS: usize = 8;
 const TILE_ROWS: usize = 8;
 
 /// out (N, OC) = inp (N, IC) · wᵀ + bias (or `+=` when `accumulate`) with W packed by `pack_bf16`.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_panels(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[Line],
-    bias: Option<&[f32]>,
-    n: usize,
-    ic: usize,
-    oc: usize,
-    accumulate: bool,
-) {
+pub fn linear_panels(out: &mut [f32], inp: &[f32], w: &[Line], bias: Option<&[f32]>, d: Dims, accumulate: bool) {
+    let Dims { n, ic, oc } = d;
     assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= packed_lines(oc, ic));
     assert!(bias.is_none_or(|b| b.len() == oc));
     let dst = Dest { out: SendPtr(out.as_mut_ptr()), bias, n, oc, accumulate };
@@ -248,7 +240,7 @@ mod tests {
                 for b in [None, Some(&bias[..])] {
                     let before: Vec<f32> = (0..n * oc).map(|i| i as f32 * 0.25).collect();
                     let mut out = before.clone();
-                    linear_panels(&mut out, &inp, &wp, b, n, ic, oc, accumulate);
+                    linear_panels(&mut out, &inp, &wp, b, Dims { n, ic, oc }, accumulate);
                     for r in 0..n {
                         for o in 0..oc {
                             let dot: f64 = (0..ic).map(|k| inp[r * ic + k] as f64 * wr(o, k)).sum();
@@ -281,12 +273,12 @@ mod tests {
             let wf: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let wp = packed(&wf, oc, ic);
             let mut all = vec![0f32; n * oc];
-            linear_panels(&mut all, &inp, &wp, None, n, ic, oc, false);
+            linear_panels(&mut all, &inp, &wp, None, Dims { n, ic, oc }, false);
             for k in [1, 2, 3, 5, 8] {
                 for r0 in (0..n).step_by(k) {
                     let m = k.min(n - r0);
                     let mut part = vec![0f32; m * oc];
-                    linear_panels(&mut part, &inp[r0 * ic..(r0 + m) * ic], &wp, None, m, ic, oc, false);
+                    linear_panels(&mut part, &inp[r0 * ic..(r0 + m) * ic], &wp, None, Dims { n: m, ic, oc }, false);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
                 }

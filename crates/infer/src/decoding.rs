@@ -11,7 +11,7 @@
 use crate::sampling::{sample, SamplingParams, Scratch};
 use crate::{Error, Result};
 use common::Rng;
-use neox::kernels::pool;
+use neox::host as pool;
 use neox::{KvCache, Model};
 use std::sync::Mutex;
 

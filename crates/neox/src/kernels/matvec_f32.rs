@@ -2,9 +2,10 @@
 //! Decode is bound by streaming the weights from memory, so each weight row is read once for all N inputs, the
 //! columns are split across threads in contiguous blocks, and on AVX-512 a hand-written tile (4 weight rows × up
 //! to 4 inputs, or 3 × 8; FMA, software prefetch) keeps enough loads in flight to reach the memory bandwidth.
-//! bf16 weights use their own packed layout and kernel (`panels.rs`).
+//! bf16 weights use their own packed layout and kernel (`matvec_bf16.rs`).
 
 use super::math;
+use super::matmul::Dims;
 use super::pool;
 use super::SendPtr;
 
@@ -19,17 +20,8 @@ pub const FEW_ROWS: usize = 128;
 const COLS: usize = 256;
 
 /// out (N, OC) = inp (N, IC) · wᵀ + bias (or `+=` when `accumulate`), for a few rows N.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_rows(
-    out: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
-    n: usize,
-    ic: usize,
-    oc: usize,
-    accumulate: bool,
-) {
+pub fn linear_rows(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, d: Dims, accumulate: bool) {
+    let Dims { n, ic, oc } = d;
     assert!(out.len() >= n * oc && inp.len() >= n * ic && w.len() >= oc * ic);
     assert!(bias.is_none_or(|b| b.len() == oc));
     let dst = Dest { out: SendPtr(out.as_mut_ptr()), bias, n, oc, accumulate };
@@ -259,7 +251,7 @@ mod tests {
             for accumulate in [false, true] {
                 let mut out: Vec<f32> = (0..n * oc).map(|i| i as f32 * 0.25).collect();
                 let before = out.clone();
-                linear_rows(&mut out, &inp, &w, Some(&bias), n, ic, oc, accumulate);
+                linear_rows(&mut out, &inp, &w, Some(&bias), Dims { n, ic, oc }, accumulate);
                 for r in 0..n {
                     for o in 0..oc {
                         let dot: f64 = (0..ic).map(|k| inp[r * ic + k] as f64 * w[o * ic + k] as f64).sum();
@@ -290,12 +282,12 @@ mod tests {
             let inp: Vec<f32> = (0..n * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let w: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let mut all = vec![0f32; n * oc];
-            linear_rows(&mut all, &inp, &w, None, n, ic, oc, false);
+            linear_rows(&mut all, &inp, &w, None, Dims { n, ic, oc }, false);
             for k in [1, 3, 5] {
                 for r0 in (0..n).step_by(k) {
                     let m = k.min(n - r0);
                     let mut part = vec![0f32; m * oc];
-                    linear_rows(&mut part, &inp[r0 * ic..(r0 + m) * ic], &w, None, m, ic, oc, false);
+                    linear_rows(&mut part, &inp[r0 * ic..(r0 + m) * ic], &w, None, Dims { n: m, ic, oc }, false);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
                 }

@@ -1,0 +1,79 @@
+//! Loading, saving and resizing a CPU model: HF model directories in, `config.json` + `model.safetensors` out,
+//! Dolly's vocabulary resize.
+
+use crate::backend::cpu::Cpu;
+use crate::block::LayerParams;
+use crate::config::NeoxConfig;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::model::Model;
+use crate::weights::{self, SaveDtype};
+use std::path::Path;
+
+impl Model<Cpu> {
+    /// Load `config.json` + weights (safetensors, or `pytorch_model.bin` read without executing its pickle) from
+    /// an HF model directory. The weights' headers are checked against config.json before anything is allocated.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cpath = dir.join("config.json");
+        let config = NeoxConfig::from_file(&cpath)?;
+        if weights::checked_param_count(&config).is_none() {
+            return Err(Error::file(&cpath, "the parameter count these sizes give does not fit in memory addresses"));
+        }
+        let params = weights::load_params(dir, &config)?;
+        Self::from_parts(config, params)
+    }
+
+    /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.
+    pub fn save(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut cfg = self.config.to_json();
+        if let Some(m) = cfg.as_object_mut() {
+            m.insert("torch_dtype".into(), dtype.torch_name().into());
+        }
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid(e.to_string()))? + "\n";
+        let cpath = dir.join("config.json");
+        common::atomic_write(&cpath, text.as_bytes()).map_err(|e| Error::io(&cpath, e))?;
+        weights::save_safetensors(&dir.join("model.safetensors"), &self.layout, self.params(), dtype)
+    }
+
+    /// Resize `embed_in` and `embed_out` to `new_vocab` rows as Dolly does: shrinking keeps the first rows;
+    /// growing initialises each new row to the mean of the existing rows of that matrix.
+    pub fn resize_vocab(&mut self, new_vocab: usize) -> Result<()> {
+        if new_vocab == 0 {
+            return Err(Error::invalid("vocabulary size must be > 0"));
+        }
+        let old_v = self.config.vocab_size;
+        if new_vocab == old_v {
+            return Ok(());
+        }
+        let c = self.config.hidden_size;
+        let mut cfg = self.config.clone();
+        cfg.vocab_size = new_vocab;
+        let layout = Layout::new(&cfg);
+        let mut params = vec![0f32; layout.total];
+        for (new, old) in layout.params.iter().zip(&self.layout.params) {
+            let src = &self.params()[old.range()];
+            let dst = &mut params[new.range()];
+            if new.shape == old.shape {
+                dst.copy_from_slice(src);
+                continue;
+            }
+            let keep = old_v.min(new_vocab) * c;
+            dst[..keep].copy_from_slice(&src[..keep]);
+            if new_vocab > old_v {
+                let mut mean = vec![0f64; c];
+                for row in src.chunks(c) {
+                    mean.iter_mut().zip(row).for_each(|(m, x)| *m += *x as f64);
+                }
+                for row in dst[keep..].chunks_mut(c) {
+                    row.iter_mut().zip(&mean).for_each(|(x, m)| *x = (*m / old_v as f64) as f32);
+                }
+            }
+        }
+        self.be.replace(params, &layout);
+        self.layers = layout.layers.iter().map(|o| LayerParams::new(&cfg, o)).collect();
+        self.config = cfg;
+        self.layout = layout;
+        Ok(())
+    }
+}
