@@ -5,6 +5,9 @@
 //! the definitions (PyTorch's LayerNorm, HF GPT-NeoX rotary/attention, exact-erf GELU, `torch.optim.AdamW`);
 //! no numbers come from elsewhere. A second backend (CUDA) joins by adding its constructor to `backends()`.
 
+// The references index like the formulas they transcribe.
+#![allow(clippy::needless_range_loop)]
+
 use common::Rng;
 use neox::backend::{AttnShape, Backend, Embedding, HeadGrad, Heads, KvShape, LayerNorm, Linear, Pass, Visibility};
 use neox::{AdamW, AdamWConfig, Cpu, Layout, NeoxConfig};
@@ -357,7 +360,7 @@ fn op_attention<B: Backend>(_: &str, d: &Dev<B>, r: &mut Rng, n: usize) -> Resul
     let c = hd.h * hd.d;
     // n tokens as B rows of T: (1, n) and, when it divides, (3, n/3) with padding and packed documents
     let mut layouts = vec![(1, n)];
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         layouts.push((3, n / 3));
     }
     for (b, t) in layouts {
