@@ -11,10 +11,10 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dataset = args.first().map(PathBuf::from).unwrap_or_else(|| shared.join("databricks-dolly-15k.jsonl"));
-    let tokenizer = args.get(1).map(PathBuf::from).unwrap_or_else(|| shared.join("20B_tokenizer.json"));
+    let shared = test_support::shared_file;
+    let dataset = args.first().map(PathBuf::from).unwrap_or_else(|| shared("databricks-dolly-15k.jsonl"));
+    let tokenizer = args.get(1).map(PathBuf::from).unwrap_or_else(|| shared("20B_tokenizer.json"));
     let max_length: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2048);
     let run = || -> Result<(), data::DataError> {
         let t0 = Instant::now();

@@ -1,155 +1,33 @@
-//! The hub client against a real HTTP server on 127.0.0.1 that plays the Hugging Face hub (API listing, HEAD on
-//! `resolve/` with a redirect to a CDN path, LFS etag/size headers): download into the hub cache layout, cache
+//! The hub client against `test_support::hub::FakeHub`, a real HTTP server on 127.0.0.1 that plays the Hugging Face
+//! hub (API listing, HEAD on `resolve/` with a redirect to a CDN path, LFS etag/size headers, injected faults): download into the hub cache layout, cache
 //! reuse, offline mode, fallback when the hub is unreachable, and each failure (truncated body, 404, 500 then
 //! success, sha256 mismatch) with its message. Options come from an HF_* variable map, as from the environment.
 //! The server answers at most a bounded number of connections and stops when the test drops it.
 
 use data::hub::{Hub, HubOptions, Repo};
 use data::{load_dataset, BadRecordPolicy};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use test_support::hub::{FakeHub, Faults, RepoFile, RepoType};
 
 const REPO: &str = "databricks/databricks-dolly-15k";
 const FILE: &str = "databricks-dolly-15k.jsonl";
 const COMMIT: &str = "bdd27f4d94b9c1f951818a7da7fd7aeea5dbff1a";
 
-/// (method, path, Authorization header) of each request.
-type Log = Mutex<Vec<(String, String, Option<String>)>>;
-
-#[derive(Default)]
-struct Behaviour {
-    /// Answer the first N HEADs with HTTP 500.
-    fail_heads: usize,
-    /// Send only half of every CDN body (Content-Length still says the full size).
-    truncate: bool,
-    /// Advertise this etag instead of the real sha256.
-    wrong_etag: Option<String>,
-}
-
-struct FakeHub {
-    addr: String,
-    body: Arc<Vec<u8>>,
-    sha: String,
-    log: Arc<Log>,
-    stop: Arc<AtomicBool>,
-}
-
-impl FakeHub {
-    fn start(body: Vec<u8>, behaviour: Behaviour) -> FakeHub {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let sha: String = Sha256::digest(&body).iter().map(|b| format!("{b:02x}")).collect();
-        let hub = FakeHub {
-            addr: addr.clone(),
-            body: Arc::new(body),
-            sha: sha.clone(),
-            log: Arc::default(),
-            stop: Arc::default(),
-        };
-        let (body, log, stop) = (hub.body.clone(), hub.log.clone(), hub.stop.clone());
-        let heads = AtomicUsize::new(0);
-        std::thread::spawn(move || {
-            for conn in listener.incoming().take(200) {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let _ = serve(conn, &addr, &body, &sha, &behaviour, &heads, &log);
-            }
-        });
-        hub
-    }
-
-    fn count(&self, method: &str, path_prefix: &str) -> usize {
-        self.log.lock().unwrap().iter().filter(|(m, p, _)| m == method && p.starts_with(path_prefix)).count()
-    }
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr.trim_start_matches("http://"));
-    }
-}
-
-fn serve(
-    conn: TcpStream,
-    addr: &str,
-    body: &[u8],
-    sha: &str,
-    b: &Behaviour,
-    heads: &AtomicUsize,
-    log: &Log,
-) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-    let mut auth = None;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("authorization") {
-                auth = Some(v.trim().to_string());
-            }
-        }
-    }
-    log.lock().unwrap().push((method.clone(), path.clone(), auth));
-    let etag = b.wrong_etag.clone().unwrap_or_else(|| sha.to_string());
-    let resolve = format!("/datasets/{REPO}/resolve/");
-    let (status, headers, payload, send): (u16, Vec<(&str, String)>, Vec<u8>, usize) = if method == "GET"
-        && path == format!("/api/datasets/{REPO}/revision/main")
-    {
-        let j = format!(
-            r#"{{"id":"{REPO}","sha":"{COMMIT}","siblings":[{{"rfilename":".gitattributes"}},{{"rfilename":"README.md"}},{{"rfilename":"{FILE}"}}]}}"#
-        );
-        let n = j.len();
-        (200, vec![("Content-Type", "application/json".into())], j.into_bytes(), n)
-    } else if method == "HEAD" && path.starts_with(&resolve) && path.ends_with(&format!("/{FILE}")) {
-        if heads.fetch_add(1, Ordering::SeqCst) < b.fail_heads {
-            (500, vec![], vec![], 0)
-        } else {
-            let h = vec![
-                ("X-Repo-Commit", COMMIT.to_string()),
-                ("X-Linked-Etag", format!("\"{etag}\"")),
-                ("X-Linked-Size", body.len().to_string()),
-                ("ETag", "\"0123456789abcdef0123456789abcdef01234567\"".to_string()),
-                ("Location", format!("{addr}/cdn/{sha}")),
-            ];
-            (302, h, vec![], 0)
-        }
-    } else if method == "HEAD" && path.starts_with(&resolve) {
-        (404, vec![("X-Error-Code", "EntryNotFound".into())], vec![], 0)
-    } else if path.starts_with("/api/") || path.starts_with("/datasets/") {
-        (404, vec![("X-Error-Code", "RepoNotFound".into())], vec![], 0)
-    } else if method == "GET" && path == format!("/cdn/{sha}") {
-        let send = if b.truncate { body.len() / 2 } else { body.len() };
-        (200, vec![], body.to_vec(), send)
-    } else {
-        (404, vec![], vec![], 0)
+/// The dataset repo with `body` as its one LFS file (the listing also names `.gitattributes` and `README.md`).
+fn start(body: Vec<u8>, faults: Faults) -> (FakeHub, String) {
+    let file = RepoFile::new(FILE, body, true);
+    let sha = file.sha256.clone();
+    let repo = test_support::hub::Repo {
+        kind: RepoType::Dataset,
+        id: REPO.into(),
+        commit: COMMIT.into(),
+        files: vec![file],
+        unfetched: vec![".gitattributes".into(), "README.md".into()],
     };
-    let mut out = conn;
-    let mut head = format!("HTTP/1.1 {status} X\r\nConnection: close\r\nContent-Length: {}\r\n", payload.len());
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    out.write_all(head.as_bytes())?;
-    if method != "HEAD" {
-        out.write_all(&payload[..send])?;
-    }
-    out.flush()
+    (FakeHub::start(repo, faults), sha)
 }
 
 fn options(endpoint: &str, cache: &Path, extra: &[(&str, &str)]) -> HubOptions {
@@ -188,8 +66,8 @@ fn files_under(p: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn downloads_into_the_hub_cache_layout_then_reuses_it_online_and_offline() {
-    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(FILE);
-    let hub = FakeHub::start(std::fs::read(&shared).expect("shared dolly-15k"), Behaviour::default());
+    let shared = test_support::shared_file(FILE);
+    let (hub, sha) = start(std::fs::read(&shared).expect("shared dolly-15k"), Faults::default());
     let cache = tempfile::tempdir().unwrap();
     let opts = options(&hub.addr, cache.path(), &[("HF_TOKEN", "hf_secret_token")]);
 
@@ -198,20 +76,18 @@ fn downloads_into_the_hub_cache_layout_then_reuses_it_online_and_offline() {
     assert_eq!(data.commit.as_deref(), Some(COMMIT));
     // huggingface_hub's layout: blob named by the LFS sha256, relative symlink from the snapshot, ref -> commit.
     let repo_dir = cache.path().join("datasets--databricks--databricks-dolly-15k");
-    let blob = repo_dir.join("blobs").join(&hub.sha);
-    assert_eq!(common::sha256_file(&blob).unwrap(), hub.sha);
+    let blob = repo_dir.join("blobs").join(&sha);
+    assert_eq!(common::sha256_file(&blob).unwrap(), sha);
     let pointer = repo_dir.join("snapshots").join(COMMIT).join(FILE);
-    assert_eq!(std::fs::read_link(&pointer).unwrap(), PathBuf::from("../../blobs").join(&hub.sha));
+    assert_eq!(std::fs::read_link(&pointer).unwrap(), PathBuf::from("../../blobs").join(&sha));
     assert_eq!(std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(), COMMIT);
     assert_eq!(files_under(&repo_dir.join("blobs")).len(), 1, "no temporary files left");
     assert_eq!(hub.count("GET", "/cdn/"), 1);
     // The token goes to the hub with every request.
     assert!(hub
-        .log
-        .lock()
-        .unwrap()
+        .log()
         .iter()
-        .all(|(_, p, a)| p.starts_with("/cdn/") || a.as_deref() == Some("Bearer hf_secret_token")));
+        .all(|r| r.path.starts_with("/cdn/") || r.authorization.as_deref() == Some("Bearer hf_secret_token")));
 
     // Online again: metadata is checked, the blob is reused.
     let again = Hub::new(opts.clone()).download_file(&Repo::dataset(REPO, "main"), FILE).unwrap();
@@ -219,11 +95,11 @@ fn downloads_into_the_hub_cache_layout_then_reuses_it_online_and_offline() {
     assert_eq!(hub.count("GET", "/cdn/"), 1);
 
     // Offline: no request at all.
-    let before = hub.log.lock().unwrap().len();
+    let before = hub.log().len();
     let offline = options(&hub.addr, cache.path(), &[("HF_HUB_OFFLINE", "1")]);
     assert!(offline.offline);
     assert_eq!(load_dataset(REPO, BadRecordPolicy::Fail, &offline).unwrap().records.len(), 15011);
-    assert_eq!(hub.log.lock().unwrap().len(), before);
+    assert_eq!(hub.log().len(), before);
 
     // Offline with an empty cache: a clear error.
     let empty = tempfile::tempdir().unwrap();
@@ -240,7 +116,7 @@ fn downloads_into_the_hub_cache_layout_then_reuses_it_online_and_offline() {
 
 #[test]
 fn truncated_body_is_an_error_and_leaves_nothing_behind() {
-    let hub = FakeHub::start(small_body(), Behaviour { truncate: true, ..Default::default() });
+    let (hub, _) = start(small_body(), Faults { truncate: true, ..Default::default() });
     let cache = tempfile::tempdir().unwrap();
     let mut opts = options(&hub.addr, cache.path(), &[]);
     opts.retries = 1;
@@ -253,7 +129,7 @@ fn truncated_body_is_an_error_and_leaves_nothing_behind() {
 
 #[test]
 fn not_found_names_what_is_missing_without_leaking_the_token() {
-    let hub = FakeHub::start(small_body(), Behaviour::default());
+    let (hub, _) = start(small_body(), Faults::default());
     let cache = tempfile::tempdir().unwrap();
     let opts = options(&hub.addr, cache.path(), &[("HF_TOKEN", "hf_secret_token")]);
     let err = load_dataset("nobody/missing", BadRecordPolicy::Fail, &opts).unwrap_err();
@@ -265,14 +141,14 @@ fn not_found_names_what_is_missing_without_leaking_the_token() {
 
 #[test]
 fn server_errors_are_retried_then_succeed_or_give_up() {
-    let hub = FakeHub::start(small_body(), Behaviour { fail_heads: 2, ..Default::default() });
+    let (hub, _) = start(small_body(), Faults { fail_heads: 2, ..Default::default() });
     let cache = tempfile::tempdir().unwrap();
     let opts = options(&hub.addr, cache.path(), &[]);
     let data = load_dataset(REPO, BadRecordPolicy::Fail, &opts).unwrap();
     assert_eq!(data.records.len(), 50);
     assert_eq!(hub.count("HEAD", "/datasets/"), 3);
 
-    let hub = FakeHub::start(small_body(), Behaviour { fail_heads: 100, ..Default::default() });
+    let (hub, _) = start(small_body(), Faults { fail_heads: 100, ..Default::default() });
     let cache = tempfile::tempdir().unwrap();
     let mut opts = options(&hub.addr, cache.path(), &[]);
     opts.retries = 2;
@@ -283,7 +159,7 @@ fn server_errors_are_retried_then_succeed_or_give_up() {
 #[test]
 fn sha256_mismatch_is_rejected() {
     let wrong = "ab".repeat(32);
-    let hub = FakeHub::start(small_body(), Behaviour { wrong_etag: Some(wrong.clone()), ..Default::default() });
+    let (hub, _) = start(small_body(), Faults { wrong_etag: Some(wrong.clone()), ..Default::default() });
     let cache = tempfile::tempdir().unwrap();
     let err =
         Hub::new(options(&hub.addr, cache.path(), &[])).download_file(&Repo::dataset(REPO, "main"), FILE).unwrap_err();

@@ -9,7 +9,7 @@ use data::{build_example, prepare_examples, BadRecordPolicy, DollyTokenizer, Pre
 use std::path::PathBuf;
 
 fn shared(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(name)
+    test_support::shared_file(name)
 }
 
 fn tokenizer() -> DollyTokenizer {

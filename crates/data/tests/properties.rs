@@ -7,10 +7,9 @@ use data::collate::{pack_batch, pad_batch, PAD_DOC};
 use data::sampler::{epoch_order, Sampler, SamplerState};
 use data::template::{training_prompt, training_target, training_text};
 use data::{build_example, DollyTokenizer, Example, IGNORE_INDEX};
-use std::path::PathBuf;
 
 fn tokenizer() -> DollyTokenizer {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/20B_tokenizer.json");
+    let p = test_support::shared_file("20B_tokenizer.json");
     DollyTokenizer::from_file(&p).expect("the shared 20B tokenizer (CI lays ../shared beside the checkout)")
 }
 

@@ -11,9 +11,7 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 fn shared(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(name);
-    assert!(p.exists(), "missing {} (CI lays ../shared beside the checkout)", p.display());
-    p
+    test_support::shared_file(name)
 }
 
 fn fixture() -> Value {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 fn tokenizer() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/20B_tokenizer.json")
+    test_support::shared_file("20B_tokenizer.json")
 }
 
 /// `dolly` with a hub cache under `home` and no network (offline, endpoint on a closed port).

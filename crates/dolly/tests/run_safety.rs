@@ -164,7 +164,7 @@ fn init_model_ships_its_tokenizer() {
     let m = f.dir.path().join("self-contained");
     let st = cli::dolly()
         .args(["init-model", "--preset", "pythia-14m", "--num-hidden-layers", "1", "--dtype", "bf16", "--tokenizer"])
-        .arg(cli::shared().join("20B_tokenizer.json"))
+        .arg(test_support::shared_file("20B_tokenizer.json"))
         .arg("--output")
         .arg(&m)
         .status()

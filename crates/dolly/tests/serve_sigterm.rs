@@ -4,13 +4,14 @@
 //! shared 20B tokenizer. No timing assertions.
 
 use neox::{Model, NeoxConfig, SaveDtype};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use test_support::http::Conn;
 
 fn tokenizer() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/20B_tokenizer.json")
+    test_support::shared_file("20B_tokenizer.json")
 }
 
 fn model_dir(dir: &Path) -> PathBuf {
@@ -36,38 +37,26 @@ fn sigterm_drains_in_flight_stream_then_exits() {
         .unwrap();
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    let addr = loop {
+    let addr: SocketAddr = loop {
         line.clear();
         assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
         if let Some(a) = line.trim().split("http://").nth(1) {
-            break a.to_string();
+            break a.parse().unwrap_or_else(|e| panic!("listening address {a:?}: {e}"));
         }
     };
     let body = r#"{"prompt": "Count to ten.", "max_tokens": 48, "temperature": 0, "stream": true}"#;
-    let mut s = TcpStream::connect(&addr).unwrap();
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut r = BufReader::new(s);
-    let mut first = String::new();
-    r.read_line(&mut first).unwrap();
-    assert!(first.contains("200"), "{first}");
+    let mut c = Conn::open(addr, "POST", "/v1/completions", Some(body.as_bytes()));
+    assert_eq!(c.status, 200, "{}", c.head);
     // wait for the first event, then SIGTERM
     let mut seen = String::new();
     while !seen.contains("data:") {
-        let mut l = String::new();
-        assert!(r.read_line(&mut l).unwrap() > 0);
+        let l = c.next_line().expect("the stream ended before its first event");
         seen.push_str(&l);
+        seen.push('\n');
     }
     let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(st.success());
-    let mut rest = String::new();
-    r.read_to_string(&mut rest).unwrap();
-    seen.push_str(&rest);
+    seen.push_str(&String::from_utf8_lossy(&c.rest()));
     assert!(seen.contains("data: [DONE]"), "stream cut short: {seen}");
     assert!(seen.contains("\"finish_reason\":\"length\"") || seen.contains("\"finish_reason\":\"stop\""));
     let status = child.wait().unwrap();

@@ -3,7 +3,7 @@
 //! without a single request and gives the same final model; a repo the hub does not have, or an offline run with
 //! an empty cache, fails with a message naming the repo.
 //!
-//! The hub is a plain HTTP server on 127.0.0.1 in this process (one thread, one request per connection, every
+//! The hub is `test_support::hub::FakeHub`, a plain HTTP server on 127.0.0.1 in this process (one thread, one request per connection, every
 //! request logged). It serves one model repo the way huggingface.co does: `GET /api/models/REPO/revision/main`
 //! lists the files and the commit; `HEAD /REPO/resolve/COMMIT/FILE` answers a git file (`config.json`,
 //! `tokenizer.json`) with 200 + ETag + Content-Length and an LFS file (`model.safetensors`) with a 302 to a CDN
@@ -13,147 +13,20 @@
 
 mod cli;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use test_support::hub::{FakeHub, Faults, Repo, RepoFile, RepoType};
+use test_support::shared_file;
 
 const REPO: &str = "fake-org/tiny-neox";
 const COMMIT: &str = "4f0c5b2a9d1e8c7b6a5f4e3d2c1b0a9f8e7d6c5b";
 
-/// One file of the served repo.
-#[derive(Clone)]
-struct RepoFile {
-    name: &'static str,
-    body: Vec<u8>,
-    /// Stored in git LFS: HEAD redirects to the CDN and advertises the sha256.
-    lfs: bool,
-    sha256: String,
-}
-
-/// (method, path) of each request, in arrival order.
-type Log = Arc<Mutex<Vec<(String, String)>>>;
-
-struct FakeHub {
-    addr: String,
-    log: Log,
-    stop: Arc<AtomicBool>,
-}
-
-impl FakeHub {
-    /// Serve `files` as the repo [`REPO`] at [`COMMIT`]; `unfetched` are listed in the API answer too (the hub
-    /// lists every file of the repo) but must never be asked for.
-    fn start(files: Vec<RepoFile>, unfetched: &[&str]) -> FakeHub {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
-        let siblings: Vec<String> = unfetched
-            .iter()
-            .copied()
-            .chain(files.iter().map(|f| f.name))
-            .map(|n| format!(r#"{{"rfilename":"{n}"}}"#))
-            .collect();
-        let listing = format!(r#"{{"id":"{REPO}","sha":"{COMMIT}","siblings":[{}]}}"#, siblings.join(","));
-        let hub = FakeHub { addr: addr.clone(), log: Log::default(), stop: Arc::default() };
-        let (log, stop) = (hub.log.clone(), hub.stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(conn) = conn {
-                    let _ = serve(conn, &addr, &listing, &files, &log);
-                }
-            }
-        });
-        hub
-    }
-
-    fn requests(&self) -> Vec<(String, String)> {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr.trim_start_matches("http://"));
-    }
-}
-
-/// Answer one request (the client sends one per connection: we answer `Connection: close`).
-fn serve(
-    conn: TcpStream,
-    addr: &str,
-    listing: &str,
-    files: &[RepoFile],
-    log: &Mutex<Vec<(String, String)>>,
-) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
-            break;
-        }
-    }
-    log.lock().unwrap().push((method.clone(), path.clone()));
-
-    // The file a `resolve/` URL of our repo names, at `main` or at the commit.
-    let resolved = path.strip_prefix(&format!("/{REPO}/resolve/")).and_then(|rest| {
-        let (rev, name) = rest.split_once('/')?;
-        (rev == "main" || rev == COMMIT).then(|| files.iter().find(|f| f.name == name))
-    });
-    let not_found = |code: &str| (404, vec![("X-Error-Code", code.to_string())], &[][..], 0);
-    let (status, headers, body, content_length): (u16, Vec<(&str, String)>, &[u8], usize) =
-        match (method.as_str(), resolved) {
-            ("GET", _) if path == format!("/api/models/{REPO}/revision/main") => {
-                (200, vec![("Content-Type", "application/json".into())], listing.as_bytes(), listing.len())
-            }
-            ("HEAD", Some(Some(f))) if f.lfs => {
-                let h = vec![
-                    ("X-Repo-Commit", COMMIT.to_string()),
-                    ("X-Linked-Etag", format!("\"{}\"", f.sha256)),
-                    ("X-Linked-Size", f.body.len().to_string()),
-                    ("ETag", format!("\"{}\"", &f.sha256[..40])),
-                    ("Location", format!("{addr}/cdn/{}", f.sha256)),
-                ];
-                (302, h, &[], 0)
-            }
-            // A git file: the etag is the blob's git hash (any opaque 40-hex string will do here).
-            ("HEAD", Some(Some(f))) => {
-                let h = vec![("X-Repo-Commit", COMMIT.to_string()), ("ETag", format!("\"{}\"", &f.sha256[..40]))];
-                (200, h, &[], f.body.len())
-            }
-            ("GET", Some(Some(f))) if !f.lfs => (200, vec![], &f.body, f.body.len()),
-            ("HEAD" | "GET", Some(_)) => not_found("EntryNotFound"),
-            ("GET", None) if path.starts_with("/cdn/") => {
-                match files.iter().find(|f| path == format!("/cdn/{}", f.sha256)) {
-                    Some(f) => (200, vec![], &f.body, f.body.len()),
-                    None => (404, vec![], &[], 0),
-                }
-            }
-            _ => not_found("RepoNotFound"),
-        };
-    let mut out = conn;
-    let mut head = format!("HTTP/1.1 {status} X\r\nConnection: close\r\nContent-Length: {content_length}\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    out.write_all(head.as_bytes())?;
-    out.write_all(body)?;
-    out.flush()
-}
-
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+/// Serve `files` as the model repo [`REPO`] at [`COMMIT`]; `unfetched` are listed in the API answer too (the hub
+/// lists every file of the repo) but must never be asked for.
+fn start_hub(files: Vec<RepoFile>, unfetched: &[&str]) -> FakeHub {
+    let unfetched = unfetched.iter().map(|n| n.to_string()).collect();
+    let repo = Repo { kind: RepoType::Model, id: REPO.into(), commit: COMMIT.into(), files, unfetched };
+    FakeHub::start(repo, Faults::default())
 }
 
 /// The binary on 2 threads, talking to `endpoint` with its hub cache under `cache`; nothing inherited from the
@@ -196,19 +69,15 @@ fn names_in(dir: &Path) -> Vec<String> {
 fn model_files(tmp: &Path) -> Vec<RepoFile> {
     let dir = tmp.join("init");
     cli::init_model(&dir);
-    let file = |name: &'static str, path: PathBuf, lfs: bool| {
-        let body = std::fs::read(path).unwrap();
-        RepoFile { name, sha256: common::sha256_hex(&body), body, lfs }
-    };
     vec![
-        file("config.json", dir.join("config.json"), false),
-        file("model.safetensors", dir.join("model.safetensors"), true),
-        file("tokenizer.json", shared().join("20B_tokenizer.json"), false),
+        RepoFile::read("config.json", &dir.join("config.json"), false),
+        RepoFile::read("model.safetensors", &dir.join("model.safetensors"), true),
+        RepoFile::read("tokenizer.json", &shared_file("20B_tokenizer.json"), false),
     ]
 }
 
 fn dolly_records(tmp: &Path, n: usize) -> PathBuf {
-    let text = std::fs::read_to_string(shared().join("databricks-dolly-15k.jsonl")).unwrap();
+    let text = std::fs::read_to_string(shared_file("databricks-dolly-15k.jsonl")).unwrap();
     let path = tmp.join("d.jsonl");
     std::fs::write(&path, text.lines().take(n).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     path
@@ -228,7 +97,7 @@ fn downloads_the_model_into_the_hub_cache_trains_on_it_then_trains_offline_from_
     let tmp = tempfile::tempdir().unwrap();
     let files = model_files(tmp.path());
     let data = dolly_records(tmp.path(), 40);
-    let hub = FakeHub::start(files.clone(), &[".gitattributes", "README.md"]);
+    let hub = start_hub(files.clone(), &[".gitattributes", "README.md"]);
     let cache = tmp.path().join("hub");
 
     // 1) Online: the listing, then HEAD + body for exactly the files the trainer keeps, all at the listed commit.
@@ -238,8 +107,8 @@ fn downloads_the_model_into_the_hub_cache_trains_on_it_then_trains_offline_from_
     let resolve = |f: &str| format!("/{REPO}/resolve/{COMMIT}/{f}");
     let mut want = vec![("GET".to_string(), format!("/api/models/{REPO}/revision/main"))];
     for f in &files {
-        want.push(("HEAD".into(), resolve(f.name)));
-        want.push(("GET".into(), if f.lfs { format!("/cdn/{}", f.sha256) } else { resolve(f.name) }));
+        want.push(("HEAD".into(), resolve(&f.name)));
+        want.push(("GET".into(), if f.lfs { format!("/cdn/{}", f.sha256) } else { resolve(&f.name) }));
     }
     assert_eq!(hub.requests(), want);
 
@@ -251,9 +120,9 @@ fn downloads_the_model_into_the_hub_cache_trains_on_it_then_trains_offline_from_
     assert_eq!(names_in(&snapshot), ["config.json", "model.safetensors", "tokenizer.json"]);
     for f in &files {
         let etag = if f.lfs { f.sha256.clone() } else { f.sha256[..40].to_string() };
-        let link = std::fs::read_link(snapshot.join(f.name)).unwrap();
+        let link = std::fs::read_link(snapshot.join(&f.name)).unwrap();
         assert_eq!(link, Path::new("../../blobs").join(&etag), "{}", f.name);
-        assert!(std::fs::read(snapshot.join(f.name)).unwrap() == f.body, "{}: cached bytes differ", f.name);
+        assert!(std::fs::read(snapshot.join(&f.name)).unwrap() == f.body, "{}: cached bytes differ", f.name);
     }
     assert_eq!(names_in(&repo_dir.join("blobs")).len(), files.len(), "one blob per file, no temporary files");
 
@@ -284,10 +153,8 @@ fn downloads_the_model_into_the_hub_cache_trains_on_it_then_trains_offline_from_
 #[test]
 fn a_missing_repo_or_an_empty_offline_cache_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let tokenizer = std::fs::read(shared().join("20B_tokenizer.json")).unwrap();
-    let files =
-        vec![RepoFile { name: "tokenizer.json", sha256: common::sha256_hex(&tokenizer), body: tokenizer, lfs: false }];
-    let hub = FakeHub::start(files, &[]);
+    let files = vec![RepoFile::read("tokenizer.json", &shared_file("20B_tokenizer.json"), false)];
+    let hub = start_hub(files, &[]);
     let data = dolly_records(tmp.path(), 8);
     let cache = tmp.path().join("hub");
 

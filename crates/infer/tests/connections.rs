@@ -6,9 +6,6 @@
 //! 2 layers; the real 20B tokenizer. Timeouts are short (hundreds of ms); the asserts only wait with generous
 //! deadlines (a read timeout fails the test when the server never closes or never answers).
 
-mod common;
-
-use common::{get, Conn};
 use data::DollyTokenizer;
 use infer::server::{spawn, ServerHandle, ServerOptions};
 use neox::{Model, NeoxConfig};
@@ -16,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use test_support::http::{get, Conn};
 
 fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
@@ -28,7 +26,8 @@ fn model() -> Arc<Model> {
 }
 
 fn start(opts: ServerOptions) -> ServerHandle {
-    let tok = DollyTokenizer::from_file(&common::tokenizer_path()).expect("shared/data/20B_tokenizer.json");
+    let tok = DollyTokenizer::from_file(&test_support::shared_file("20B_tokenizer.json"))
+        .expect("shared/data/20B_tokenizer.json");
     let opts = ServerOptions { model_id: "dolly-test".into(), batch_window: Duration::from_millis(1), ..opts };
     spawn("127.0.0.1:0".parse().unwrap(), model(), tok, opts).unwrap()
 }

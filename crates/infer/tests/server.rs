@@ -5,9 +5,6 @@
 //! graceful shutdown draining an in-flight request. Model: random pythia-14m shape, 2 layers; the real 20B
 //! tokenizer. No timing assertions: waits are polls with a generous deadline.
 
-mod common;
-
-use common::{get, post, wait_health, Conn};
 use data::DollyTokenizer;
 use infer::server::{spawn, ServerHandle, ServerOptions};
 use neox::{Model, NeoxConfig};
@@ -15,6 +12,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use test_support::http::{get, post, wait_health, Conn};
 
 fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
@@ -29,7 +27,7 @@ fn model() -> Arc<Model> {
 }
 
 fn tokenizer() -> DollyTokenizer {
-    DollyTokenizer::from_file(&common::tokenizer_path()).expect("shared/data/20B_tokenizer.json")
+    DollyTokenizer::from_file(&test_support::shared_file("20B_tokenizer.json")).expect("shared/data/20B_tokenizer.json")
 }
 
 fn start(max_batch: usize, queue_size: usize) -> ServerHandle {
@@ -260,7 +258,7 @@ fn overload_burst_gets_exact_429s_and_disconnect_cancels() {
 
     // a non-streaming client that goes away is cancelled too
     let body = json!({"prompt": "Another long essay.", "max_tokens": 8000, "temperature": 0});
-    let s = common::send(a, "POST", "/v1/completions", Some(body.to_string().as_bytes()));
+    let s = test_support::http::send(a, "POST", "/v1/completions", Some(body.to_string().as_bytes()));
     wait_health(a, "non-streaming running", |h| h["running"] == 1);
     let _ = s.shutdown(std::net::Shutdown::Both);
     drop(s);

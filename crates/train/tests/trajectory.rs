@@ -17,9 +17,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn shared(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(name);
-    assert!(p.exists(), "missing {} (CI lays ../shared beside the checkout)", p.display());
-    p
+    test_support::shared_file(name)
 }
 
 fn golden() -> Value {

@@ -1,9 +1,9 @@
-//! Shared by the `dolly train` CLI tests: the binary with test-safe environment, the shared data directory, and a
+//! Shared by the `dolly train` CLI tests: the binary with test-safe environment, and a
 //! fixture with a small random Pythia-shaped model (2 layers, pythia-14m widths) and the first 120 records of the
 //! shared dolly-15k.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 pub fn dolly() -> Command {
@@ -14,10 +14,6 @@ pub fn dolly() -> Command {
     c
 }
 
-pub fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
-
 pub struct Fixture {
     pub dir: tempfile::TempDir,
 }
@@ -25,7 +21,7 @@ pub struct Fixture {
 impl Fixture {
     pub fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let data = std::fs::read_to_string(shared().join("databricks-dolly-15k.jsonl")).unwrap();
+        let data = std::fs::read_to_string(test_support::shared_file("databricks-dolly-15k.jsonl")).unwrap();
         let first: String = data.lines().take(120).map(|l| format!("{l}\n")).collect();
         std::fs::write(dir.path().join("d.jsonl"), first).unwrap();
         init_model(&dir.path().join("model"));
@@ -38,7 +34,7 @@ impl Fixture {
             .arg("--input-model")
             .arg(self.dir.path().join("model"))
             .arg("--tokenizer")
-            .arg(shared().join("20B_tokenizer.json"))
+            .arg(test_support::shared_file("20B_tokenizer.json"))
             .arg("--training-dataset")
             .arg(self.dir.path().join("d.jsonl"))
             .arg("--local-output-dir")
