@@ -5,7 +5,7 @@
 use crate::cmd_model::preset;
 use clap::{Args, Subcommand};
 use common::Rng;
-use neox::{clip_coef, grad_norm, Activations, AdamW, AdamWConfig, Model, OwnedBatch};
+use neox::{clip_coef, Activations, AdamW, AdamWConfig, BatchInput, Model, OwnedBatch};
 use serde_json::json;
 use std::time::Instant;
 
@@ -33,6 +33,10 @@ pub struct TrainBench {
     /// Recompute activations per layer in the backward (gradient checkpointing).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Pack each row with documents of this many tokens (per-document attention and positions, as
+    /// `--packing true` trains); 0 = one document per row.
+    #[arg(long, default_value_t = 0)]
+    doc_len: usize,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -90,18 +94,24 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let (b, t, v) = (a.batch_size, a.seq_len, model_cfg.vocab_size);
     let mut r = Rng::new(1);
     let ids: Vec<u32> = (0..b * t).map(|_| r.below(v as u64) as u32).collect();
-    let batch = OwnedBatch::dense(b, t, ids.clone(), ids.iter().map(|&x| x as i32).collect());
+    let mut batch = OwnedBatch::dense(b, t, ids.clone(), ids.iter().map(|&x| x as i32).collect());
+    // packed rows: document k of a row covers tokens k*doc_len.., positions restart per document
+    let docs: Option<Vec<u32>> = (a.doc_len > 0).then(|| (0..b * t).map(|i| ((i % t) / a.doc_len) as u32).collect());
+    if a.doc_len > 0 {
+        batch.position_ids = (0..b * t).map(|i| ((i % t) % a.doc_len) as u32).collect();
+    }
+    let view = || BatchInput { doc_ids: docs.as_deref(), ..batch.view() };
     let mut acts = Activations::new(&model_cfg, b, t, a.gradient_checkpointing);
-    let mut grads = vec![0f32; model.num_params()];
+    let mut grads = model.new_grads();
     let mut opt = AdamW::new(AdamWConfig::default(), model.num_params());
-    let count = batch.view().target_count();
+    let count = view().target_count();
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         // the training loop's step: forward/backward, norm, fused clip + AdamW + zero (gradients start at zero)
-        let (sum, n) = model.forward_backward(&batch.view(), &mut acts, &mut grads, 1.0 / count as f32)?;
-        let coef = clip_coef(grad_norm(&grads), 1.0);
+        let (sum, n) = model.forward_backward(&view(), &mut acts, &mut grads, 1.0 / count as f32)?;
+        let coef = clip_coef(model.grad_norm(&grads), 1.0);
         model.adamw_step(&mut opt, &mut grads, 1e-5, coef);
         let dt = t0.elapsed().as_secs_f64();
         losses.push(sum / n as f64);
@@ -113,7 +123,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let med = median(&mut times);
     let out = json!({
         "bench": "train", "engine": "dolly", "preset": a.preset, "batch_size": b, "seq_len": t,
-        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing,
+        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len,
         "steps": a.steps, "median_step_s": med, "min_step_s": min, "tokens_per_s": (b * t) as f64 / med,
         "loss_first": losses[0], "loss_last": losses[losses.len() - 1], "peak_rss_mb": peak_rss_mb(),
         "activation_mb": acts.bytes() as f64 / (1 << 20) as f64,
@@ -122,12 +132,13 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "train step {} b{}x{}: median {:.3} s/step, {:.0} tokens/s, peak RSS {:.0} MiB",
+            "train step {} b{}x{}: median {:.3} s/step, {:.0} tokens/s, activations {:.0} MiB, peak RSS {:.0} MiB",
             a.preset,
             b,
             t,
             med,
             (b * t) as f64 / med,
+            acts.bytes() as f64 / (1 << 20) as f64,
             peak_rss_mb().unwrap_or(0.0)
         );
     }

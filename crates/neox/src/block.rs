@@ -43,11 +43,11 @@ pub(crate) struct LayerActs<B: Backend> {
     pub qkv: B::Buf,       // (N,3C) after rotary
     pub att: B::Buf,       // what the training attention keeps for its backward
     pub attn_y: B::Buf,    // (N,C) merged heads, before `dense`
+    pub attn_op: B::Buf,   // (N,C) attn_y rounded: the `dense` operand when the backend rounds operands
     pub mid: B::Buf,       // (N,C) sequential residual only: x + attn(x)
     pub ln2_out: B::Buf,   // (N,C)
     pub ln2_stats: B::Buf, // (2N)
     pub fc_pre: B::Buf,    // (N,F) before GELU
-    pub fc_act: B::Buf,    // (N,F) after GELU
 }
 
 impl<B: Backend> LayerActs<B> {
@@ -60,11 +60,11 @@ impl<B: Backend> LayerActs<B> {
             qkv: be.zeros(n * 3 * c),
             att: be.zeros(att),
             attn_y: be.zeros(n * c),
+            attn_op: be.zeros(if be.rounds_operands() { n * c } else { 0 }),
             mid: be.zeros(if cfg.use_parallel_residual { 0 } else { n * c }),
             ln2_out: be.zeros(n * c),
             ln2_stats: be.zeros(2 * n),
             fc_pre: be.zeros(n * f),
-            fc_act: be.zeros(n * f),
         }
     }
 
@@ -80,7 +80,6 @@ impl<B: Backend> LayerActs<B> {
             (&mut self.ln2_out, n * c),
             (&mut self.ln2_stats, 2 * n),
             (&mut self.fc_pre, n * f),
-            (&mut self.fc_act, n * f),
         ] {
             be.grow(buf, len);
         }
@@ -93,11 +92,11 @@ impl<B: Backend> LayerActs<B> {
             &self.qkv,
             &self.att,
             &self.attn_y,
+            &self.attn_op,
             &self.mid,
             &self.ln2_out,
             &self.ln2_stats,
             &self.fc_pre,
-            &self.fc_act,
         ]
         .iter()
         .map(|b| B::len(b))
@@ -116,6 +115,8 @@ pub(crate) enum Attend<'a, B: Backend> {
 /// One forward call through a layer: rows, the rotary table and where attention reads.
 pub(crate) struct Step<'a, B: Backend> {
     pub n: usize,
+    /// (N,F) scratch for the GELU output.
+    pub act: &'a mut B::Buf,
     pub rope: (&'a B::Buf, &'a B::Buf),
     pub attend: Attend<'a, B>,
 }
@@ -168,9 +169,17 @@ impl<B: Backend> Block<'_, B> {
                 be.attention_decode(&mut a.attn_y, &a.qkv, kv, l, at);
             }
         }
-        operand(&mut a.attn_y, n * c);
-        // dense: (N,C) -> (N,C), into x_out, plus the residual x
-        be.linear(x_out, &a.attn_y, p.dense, n, false, pass);
+        // dense: (N,C) -> (N,C), into x_out, plus the residual x. Its operand is a rounded copy when the backend
+        // rounds operands: the attention backward needs the f32 output.
+        let y_in = if pass == Pass::Train && be.rounds_operands() {
+            be.grow(&mut a.attn_op, n * c);
+            be.copy(&mut a.attn_op, &a.attn_y, n * c);
+            be.operand(&mut a.attn_op, n * c);
+            &a.attn_op
+        } else {
+            &a.attn_y
+        };
+        be.linear(x_out, y_in, p.dense, n, false, pass);
         be.add(x_out, x_in, n * c);
         let ln2_in: &B::Buf = if cfg.use_parallel_residual {
             // x_out = x + attn(ln1(x)) [+ mlp(ln2(x)) below]
@@ -184,9 +193,10 @@ impl<B: Backend> Block<'_, B> {
         operand(&mut a.ln2_out, n * c);
         // mlp: (N,C) -> (N,F) -> gelu -> (N,C), added to x_out
         be.linear(&mut a.fc_pre, &a.ln2_out, p.fc, n, false, pass);
-        be.gelu(&mut a.fc_act, &a.fc_pre, n, f);
-        operand(&mut a.fc_act, n * f);
-        be.linear(x_out, &a.fc_act, p.proj, n, true, pass);
+        // GELU's output is not kept: the backward recomputes it from fc_pre (an (N,F) buffer less per layer)
+        be.gelu(step.act, &a.fc_pre, n, f);
+        operand(step.act, n * f);
+        be.linear(x_out, step.act, p.proj, n, true, pass);
     }
 
     /// Backward of a layer. On entry `g.dres` = ∂L/∂x_out; on exit ∂L/∂x_in. Parameter gradients accumulate
@@ -202,21 +212,24 @@ impl<B: Backend> Block<'_, B> {
         let (be, cfg) = (self.be, self.cfg);
         let (n, c, f) = (fwd.n, cfg.hidden_size, cfg.intermediate_size);
         let grads = &mut *g.grads;
+        let y_in = if be.rounds_operands() { &a.attn_op } else { &a.attn_y };
         // mlp backward from g_out = dres: (N,C) <- (N,F) <- (N,C)
         let dout = be.grad_operand(g.dround, g.dres, n * c);
-        be.linear_bwd(g.dfc, grads, dout, &a.fc_act, p.proj, n);
+        be.gelu(g.act, &a.fc_pre, n, f);
+        be.operand(g.act, n * f);
+        be.linear_bwd(g.dfc, grads, dout, g.act, p.proj, n);
         be.gelu_bwd(g.dfc, &a.fc_pre, n * f);
         be.operand(g.dfc, n * f);
         be.linear_bwd(g.dln, grads, g.dfc, &a.ln2_out, p.fc, n);
         if cfg.use_parallel_residual {
             // the attention branch also reads g_out (dout above), before ln2's backward adds into dres
-            be.linear_bwd(g.dattn_y, grads, dout, &a.attn_y, p.dense, n);
+            be.linear_bwd(g.dattn_y, grads, dout, y_in, p.dense, n);
             be.layernorm_bwd(g.dres, grads, g.dln, (x_in, &a.ln2_stats), p.ln2, n);
         } else {
             // dres becomes ∂L/∂mid, which feeds the attention branch
             be.layernorm_bwd(g.dres, grads, g.dln, (&a.mid, &a.ln2_stats), p.ln2, n);
             let dout = be.grad_operand(g.dround, g.dres, n * c);
-            be.linear_bwd(g.dattn_y, grads, dout, &a.attn_y, p.dense, n);
+            be.linear_bwd(g.dattn_y, grads, dout, y_in, p.dense, n);
         }
         // attention: (N,C) -> (N,3C); undo rotary on dq, dk
         be.attention_bwd(g.dqkv, g.dattn_y, (&a.attn_y, &a.att), &a.qkv, fwd.vis, fwd.shape);
@@ -244,4 +257,5 @@ pub(crate) struct LayerGrads<'a, B: Backend> {
     pub dattn_y: &'a mut B::Buf, // (N,C)
     pub dqkv: &'a mut B::Buf,    // (N,3C)
     pub dfc: &'a mut B::Buf,     // (N,F)
+    pub act: &'a mut B::Buf,     // (N,F) GELU output, recomputed
 }

@@ -23,6 +23,7 @@ pub struct KvCache<B: Backend = Cpu> {
     x: B::Buf,
     x_next: B::Buf,
     acts: LayerActs<B>,
+    act: B::Buf,
     cos: B::Buf,
     sin: B::Buf,
     pos: Vec<u32>,
@@ -91,6 +92,7 @@ impl<B: Backend> Model<B> {
             x: be.zeros(0),
             x_next: be.zeros(0),
             acts: LayerActs::new(be, c, 0, 0),
+            act: be.zeros(0),
             cos: be.zeros(0),
             sin: be.zeros(0),
             pos: Vec::new(),
@@ -165,6 +167,7 @@ impl<B: Backend> Model<B> {
             be.grow(buf, n * c);
         }
         s.acts.grow(be, cfg, n);
+        be.grow(&mut s.act, n * cfg.intermediate_size);
         let half = cfg.rotary_ndims() / 2;
         be.grow(&mut s.cos, n * half);
         be.grow(&mut s.sin, n * half);
@@ -172,7 +175,8 @@ impl<B: Backend> Model<B> {
         be.embed(&mut s.x, &s.ids, self.embedding());
         let block = self.block();
         for (l, p) in self.layers.iter().enumerate() {
-            let step = Step { n, rope: (&s.cos, &s.sin), attend: Attend::Cache { kv: &mut s.kv, at: &s.at } };
+            let attend = Attend::Cache { kv: &mut s.kv, at: &s.at };
+            let step = Step { n, act: &mut s.act, rope: (&s.cos, &s.sin), attend };
             block.forward(l, p, (&s.x, &mut s.x_next), &mut s.acts, step);
             std::mem::swap(&mut s.x, &mut s.x_next);
         }

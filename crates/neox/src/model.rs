@@ -41,6 +41,7 @@ pub struct Activations<B: Backend = Cpu> {
     dattn_y: B::Buf,
     dqkv: B::Buf,
     dfc: B::Buf,
+    act: B::Buf, // (N,F) GELU output of the layer being computed
     loss: B::LossScratch,
     targets: Vec<(u32, u32)>,
 }
@@ -83,6 +84,7 @@ impl<B: Backend> Activations<B> {
             dattn_y: be.zeros(n * cc),
             dqkv: be.zeros(n * 3 * cc),
             dfc: be.zeros(n * f),
+            act: be.zeros(n * f),
             loss: Default::default(),
             targets: Vec::new(),
         }
@@ -96,7 +98,7 @@ impl<B: Backend> Activations<B> {
     pub fn bytes(&self) -> usize {
         let layers: usize = self.layers.iter().map(|a| a.elements()).sum();
         let x: usize = self.x.iter().map(|b| B::len(b)).sum();
-        let grads = [&self.dres, &self.dround, &self.dln, &self.dattn_y, &self.dqkv, &self.dfc];
+        let grads = [&self.dres, &self.dround, &self.dln, &self.dattn_y, &self.dqkv, &self.dfc, &self.act];
         4 * (layers + x + grads.iter().map(|b| B::len(b)).sum::<usize>() + B::len(&self.lnf_out))
     }
 }
@@ -245,7 +247,8 @@ impl<B: Backend> Model<B> {
         for (l, p) in self.layers.iter().enumerate() {
             let (lo, hi) = acts.x.split_at_mut(l + 1);
             let a = &mut acts.layers[if acts.recompute { 0 } else { l }];
-            let step = Step { n, rope: (&acts.cos, &acts.sin), attend: Attend::Batch { vis, shape } };
+            let rope = (&acts.cos, &acts.sin);
+            let step = Step { n, act: &mut acts.act, rope, attend: Attend::Batch { vis, shape } };
             block.forward(l, p, (&lo[l], &mut hi[0]), a, step);
         }
         let last = &acts.x[self.config.num_hidden_layers];
@@ -308,7 +311,8 @@ impl<B: Backend> Model<B> {
             let a = &mut acts.layers[if acts.recompute { 0 } else { l }];
             if acts.recompute {
                 // deterministic recompute: rewrites x[l+1] with identical values
-                let step = Step { n, rope: (&acts.cos, &acts.sin), attend: Attend::Batch { vis, shape } };
+                let rope = (&acts.cos, &acts.sin);
+                let step = Step { n, act: &mut acts.act, rope, attend: Attend::Batch { vis, shape } };
                 block.forward(l, p, (&lo[l], &mut hi[0]), a, step);
             }
             let mut g = LayerGrads {
@@ -319,6 +323,7 @@ impl<B: Backend> Model<B> {
                 dattn_y: &mut acts.dattn_y,
                 dqkv: &mut acts.dqkv,
                 dfc: &mut acts.dfc,
+                act: &mut acts.act,
             };
             let fwd = Backward { n, rope: (&acts.cos, &acts.sin), vis, shape };
             block.backward(p, &lo[l], a, &mut g, fwd);

@@ -52,12 +52,14 @@ pub fn training(c: &NeoxConfig, vocab: usize, batch: usize, seq: usize, recomput
     let (h, f, l) = (cap(c.hidden_size, 24), cap(c.intermediate_size, 24), cap(c.num_hidden_layers, 16));
     let (b, t, heads, v) = (cap(batch, 20), cap(seq, 24), cap(c.num_attention_heads, 24), cap(vocab, 26));
     let n = b * t;
-    let scores = b * heads * t * t;
-    // one layer's kept activations (LayerActs): ln1/attn_y/ln2/mid (N,C), qkv (N,3C), scores, fc pre/post (N,F)
-    let layer = 4 * n * h + 3 * n * h + scores + 2 * n * f + 6 * n;
+    // the blocked attention keeps one log-sum-exp per (batch, head, query)
+    let lse = b * heads * t;
+    // one layer's kept activations (LayerActs): ln1/attn_y/ln2/mid (N,C), qkv (N,3C), lse, fc_pre (N,F),
+    // LayerNorm statistics; in bf16 the rounded copy of attn_y
+    let layer = 4 * n * h + 3 * n * h + lse + n * f + 4 * n + if bf16 { n * h } else { 0 };
     let kept = if recompute { 1 } else { l };
-    // residual stream at every boundary, final LayerNorm, backward buffers (5 x (N,C), (N,3C), scores, (N,F))
-    let acts = (l + 1) * n * h + kept * layer + n * h + 5 * n * h + 3 * n * h + scores + n * f;
+    // residual stream at every boundary, final LayerNorm, backward buffers (5 x (N,C), (N,3C), 2 x (N,F))
+    let acts = (l + 1) * n * h + kept * layer + n * h + 5 * n * h + 3 * n * h + 2 * n * f;
     // the fused LM head + cross-entropy works in chunks of at most 256 MiB of logits
     let xent = (n * v * 4).min(256 << 20);
     let mut parts = vec![

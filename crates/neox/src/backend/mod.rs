@@ -139,6 +139,9 @@ pub trait Backend: Send + Sync + Sized {
         lin: Linear,
         n: usize,
     );
+    /// Whether `operand` rounds (bf16 compute): the block then keeps a rounded copy beside values whose f32
+    /// form a backward still needs (the attention output).
+    fn rounds_operands(&self) -> bool;
     /// Make x[..len] a product operand of the training compute dtype (bf16 compute rounds it in place).
     fn operand(&self, x: &mut Self::Buf, len: usize);
     /// The gradient `g` as a product operand: itself, or a rounded copy in `scratch` in bf16 compute.

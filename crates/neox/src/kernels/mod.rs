@@ -9,6 +9,9 @@
 //! `layernorm`, `rotary`, `math` (exp/erf/GELU/reductions), `transpose`, `pool` (the decode task pool).
 
 pub(crate) mod attention_decode;
+/// The materialising attention that `attention_train` replaced: the plain reference of its tests.
+#[cfg(test)]
+mod attention_ref;
 pub(crate) mod attention_train;
 pub(crate) mod layernorm;
 pub(crate) mod lm_head_loss;

@@ -158,6 +158,10 @@ impl Backend for Cpu {
         }
     }
 
+    fn rounds_operands(&self) -> bool {
+        self.compute_bf16
+    }
+
     fn operand(&self, x: &mut Vec<f32>, len: usize) {
         if self.compute_bf16 {
             round_bf16_slice(&mut x[..len]);
