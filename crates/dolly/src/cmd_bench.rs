@@ -37,6 +37,10 @@ pub struct TrainBench {
     /// `--packing true` trains); 0 = one document per row.
     #[arg(long, default_value_t = 0)]
     doc_len: usize,
+    /// bf16 mixed precision (bf16 product operands, f32 accumulation and master weights), as `--bf16 true`
+    /// trains.
+    #[arg(long)]
+    bf16: bool,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -91,6 +95,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let cfg = preset(&a.preset)?;
     let model_cfg = cfg.clone();
     let mut model = Model::new_random(cfg, 0);
+    model.set_compute_bf16(a.bf16);
     let (b, t, v) = (a.batch_size, a.seq_len, model_cfg.vocab_size);
     let mut r = Rng::new(1);
     let ids: Vec<u32> = (0..b * t).map(|_| r.below(v as u64) as u32).collect();
@@ -123,7 +128,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let med = median(&mut times);
     let out = json!({
         "bench": "train", "engine": "dolly", "preset": a.preset, "batch_size": b, "seq_len": t,
-        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len,
+        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16,
         "steps": a.steps, "median_step_s": med, "min_step_s": min, "tokens_per_s": (b * t) as f64 / med,
         "loss_first": losses[0], "loss_last": losses[losses.len() - 1], "peak_rss_mb": peak_rss_mb(),
         "activation_mb": acts.bytes() as f64 / (1 << 20) as f64,
