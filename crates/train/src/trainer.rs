@@ -343,8 +343,8 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let mut last_loss = None;
     let mut last_eval = None;
     let mut saved_at = None;
-    // loss.png costs 20-50 ms to draw: at most every PLOT_EVERY of wall time (and at the last step), so that
-    // `--logging-steps 1` on a fast step does not spend its time plotting.
+    // drawing loss.png takes a while (docs/benchmarks.md#training-step-tuning): at most every PLOT_EVERY of wall
+    // time (and at the last step), so that `--logging-steps 1` on a fast step does not spend its time plotting.
     const PLOT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
     let mut plotted: Option<Instant> = None;
     let title = crate::plot::run_name(&out);

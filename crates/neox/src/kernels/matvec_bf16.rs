@@ -46,10 +46,9 @@ pub fn pack_bf16(dst: &mut [Line], w: &[f32], oc: usize, ic: usize) {
 }
 
 /// Most panels per parallel task (256 columns, 256 KiB of weights at IC 512); fewer when that would leave a
-/// thread without a task. Each task is one prefetched stream through consecutive panels. The decode step's 25
-/// matrices at pythia-70m shape (`decode_times`, the A/B interleaved in one process): at 1 input row 2.20-2.30 ms
-/// for 8 panels a task vs 2.44-2.53 ms for 2; at 8 rows 3.6-4.4 vs 4.0-4.7 ms. One task per thread was as fast
-/// as 8 but leaves nothing to rebalance when a core is slow.
+/// thread without a task. Each task is one prefetched stream through consecutive panels. 8 panels a task was
+/// faster than 2 (docs/benchmarks.md#decode-path-tuning); one task per thread was as fast as 8 but leaves nothing
+/// to rebalance when a core is slow.
 const TASK_PANELS: usize = 8;
 /// Input rows per tile.
 const TILE_ROWS: usize = 8;
@@ -116,9 +115,9 @@ mod x86 {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// Lines ahead at which each panel is prefetched into L1 (4 KiB), and by a second stream into L2 (16 KiB).
-    /// Whole decode step, 8 input rows (`decode_times`, interleaved): no prefetch 6.1 ms, L1 only 3.7-3.9 ms, both
-    /// 3.3-3.4 ms; 32/128 and 128/512 lines were within noise of 64/256.
+    /// Lines ahead at which each panel is prefetched into L1 (4 KiB), and by a second stream into L2 (16 KiB):
+    /// both streams beat L1 alone, which beats none; half or double the distances were no different
+    /// (docs/benchmarks.md#decode-path-tuning).
     const PREFETCH_L1: usize = 64;
     const PREFETCH_L2: usize = 256;
 

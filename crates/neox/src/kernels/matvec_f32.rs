@@ -9,14 +9,13 @@ use super::matmul::Dims;
 use super::pool;
 use super::SendPtr;
 
-/// Rows at or below which `linear_rows` beats `gemm` (decode steps, prompts): measured at pythia-70m shape,
-/// time to first token of a 32/100/200-token prompt 20/48/60 ms with 16, 13/33/60 ms with 128 (2 threads).
+/// Rows at or below which `linear_rows` beats `gemm` (decode steps, prompts): 128 gave a shorter time to first
+/// token than 16 on prompts up to 100 tokens and the same at 200 (docs/benchmarks.md#decode-path-tuning).
 pub const FEW_ROWS: usize = 128;
 
 /// Most output columns per parallel task (512 KiB of f32 weights at IC 512), fewer when that would leave a thread
-/// without a task. The decode step's 25 matrices at pythia-70m shape, the sizes interleaved in one process
-/// (medians of 40): 1 input row 6.33-6.41 ms for 256 vs 6.69-6.72 ms for 64; 8 rows 7.45 vs 7.97 ms. 1024 and
-/// one task per thread were within noise of 256.
+/// without a task. 256 was faster than 64 for a whole decode step; 1024 and one task per thread were no faster
+/// (docs/benchmarks.md#decode-path-tuning).
 const COLS: usize = 256;
 
 /// out (N, OC) = inp (N, IC) · wᵀ + bias (or `+=` when `accumulate`), for a few rows N.
@@ -106,16 +105,13 @@ mod x86 {
             && is_x86_feature_detected!("avx512vl")
     }
 
-    /// Bytes ahead of the current position at which each weight row is prefetched. Measured A/B in alternating
-    /// runs of `dolly bench generate` (pythia-70m): 4096 over 1024 gave bf16 batch 1 213-303 vs 190-206 tok/s,
-    /// bf16 batch 8 932-1003 vs 834-944, float32 batch 1 152-168 vs 139-146, float32 batch 8 about equal;
-    /// 8192 was not distinguishable from 4096.
+    /// Bytes ahead of the current position at which each weight row is prefetched: 4 KiB decodes faster than
+    /// 1 KiB, 8 KiB no faster than 4 (docs/benchmarks.md#decode-path-tuning).
     const PREFETCH_BYTES: usize = 4096;
 
     /// A second stream of prefetches, into L2, this many times further ahead (16 KiB), so memory keeps streaming
-    /// while a batched tile is busy with its FMAs. `dolly serve` A/B (two servers, alternating requests, same
-    /// minutes): float32 8-request bursts 448-804 vs 397-700 tok/s (higher in 5 of 5 pairs), bf16 bursts 1093-1311
-    /// vs 929-1175 (6 of 6 pairs, mean +11%), bf16 single stream 289-360 vs 241-321; float32 single stream equal.
+    /// while a batched tile is busy with its FMAs: faster batched and bf16 serving, float32 single stream equal
+    /// (docs/benchmarks.md#decode-path-tuning).
     const L2_AHEAD: usize = 4;
 
     /// Σ_k x_r[k] · w_c[k] for R input rows and C weight rows, into `res[r][c]`.
@@ -210,9 +206,7 @@ mod x86 {
     pub unsafe fn block(b: &Block<'_>, w: &[f32], o0: usize, o1: usize) {
         // 4 weight rows x up to 4 inputs per tile; with more than 4 inputs, 3 weight rows x 8 inputs (24
         // accumulators), so each weight line is loaded once for 8 inputs instead of being
-        // streamed once per group of 4. `dolly bench generate --batch-size 8`, alternating builds, 3 rounds each:
-        // float32 625-697 vs 571-631 tok/s for 4 x 4 in two passes; per call (`decode_times`, ROWS=8) the
-        // pythia-70m head took 5.0-5.3 ms vs 7.1 ms.
+        // streamed once per group of 4: faster than 4 x 4 in two passes (docs/benchmarks.md#decode-path-tuning).
         if b.dst.n <= 4 {
             cols::<4>(b, w, o0, o1)
         } else {

@@ -20,8 +20,9 @@ pub(crate) mod pool;
 pub(crate) mod rotary;
 pub(crate) mod transpose;
 
-/// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region costs tens of
-/// µs when called from outside the pool (a decode step has dozens of one-row calls).
+/// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region entered from
+/// outside the pool costs more than such a kernel (a decode step has dozens of one-row calls; see
+/// docs/benchmarks.md#decode-path-tuning).
 pub(crate) const SMALL: usize = 1 << 15;
 
 /// A raw pointer that may cross rayon threads; each user writes disjoint ranges (documented at each use).
