@@ -7,11 +7,13 @@
 //! serves Xet-backed files over plain HTTP too). Never prints the token.
 
 use crate::error::{DataError, Result};
-use crate::hub_cache::{check_filename, is_commit_hash, link_pointer, mkdirs};
+use crate::hub_cache::{check_filename, is_commit_hash, link_pointer, mkdirs, write_ref};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+type Response = ureq::http::Response<ureq::Body>;
 
 pub use crate::hub_cache::{
     cached_commit, cached_file, cached_snapshot, is_data_file, looks_like_repo_id, HubOptions, Repo, RepoType,
@@ -81,7 +83,34 @@ fn agent(max_redirects: u32) -> ureq::Agent {
         .new_agent()
 }
 
-fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
+/// Send `req`: the response, or (as `Err`, the message naming `url`) a failure worth retrying: a network error,
+/// a 5xx or a 429.
+fn send(req: ureq::RequestBuilder<ureq::typestate::WithoutBody>, url: &str) -> std::result::Result<Response, String> {
+    let resp = req.call().map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    if status >= 500 || status == 429 {
+        return Err(format!("{url}: HTTP {status}"));
+    }
+    Ok(resp)
+}
+
+/// After `Hub::retrying` gave up reaching the hub, the cached copy that `cached` finds, with a warning that names
+/// it (`what`); any other error, or no cached copy, is returned as it came.
+fn fall_back_to_cache<C>(
+    e: DataError,
+    cached: impl FnOnce() -> Option<C>,
+    what: impl FnOnce(&C) -> String,
+) -> Result<C> {
+    if e.message.contains("gave up after") {
+        if let Some(c) = cached() {
+            eprintln!("warning: {e}; using the cached {}", what(&c));
+            return Ok(c);
+        }
+    }
+    Err(e)
+}
+
+fn header(resp: &Response, name: &str) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.to_string())
 }
 
@@ -116,7 +145,8 @@ impl Hub {
         }
     }
 
-    /// Run `f` with retries; a network-level failure after all tries is returned as `Err((message, true))`.
+    /// Run `f` with retries; when every try asked for another, the error says "gave up after N tries" (what
+    /// `fall_back_to_cache` looks for).
     fn retrying<T>(&self, what: &str, mut f: impl FnMut() -> Result<Attempt<T>>) -> Result<T> {
         let mut delay = self.opts.retry_delay;
         let mut last = String::new();
@@ -155,14 +185,11 @@ impl Hub {
         let mut url = self.file_url(repo, filename);
         for _ in 0..5 {
             let req = self.with_auth(self.no_redirect.head(&url)).header("Accept-Encoding", "identity");
-            let resp = match req.call() {
+            let resp = match send(req, &url) {
                 Ok(r) => r,
-                Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+                Err(retry) => return Ok(Attempt::Retry(retry)),
             };
             let status = resp.status().as_u16();
-            if status >= 500 || status == 429 {
-                return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
-            }
             let location = header(&resp, "location");
             if (300..400).contains(&status) {
                 let Some(loc) = location.clone() else {
@@ -210,14 +237,11 @@ impl Hub {
         if same_host {
             req = self.with_auth(req);
         }
-        let resp = match req.call() {
+        let resp = match send(req, url) {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+            Err(retry) => return Ok(Attempt::Retry(retry)),
         };
         let status = resp.status().as_u16();
-        if status >= 500 || status == 429 {
-            return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
-        }
         if status >= 300 {
             return Err(DataError::hub(format!("{url}: HTTP {status} while downloading {filename}")));
         }
@@ -283,14 +307,10 @@ impl Hub {
         let what = format!("{}: cannot reach the hub for {filename}", self.opts.endpoint);
         let meta = match self.retrying(&what, || self.head(repo, filename)) {
             Ok(m) => m,
-            Err(e) if e.message.contains("gave up after") => {
-                if let Some(p) = cached_file(&self.opts, repo, filename) {
-                    eprintln!("warning: {e}; using the cached copy {}", p.display());
-                    return Ok(p);
-                }
-                return Err(e);
+            Err(e) => {
+                let cached = || cached_file(&self.opts, repo, filename);
+                return fall_back_to_cache(e, cached, |p| format!("copy {}", p.display()));
             }
-            Err(e) => return Err(e),
         };
         let dir = self.opts.repo_dir(repo);
         let blobs = dir.join("blobs");
@@ -303,17 +323,7 @@ impl Hub {
         }
         let pointer = dir.join("snapshots").join(&meta.commit).join(filename);
         link_pointer(&blob, &pointer)?;
-        if !is_commit_hash(&repo.revision) {
-            let refs = dir.join("refs").join(&repo.revision);
-            if let Some(parent) = refs.parent() {
-                mkdirs(parent)?;
-            }
-            let current = std::fs::read_to_string(&refs).unwrap_or_default();
-            if current.trim() != meta.commit {
-                common::atomic_write(&refs, meta.commit.as_bytes())
-                    .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
-            }
-        }
+        write_ref(&self.opts, repo, &meta.commit)?;
         Ok(pointer)
     }
 
@@ -333,14 +343,11 @@ impl Hub {
         );
         let what = format!("{}: cannot list {}", self.opts.endpoint, repo.id);
         let res = self.retrying(&what, || {
-            let resp = match self.with_auth(self.follow.get(&url)).call() {
+            let resp = match send(self.with_auth(self.follow.get(&url)), &url) {
                 Ok(r) => r,
-                Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+                Err(retry) => return Ok(Attempt::Retry(retry)),
             };
             let status = resp.status().as_u16();
-            if status >= 500 || status == 429 {
-                return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
-            }
             if status >= 300 {
                 return Err(self.status_error(status, &url, repo, header(&resp, "x-error-code")));
             }
@@ -354,14 +361,11 @@ impl Hub {
         });
         let body = match res {
             Ok(b) => b,
-            Err(e) if e.message.contains("gave up after") => {
-                if let Some(s) = cached_snapshot(&self.opts, repo) {
-                    eprintln!("warning: {e}; using the cached snapshot {}", s.dir.display());
-                    return Ok((s.commit, s.files));
-                }
-                return Err(e);
+            Err(e) => {
+                let cached = || cached_snapshot(&self.opts, repo);
+                let s = fall_back_to_cache(e, cached, |s| format!("snapshot {}", s.dir.display()))?;
+                return Ok((s.commit, s.files));
             }
-            Err(e) => return Err(e),
         };
         #[derive(serde::Deserialize)]
         struct Sibling {
@@ -401,13 +405,8 @@ impl Hub {
                 dir = p.ancestors().nth(depth).map(Path::to_path_buf);
             }
         }
-        if !self.opts.offline && !is_commit_hash(&repo.revision) {
-            let refs = self.opts.repo_dir(repo).join("refs").join(&repo.revision);
-            if let Some(parent) = refs.parent() {
-                mkdirs(parent)?;
-            }
-            common::atomic_write(&refs, commit.as_bytes())
-                .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
+        if !self.opts.offline {
+            write_ref(&self.opts, repo, &commit)?;
         }
         let dir = dir.unwrap_or_else(|| self.opts.repo_dir(repo).join("snapshots").join(&commit));
         Ok(Snapshot { commit, dir, files })

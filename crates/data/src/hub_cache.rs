@@ -187,6 +187,23 @@ pub fn is_data_file(name: &str) -> bool {
         && crate::record::FileFormat::of(Path::new(base)).is_some()
 }
 
+/// Point `refs/{revision}` at `commit`, atomically, unless it already does; a commit-hash revision has no ref.
+pub(crate) fn write_ref(opts: &HubOptions, repo: &Repo, commit: &str) -> Result<()> {
+    if is_commit_hash(&repo.revision) {
+        return Ok(());
+    }
+    let refs = opts.repo_dir(repo).join("refs").join(&repo.revision);
+    if let Some(parent) = refs.parent() {
+        mkdirs(parent)?;
+    }
+    let current = std::fs::read_to_string(&refs).unwrap_or_default();
+    if current.trim() != commit {
+        common::atomic_write(&refs, commit.as_bytes())
+            .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn mkdirs(p: &Path) -> Result<()> {
     std::fs::create_dir_all(p).map_err(|e| DataError::io(format!("{}: cannot create directory: {e}", p.display())))
 }

@@ -97,6 +97,7 @@ impl Block<'_> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Block;
+    use crate::kernels::const_rows;
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
@@ -184,16 +185,7 @@ mod x86 {
         let cap = if C >= 4 { 4 } else { 8 };
         while r < b.dst.n {
             let k = (b.dst.n - r).min(cap);
-            match k {
-                1 => run!(1),
-                2 => run!(2),
-                3 => run!(3),
-                4 => run!(4),
-                5 => run!(5),
-                6 => run!(6),
-                7 => run!(7),
-                _ => run!(8),
-            }
+            const_rows!(k, run);
             r += k;
         }
     }
@@ -232,6 +224,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::assert_rows_independent;
 
     /// Every path (AVX-512 tile with its column/row remainders and masked tail, and the portable loop) against a
     /// float64 sum, for shapes that hit each remainder.
@@ -266,26 +259,10 @@ mod tests {
         }
     }
 
-    /// A row's result does not depend on how many rows share the call (batched decoding gives the same greedy ids
-    /// as decoding alone): bitwise, for every tile shape (4 x 4 up to 4 rows, 3 x 8 above, the remainders).
+    /// A row's result does not depend on how many rows share the call: bitwise, for every tile shape (4 x 4 up to 4
+    /// rows, 3 x 8 above, the remainders).
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
-        let mut rng = common::Rng::new(11);
-        for &(ic, oc) in &[(64, 70), (33, 9), (96, 131)] {
-            let n = 9;
-            let inp: Vec<f32> = (0..n * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
-            let w: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
-            let mut all = vec![0f32; n * oc];
-            linear_rows(&mut all, &inp, &w, None, Dims { n, ic, oc }, false);
-            for k in [1, 3, 5] {
-                for r0 in (0..n).step_by(k) {
-                    let m = k.min(n - r0);
-                    let mut part = vec![0f32; m * oc];
-                    linear_rows(&mut part, &inp[r0 * ic..(r0 + m) * ic], &w, None, Dims { n: m, ic, oc }, false);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
-                }
-            }
-        }
+        assert_rows_independent(11, 9, &[1, 3, 5], |out, inp, w, d| linear_rows(out, inp, w, None, d, false));
     }
 }
