@@ -1,7 +1,5 @@
-//! A small Hugging Face hub client for datasets and models, speaking the hub's HTTP protocol and writing the hub
-//! cache layout that the Python `huggingface_hub` library reads and writes (`{cache}/datasets--owner--name/`
-//! `blobs/{etag}`, `snapshots/{commit}/{file}` -> relative symlink to the blob, `refs/{revision}` = commit).
-//! Honours HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN (and HF_TOKEN_PATH / `$HF_HOME/token`).
+//! A small Hugging Face hub client for datasets and models, speaking the hub's HTTP protocol and filling the hub
+//! cache (`hub_cache.rs`: its layout, the options read from the environment, look-ups; re-exported here).
 //! Verifies the size (`X-Linked-Size`/`Content-Length`) and, for LFS files whose etag is a sha256, the sha256
 //! while streaming; writes every blob through `common::atomic_write_with`; retries 5xx/429/network errors;
 //! falls back to the cache (with a warning) when the hub cannot be reached, and uses only the cache offline.
@@ -9,44 +7,21 @@
 //! serves Xet-backed files over plain HTTP too). Never prints the token.
 
 use crate::error::{DataError, Result};
+use crate::hub_cache::{check_filename, is_commit_hash, link_pointer, mkdirs, write_ref};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The public hub.
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+type Response = ureq::http::Response<ureq::Body>;
 
-/// Model or dataset repository.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RepoType {
-    Model,
-    Dataset,
-}
+pub use crate::hub_cache::{
+    cached_commit, cached_file, cached_snapshot, is_data_file, looks_like_repo_id, HubOptions, Repo, RepoType,
+    Snapshot, DEFAULT_ENDPOINT,
+};
 
-/// A repository at a revision (branch, tag or commit).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Repo {
-    pub id: String,
-    pub repo_type: RepoType,
-    pub revision: String,
-}
-
+/// How each kind of repository is addressed in the hub's URLs.
 impl Repo {
-    pub fn dataset(id: &str, revision: &str) -> Repo {
-        Repo { id: id.to_string(), repo_type: RepoType::Dataset, revision: revision.to_string() }
-    }
-    pub fn model(id: &str, revision: &str) -> Repo {
-        Repo { id: id.to_string(), repo_type: RepoType::Model, revision: revision.to_string() }
-    }
-    /// `datasets--owner--name` / `models--owner--name`.
-    pub fn folder_name(&self) -> String {
-        let kind = match self.repo_type {
-            RepoType::Model => "models",
-            RepoType::Dataset => "datasets",
-        };
-        format!("{kind}--{}", self.id.replace('/', "--"))
-    }
     fn url_prefix(&self) -> &'static str {
         match self.repo_type {
             RepoType::Model => "",
@@ -61,89 +36,6 @@ impl Repo {
     }
 }
 
-/// True when `s` can be a hub repository id (`name` or `owner/name`; letters, digits, `-`, `_`, `.`).
-pub fn looks_like_repo_id(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('/').collect();
-    let ok_part = |p: &&str| {
-        !p.is_empty()
-            && !p.starts_with('.')
-            && !p.contains("..")
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    };
-    (1..=2).contains(&parts.len()) && parts.iter().all(ok_part)
-}
-
-/// Where and how to talk to the hub.
-#[derive(Clone, Debug)]
-pub struct HubOptions {
-    pub endpoint: String,
-    /// The hub cache root (holds `datasets--owner--name/` folders).
-    pub cache_dir: PathBuf,
-    pub token: Option<String>,
-    pub offline: bool,
-    pub progress: bool,
-    /// Extra tries after a 5xx, 429 or network error.
-    pub retries: u32,
-    /// First back-off; doubles each retry.
-    pub retry_delay: Duration,
-}
-
-fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
-}
-
-impl HubOptions {
-    /// From the process environment.
-    pub fn from_env() -> HubOptions {
-        Self::from_env_fn(|k| std::env::var(k).ok())
-    }
-
-    /// From any variable lookup (tests pass a map; the process environment is global).
-    pub fn from_env_fn(get: impl Fn(&str) -> Option<String>) -> HubOptions {
-        let get = |k: &str| get(k).filter(|v| !v.is_empty());
-        let hf_home = get("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let cache = get("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(get("HOME").unwrap_or_else(|| ".".into())).join(".cache"));
-            cache.join("huggingface")
-        });
-        let cache_dir = get("HF_HUB_CACHE")
-            .or_else(|| get("HUGGINGFACE_HUB_CACHE"))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| hf_home.join("hub"));
-        let token = get("HF_TOKEN").or_else(|| {
-            let path = get("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| hf_home.join("token"));
-            std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
-        });
-        HubOptions {
-            endpoint: get("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.into()).trim_end_matches('/').to_string(),
-            cache_dir,
-            token,
-            offline: get("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v)),
-            progress: true,
-            retries: 3,
-            retry_delay: Duration::from_millis(500),
-        }
-    }
-
-    fn repo_dir(&self, repo: &Repo) -> PathBuf {
-        self.cache_dir.join(repo.folder_name())
-    }
-}
-
-/// A repository snapshot present in the cache.
-#[derive(Clone, Debug)]
-pub struct Snapshot {
-    pub commit: String,
-    pub dir: PathBuf,
-    /// Files fetched (repo-relative names), in order.
-    pub files: Vec<String>,
-}
-
-fn is_commit_hash(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 /// Percent-encode a path segment (keeps `/` when `keep_slash`).
 fn encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
@@ -155,59 +47,6 @@ fn encode(s: &str, keep_slash: bool) -> String {
         }
     }
     out
-}
-
-/// Reject repo-relative names that would escape the snapshot folder.
-fn check_filename(name: &str) -> Result<()> {
-    let bad = name.is_empty()
-        || name.starts_with('/')
-        || name.contains('\\')
-        || name.split('/').any(|p| p.is_empty() || p == "." || p == "..");
-    if bad {
-        return Err(DataError::hub(format!("refusing unsafe file name from the hub: {name:?}")));
-    }
-    Ok(())
-}
-
-/// The commit a cached revision points to.
-pub fn cached_commit(opts: &HubOptions, repo: &Repo) -> Option<String> {
-    if is_commit_hash(&repo.revision) {
-        return Some(repo.revision.clone());
-    }
-    let r = std::fs::read_to_string(opts.repo_dir(repo).join("refs").join(&repo.revision)).ok()?;
-    let r = r.trim();
-    is_commit_hash(r).then(|| r.to_string())
-}
-
-/// The cached path of one file at the repo's revision, if present.
-pub fn cached_file(opts: &HubOptions, repo: &Repo, filename: &str) -> Option<PathBuf> {
-    let commit = cached_commit(opts, repo)?;
-    let p = opts.repo_dir(repo).join("snapshots").join(commit).join(filename);
-    p.exists().then_some(p)
-}
-
-/// The cached snapshot of the repo's revision with its files, if present.
-pub fn cached_snapshot(opts: &HubOptions, repo: &Repo) -> Option<Snapshot> {
-    let commit = cached_commit(opts, repo)?;
-    let dir = opts.repo_dir(repo).join("snapshots").join(&commit);
-    let mut files = Vec::new();
-    list_dir(&dir, &dir, &mut files);
-    files.sort();
-    (!files.is_empty()).then_some(Snapshot { commit, dir, files })
-}
-
-fn list_dir(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            list_dir(root, &p, out);
-        } else if p.exists() {
-            if let Ok(rel) = p.strip_prefix(root) {
-                out.push(rel.to_string_lossy().into_owned());
-            }
-        }
-    }
 }
 
 /// An HTTP client bound to the options.
@@ -244,7 +83,34 @@ fn agent(max_redirects: u32) -> ureq::Agent {
         .new_agent()
 }
 
-fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
+/// Send `req`: the response, or (as `Err`, the message naming `url`) a failure worth retrying: a network error,
+/// a 5xx or a 429.
+fn send(req: ureq::RequestBuilder<ureq::typestate::WithoutBody>, url: &str) -> std::result::Result<Response, String> {
+    let resp = req.call().map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    if status >= 500 || status == 429 {
+        return Err(format!("{url}: HTTP {status}"));
+    }
+    Ok(resp)
+}
+
+/// After `Hub::retrying` gave up reaching the hub, the cached copy that `cached` finds, with a warning that names
+/// it (`what`); any other error, or no cached copy, is returned as it came.
+fn fall_back_to_cache<C>(
+    e: DataError,
+    cached: impl FnOnce() -> Option<C>,
+    what: impl FnOnce(&C) -> String,
+) -> Result<C> {
+    if e.message.contains("gave up after") {
+        if let Some(c) = cached() {
+            eprintln!("warning: {e}; using the cached {}", what(&c));
+            return Ok(c);
+        }
+    }
+    Err(e)
+}
+
+fn header(resp: &Response, name: &str) -> Option<String> {
     resp.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.to_string())
 }
 
@@ -279,7 +145,8 @@ impl Hub {
         }
     }
 
-    /// Run `f` with retries; a network-level failure after all tries is returned as `Err((message, true))`.
+    /// Run `f` with retries; when every try asked for another, the error says "gave up after N tries" (what
+    /// `fall_back_to_cache` looks for).
     fn retrying<T>(&self, what: &str, mut f: impl FnMut() -> Result<Attempt<T>>) -> Result<T> {
         let mut delay = self.opts.retry_delay;
         let mut last = String::new();
@@ -318,14 +185,11 @@ impl Hub {
         let mut url = self.file_url(repo, filename);
         for _ in 0..5 {
             let req = self.with_auth(self.no_redirect.head(&url)).header("Accept-Encoding", "identity");
-            let resp = match req.call() {
+            let resp = match send(req, &url) {
                 Ok(r) => r,
-                Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+                Err(retry) => return Ok(Attempt::Retry(retry)),
             };
             let status = resp.status().as_u16();
-            if status >= 500 || status == 429 {
-                return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
-            }
             let location = header(&resp, "location");
             if (300..400).contains(&status) {
                 let Some(loc) = location.clone() else {
@@ -373,14 +237,11 @@ impl Hub {
         if same_host {
             req = self.with_auth(req);
         }
-        let resp = match req.call() {
+        let resp = match send(req, url) {
             Ok(r) => r,
-            Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+            Err(retry) => return Ok(Attempt::Retry(retry)),
         };
         let status = resp.status().as_u16();
-        if status >= 500 || status == 429 {
-            return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
-        }
         if status >= 300 {
             return Err(DataError::hub(format!("{url}: HTTP {status} while downloading {filename}")));
         }
@@ -446,14 +307,10 @@ impl Hub {
         let what = format!("{}: cannot reach the hub for {filename}", self.opts.endpoint);
         let meta = match self.retrying(&what, || self.head(repo, filename)) {
             Ok(m) => m,
-            Err(e) if e.message.contains("gave up after") => {
-                if let Some(p) = cached_file(&self.opts, repo, filename) {
-                    eprintln!("warning: {e}; using the cached copy {}", p.display());
-                    return Ok(p);
-                }
-                return Err(e);
+            Err(e) => {
+                let cached = || cached_file(&self.opts, repo, filename);
+                return fall_back_to_cache(e, cached, |p| format!("copy {}", p.display()));
             }
-            Err(e) => return Err(e),
         };
         let dir = self.opts.repo_dir(repo);
         let blobs = dir.join("blobs");
@@ -466,17 +323,7 @@ impl Hub {
         }
         let pointer = dir.join("snapshots").join(&meta.commit).join(filename);
         link_pointer(&blob, &pointer)?;
-        if !is_commit_hash(&repo.revision) {
-            let refs = dir.join("refs").join(&repo.revision);
-            if let Some(parent) = refs.parent() {
-                mkdirs(parent)?;
-            }
-            let current = std::fs::read_to_string(&refs).unwrap_or_default();
-            if current.trim() != meta.commit {
-                common::atomic_write(&refs, meta.commit.as_bytes())
-                    .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
-            }
-        }
+        write_ref(&self.opts, repo, &meta.commit)?;
         Ok(pointer)
     }
 
@@ -496,14 +343,11 @@ impl Hub {
         );
         let what = format!("{}: cannot list {}", self.opts.endpoint, repo.id);
         let res = self.retrying(&what, || {
-            let resp = match self.with_auth(self.follow.get(&url)).call() {
+            let resp = match send(self.with_auth(self.follow.get(&url)), &url) {
                 Ok(r) => r,
-                Err(e) => return Ok(Attempt::Retry(format!("{url}: {e}"))),
+                Err(retry) => return Ok(Attempt::Retry(retry)),
             };
             let status = resp.status().as_u16();
-            if status >= 500 || status == 429 {
-                return Ok(Attempt::Retry(format!("{url}: HTTP {status}")));
-            }
             if status >= 300 {
                 return Err(self.status_error(status, &url, repo, header(&resp, "x-error-code")));
             }
@@ -517,14 +361,11 @@ impl Hub {
         });
         let body = match res {
             Ok(b) => b,
-            Err(e) if e.message.contains("gave up after") => {
-                if let Some(s) = cached_snapshot(&self.opts, repo) {
-                    eprintln!("warning: {e}; using the cached snapshot {}", s.dir.display());
-                    return Ok((s.commit, s.files));
-                }
-                return Err(e);
+            Err(e) => {
+                let cached = || cached_snapshot(&self.opts, repo);
+                let s = fall_back_to_cache(e, cached, |s| format!("snapshot {}", s.dir.display()))?;
+                return Ok((s.commit, s.files));
             }
-            Err(e) => return Err(e),
         };
         #[derive(serde::Deserialize)]
         struct Sibling {
@@ -564,13 +405,8 @@ impl Hub {
                 dir = p.ancestors().nth(depth).map(Path::to_path_buf);
             }
         }
-        if !self.opts.offline && !is_commit_hash(&repo.revision) {
-            let refs = self.opts.repo_dir(repo).join("refs").join(&repo.revision);
-            if let Some(parent) = refs.parent() {
-                mkdirs(parent)?;
-            }
-            common::atomic_write(&refs, commit.as_bytes())
-                .map_err(|e| DataError::io(format!("{}: {e}", refs.display())))?;
+        if !self.opts.offline {
+            write_ref(&self.opts, repo, &commit)?;
         }
         let dir = dir.unwrap_or_else(|| self.opts.repo_dir(repo).join("snapshots").join(&commit));
         Ok(Snapshot { commit, dir, files })
@@ -595,47 +431,6 @@ impl Hub {
     }
 }
 
-/// True for files that hold records (`.jsonl`, `.json`, `.parquet`), not the hub's metadata files.
-pub fn is_data_file(name: &str) -> bool {
-    let base = name.rsplit('/').next().unwrap_or(name);
-    !base.starts_with('.')
-        && !matches!(base, "dataset_info.json" | "dataset_infos.json")
-        && crate::record::FileFormat::of(Path::new(base)).is_some()
-}
-
-fn mkdirs(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p).map_err(|e| DataError::io(format!("{}: cannot create directory: {e}", p.display())))
-}
-
-/// `snapshots/{commit}/{file}` -> relative symlink to `blobs/{etag}`, replaced atomically.
-fn link_pointer(blob: &Path, pointer: &Path) -> Result<()> {
-    let parent = pointer.parent().ok_or_else(|| DataError::io(format!("{}: no parent", pointer.display())))?;
-    mkdirs(parent)?;
-    let repo_dir = blob.parent().and_then(Path::parent).unwrap_or(Path::new("."));
-    let depth = parent.strip_prefix(repo_dir).map(|r| r.components().count()).unwrap_or(0);
-    let mut target = PathBuf::new();
-    for _ in 0..depth {
-        target.push("..");
-    }
-    target.push("blobs");
-    target.push(blob.file_name().unwrap_or_default());
-    if std::fs::read_link(pointer).is_ok_and(|t| t == target) {
-        return Ok(());
-    }
-    let tmp = parent.join(format!(
-        ".{}.link-{}",
-        pointer.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(&target, &tmp).map_err(|e| DataError::io(format!("{}: {e}", tmp.display())))?;
-    #[cfg(not(unix))]
-    std::fs::copy(blob, &tmp).map_err(|e| DataError::io(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, pointer).map_err(|e| DataError::io(format!("{}: {e}", pointer.display())))?;
-    common::sync_dir(parent).map_err(|e| DataError::io(e.to_string()))
-}
-
 fn progress_bar(show: bool, len: Option<u64>, name: &str) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
@@ -657,43 +452,10 @@ fn progress_bar(show: bool, len: Option<u64>, name: &str) -> indicatif::Progress
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn opts(vars: &[(&str, &str)]) -> HubOptions {
-        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        HubOptions::from_env_fn(|k| m.get(k).cloned())
-    }
 
     #[test]
-    fn environment_is_honoured_in_hf_order() {
-        let o = opts(&[("HOME", "/h")]);
-        assert_eq!(o.cache_dir, PathBuf::from("/h/.cache/huggingface/hub"));
-        assert_eq!(o.endpoint, DEFAULT_ENDPOINT);
-        assert!(!o.offline && o.token.is_none());
-        let o = opts(&[("HOME", "/h"), ("HF_HOME", "/x"), ("HF_ENDPOINT", "http://127.0.0.1:9/"), ("HF_TOKEN", "t")]);
-        assert_eq!(o.cache_dir, PathBuf::from("/x/hub"));
-        assert_eq!(o.endpoint, "http://127.0.0.1:9");
-        assert_eq!(o.token.as_deref(), Some("t"));
-        let o = opts(&[("HF_HOME", "/x"), ("HF_HUB_CACHE", "/c"), ("HF_HUB_OFFLINE", "yes")]);
-        assert_eq!(o.cache_dir, PathBuf::from("/c"));
-        assert!(o.offline);
-        assert!(!opts(&[("HF_HUB_OFFLINE", "0")]).offline);
-    }
-
-    #[test]
-    fn names_and_ids() {
-        assert_eq!(
-            Repo::dataset("databricks/databricks-dolly-15k", "main").folder_name(),
-            "datasets--databricks--databricks-dolly-15k"
-        );
-        assert!(looks_like_repo_id("databricks/databricks-dolly-15k"));
-        assert!(looks_like_repo_id("gpt2"));
-        assert!(!looks_like_repo_id("../x"));
-        assert!(!looks_like_repo_id("/abs/path"));
-        assert!(!looks_like_repo_id("a/b/c"));
+    fn revisions_and_file_names_are_percent_encoded() {
         assert_eq!(encode("refs/convert/parquet", false), "refs%2Fconvert%2Fparquet");
-        assert!(check_filename("data/x.jsonl").is_ok());
-        assert!(check_filename("../x").is_err());
-        assert!(is_data_file("data/train.parquet") && !is_data_file(".gitattributes") && !is_data_file("README.md"));
+        assert_eq!(encode("data/a b+c.jsonl", true), "data/a%20b%2Bc.jsonl");
     }
 }

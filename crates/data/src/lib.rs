@@ -1,15 +1,16 @@
-//! Dolly's data pipeline: the hub cache (`hub`), record readers with line-numbered errors (`record`,
-//! `parquet_reader`, `dataset`), the byte-exact templates (`template`), the tokenizer set-up (`tokenizer`),
-//! examples with labels built by construction plus filtering and the seeded split (`example`), padded and packed
-//! batches (`collate`), the resumable sharded sampler (`sampler`), and `dolly data stats|inspect` (`stats`).
-//! Does not know about models beyond `config.json`'s max length and vocabulary size; no training logic.
-//! API overview: docs/data.md.
+//! Dolly's data pipeline: the hub client and its cache (`hub`, `hub_cache`), record readers with line-numbered
+//! errors (`record`, `parquet_reader`, `dataset`), the byte-exact templates (`template`), the tokenizer set-up
+//! (`tokenizer`), examples with labels built by construction plus filtering and the seeded split (`example`),
+//! padded and packed batches (`collate`), the resumable sharded sampler (`sampler`), and `dolly data
+//! stats|inspect` (`stats`). Does not know about models beyond `config.json`'s max length and vocabulary size; no
+//! training logic. API overview: docs/data.md.
 
 pub mod collate;
 pub mod dataset;
 pub mod error;
 pub mod example;
 pub mod hub;
+mod hub_cache;
 pub mod parquet_reader;
 pub mod record;
 pub mod sampler;

@@ -47,7 +47,8 @@ pub struct DollyTokenizer {
     special: SpecialIds,
     base_vocab_size: usize,
     /// `inner.get_vocab_size(true)`, computed once: `tokenizers` builds the whole vocabulary map to count it
-    /// (~1 ms), and decoding checks ids against it on every streamed token.
+    /// (too slow to repeat, see docs/benchmarks.md#decode-path-tuning), and decoding checks ids against it on
+    /// every streamed token.
     vocab_size: usize,
     /// The most bytes of text one token can stand for (see `min_tokens_for_bytes`).
     max_token_bytes: usize,

@@ -55,8 +55,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() {
     // Never hand freed memory back to the OS: training reallocates the same large buffers every step (gemm's
-    // packing buffers among them) and re-faulting them cost 20-35% of a pythia-70m step (measured, see
-    // docs/benchmarks.md). Peak RSS is unchanged; the memory is reused, not leaked.
+    // packing buffers among them) and re-faulting them was a large share of a step (see
+    // docs/benchmarks.md#training-step-tuning). Peak RSS is unchanged; the memory is reused, not leaked.
     // SAFETY: called first thing in main, before any other thread exists (the call is not thread safe).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();

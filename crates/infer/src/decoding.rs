@@ -229,8 +229,8 @@ impl<'m> BatchDecoder<'m> {
     }
 
     /// The next token of each running row (None for free rows), from the logits of the last step. Rows are spread
-    /// over the decode threads: sampling one is a few passes over the vocabulary (Dolly's top-p: 0.08-0.13 ms on a
-    /// peaked 50k distribution, `sample_times`), and a batch of 8 sampled one after another left the other core
+    /// over the decode threads: sampling one is a few passes over the vocabulary (timings:
+    /// docs/benchmarks.md#decode-path-tuning), and a batch of 8 sampled one after another left the other core
     /// idle meanwhile.
     fn choose(&mut self) -> Vec<Option<u32>> {
         let v = self.model.config.vocab_size;

@@ -68,8 +68,8 @@ impl<B: Backend> KvCache<B> {
 
 impl KvCache<Cpu> {
     /// Touch every page of the keys and values now. The cache is allocated zeroed and the OS maps its pages on
-    /// first write, so otherwise the first batch to reach each row pays the page faults (at pythia-70m, 8 rows in
-    /// bf16: the first 8-request burst after start ran at 840 tok/s instead of 1250). A server calls this at start:
+    /// first write, so otherwise the first batch to reach each row pays the page faults (a server's first burst
+    /// ran markedly slower, docs/benchmarks.md#decode-path-tuning). A server calls this at start:
     /// the memory is committed before any request, and a machine without room for it fails there, not mid-request.
     pub fn commit_memory(&mut self) {
         self.kv.commit()

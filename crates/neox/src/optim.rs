@@ -54,7 +54,8 @@ impl AdamW {
 
     /// `step_scaled_and_zero` that also writes each updated weight matrix listed in `mats` (offset, rows, cols)
     /// transposed into `wt` at the same offset, while the block is still in cache: the model's transposed-weight
-    /// cache is then fresh without a separate transpose pass over every matrix (~40-70 ms a step at pythia-70m).
+    /// cache is then fresh without a separate transpose pass over every matrix (a sizeable share of a step, see
+    /// docs/benchmarks.md#training-step-tuning).
     /// The parameter values are bitwise those of `step_scaled_and_zero`. `round_bf16`: the transposed copies are
     /// rounded to bfloat16 (the compute weights of bf16 mixed precision; `params` stay the f32 master weights).
     pub fn step_scaled_zero_transposed(
@@ -121,7 +122,7 @@ impl AdamW {
                     // params, asserted); chunks are disjoint, and only this task reads (and maybe zeroes) them.
                     let g = unsafe { std::slice::from_raw_parts(gptr.get().add(off) as *const f32, p.len()) };
                     // zipped iterators (no bounds checks) so the loop vectorises, square root and divisions
-                    // included: a scalar loop was compute-bound at ~150 ms a step at pythia-70m
+                    // included: a scalar loop was compute-bound (docs/benchmarks.md#training-step-tuning)
                     pulp::Arch::new().dispatch(|| {
                         for ((p, m), (v, &g)) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut().zip(g)) {
                             let gi = if scaled { g * coef } else { g };

@@ -233,15 +233,12 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     ));
     let avail = common::sysmem::total_bytes().map(|t| format!(" of {}", common::human_bytes(t))).unwrap_or_default();
     say(&format!("memory: {}{avail}", est.describe()));
+    // A stop request before the first step: nothing ran, nothing was saved.
+    let stopped_before_training = || {
+        summary(out.clone(), start_step, total_steps, train_ex.len(), 0.0, Outcome::Interrupted { checkpoint: None })
+    };
     if stop_requested() {
-        return Ok(summary(
-            out,
-            start_step,
-            total_steps,
-            train_ex.len(),
-            0.0,
-            Outcome::Interrupted { checkpoint: None },
-        ));
+        return Ok(stopped_before_training());
     }
 
     // ---- weights
@@ -269,14 +266,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     tok.check_model_vocab(model.config.vocab_size)?;
     model.set_compute_bf16(bf16);
     if stop_requested() {
-        return Ok(summary(
-            out,
-            start_step,
-            total_steps,
-            train_ex.len(),
-            0.0,
-            Outcome::Interrupted { checkpoint: None },
-        ));
+        return Ok(stopped_before_training());
     }
 
     // ---- the run directory: now that every check passed
@@ -343,8 +333,8 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let mut last_loss = None;
     let mut last_eval = None;
     let mut saved_at = None;
-    // loss.png costs 20-50 ms to draw: at most every PLOT_EVERY of wall time (and at the last step), so that
-    // `--logging-steps 1` on a fast step does not spend its time plotting.
+    // drawing loss.png takes a while (docs/benchmarks.md#training-step-tuning): at most every PLOT_EVERY of wall
+    // time (and at the last step), so that `--logging-steps 1` on a fast step does not spend its time plotting.
     const PLOT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
     let mut plotted: Option<Instant> = None;
     let title = crate::plot::run_name(&out);

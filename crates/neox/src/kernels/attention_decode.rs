@@ -10,8 +10,8 @@ pub const KB: usize = 16;
 
 /// Bytes ahead of the current position at which keys and values are prefetched. The loops were bound by the
 /// latency of loading each new cache line: a (row, head) reads two short streams, too short for the hardware
-/// prefetcher to ramp up. perf, `dolly bench generate --bf16 --batch-size 8 --new-tokens 256`: attention 17.6%
-/// of the samples without, 12.2-13.5% with 2, 4 or 8 KiB (no difference between those).
+/// prefetcher to ramp up. Prefetching cut attention's share of a batched decode; 2, 4 and 8 KiB were alike
+/// (docs/benchmarks.md#decode-path-tuning).
 const AHEAD: usize = 4096;
 
 /// Prefetches the cache line holding `x[i]` into L1 (nothing when `i` is out of range).

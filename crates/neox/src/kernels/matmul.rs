@@ -67,7 +67,8 @@ pub(crate) unsafe fn gemm(
 }
 
 /// out (N, OC) = inp (N, IC) · wᵀ + bias, or `out +=` that when `accumulate`; `w` is (OC, IC) as stored. The
-/// model uses `linear_fwd_t` instead (gemm packs this transposed operand ~1.5x slower); the tests' reference.
+/// model uses `linear_fwd_t` instead (gemm packs this transposed operand more slowly, see
+/// docs/benchmarks.md#training-step-tuning); the tests' reference.
 #[cfg(test)]
 pub fn linear_fwd(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>, d: Dims, accumulate: bool) {
     assert!(w.len() >= d.oc * d.ic);
@@ -122,8 +123,8 @@ pub fn linear_bwd_input(dinp: &mut [f32], dout: &[f32], w: &[f32], d: Dims, accu
     bwd_input_into(dinp, dout, Mat::rm(w.as_ptr(), d.oc, d.ic, d.ic), d, accumulate)
 }
 
-/// `linear_bwd_input` reading the weight from its transposed (IC, OC) copy `wt` (gemm packs it transposed, ~1.5x
-/// slower; used where only that copy holds the values wanted, as in bf16 compute).
+/// `linear_bwd_input` reading the weight from its transposed (IC, OC) copy `wt` (gemm packs it transposed, which
+/// is slower; used where only that copy holds the values wanted, as in bf16 compute).
 pub fn linear_bwd_input_t(dinp: &mut [f32], dout: &[f32], wt: &[f32], d: Dims) {
     assert!(wt.len() >= d.oc * d.ic);
     // W[o][i] = wt[i * oc + o]
@@ -150,7 +151,8 @@ pub fn linear_bwd_weight(dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32]
 }
 
 /// The product of `linear_bwd_weight` (without the bias), computed as dWᵀ (IC, OC) += inpᵀ · dout with dW
-/// addressed column-major: `gemm` then never packs a transposed (OC, N) operand (5-15% faster).
+/// addressed column-major: `gemm` then never packs a transposed (OC, N) operand (measurably faster, see
+/// docs/benchmarks.md#training-step-tuning).
 pub fn linear_bwd_weight_t(dw: &mut [f32], dout: &[f32], inp: &[f32], d: Dims) {
     let Dims { n, ic, oc } = d;
     assert!(dw.len() >= oc * ic && dout.len() >= n * oc && inp.len() >= n * ic);

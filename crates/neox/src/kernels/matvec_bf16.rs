@@ -46,10 +46,9 @@ pub fn pack_bf16(dst: &mut [Line], w: &[f32], oc: usize, ic: usize) {
 }
 
 /// Most panels per parallel task (256 columns, 256 KiB of weights at IC 512); fewer when that would leave a
-/// thread without a task. Each task is one prefetched stream through consecutive panels. The decode step's 25
-/// matrices at pythia-70m shape (`decode_times`, the A/B interleaved in one process): at 1 input row 2.20-2.30 ms
-/// for 8 panels a task vs 2.44-2.53 ms for 2; at 8 rows 3.6-4.4 vs 4.0-4.7 ms. One task per thread was as fast
-/// as 8 but leaves nothing to rebalance when a core is slow.
+/// thread without a task. Each task is one prefetched stream through consecutive panels. 8 panels a task was
+/// faster than 2 (docs/benchmarks.md#decode-path-tuning); one task per thread was as fast as 8 but leaves nothing
+/// to rebalance when a core is slow.
 const TASK_PANELS: usize = 8;
 /// Input rows per tile.
 const TILE_ROWS: usize = 8;
@@ -110,15 +109,16 @@ impl Job<'_> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Job, PANEL, TILE_ROWS};
+    use crate::kernels::const_rows;
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
         is_x86_feature_detected!("avx512f")
     }
 
-    /// Lines ahead at which each panel is prefetched into L1 (4 KiB), and by a second stream into L2 (16 KiB).
-    /// Whole decode step, 8 input rows (`decode_times`, interleaved): no prefetch 6.1 ms, L1 only 3.7-3.9 ms, both
-    /// 3.3-3.4 ms; 32/128 and 128/512 lines were within noise of 64/256.
+    /// Lines ahead at which each panel is prefetched into L1 (4 KiB), and by a second stream into L2 (16 KiB):
+    /// both streams beat L1 alone, which beats none; half or double the distances were no different
+    /// (docs/benchmarks.md#decode-path-tuning).
     const PREFETCH_L1: usize = 64;
     const PREFETCH_L2: usize = 256;
 
@@ -196,16 +196,7 @@ mod x86 {
                         }
                     };
                 }
-                match m {
-                    1 => run!(1),
-                    2 => run!(2),
-                    3 => run!(3),
-                    4 => run!(4),
-                    5 => run!(5),
-                    6 => run!(6),
-                    7 => run!(7),
-                    _ => run!(8),
-                }
+                const_rows!(m, run);
                 r += m;
             }
             p += if two { 2 } else { 1 };
@@ -216,6 +207,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::assert_rows_independent;
 
     fn packed(w: &[f32], oc: usize, ic: usize) -> Vec<Line> {
         let mut p = vec![Line::default(); packed_lines(oc, ic)];
@@ -261,29 +253,13 @@ mod tests {
         }
     }
 
-    /// A row's result does not depend on how many rows share the call (batched decoding gives the same greedy ids
-    /// as decoding alone): bitwise, for every tile shape (two panels up to 4 rows, one above, tiles of 8 and the
-    /// remainders).
+    /// A row's result does not depend on how many rows share the call: bitwise, for every tile shape (two panels
+    /// up to 4 rows, one above, tiles of 8 and the remainders).
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
-        let mut rng = common::Rng::new(13);
-        for &(ic, oc) in &[(64, 70), (33, 9), (96, 131)] {
-            let n = 11;
-            let inp: Vec<f32> = (0..n * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
-            let wf: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
-            let wp = packed(&wf, oc, ic);
-            let mut all = vec![0f32; n * oc];
-            linear_panels(&mut all, &inp, &wp, None, Dims { n, ic, oc }, false);
-            for k in [1, 2, 3, 5, 8] {
-                for r0 in (0..n).step_by(k) {
-                    let m = k.min(n - r0);
-                    let mut part = vec![0f32; m * oc];
-                    linear_panels(&mut part, &inp[r0 * ic..(r0 + m) * ic], &wp, None, Dims { n: m, ic, oc }, false);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
-                }
-            }
-        }
+        assert_rows_independent(13, 11, &[1, 2, 3, 5, 8], |out, inp, w, d| {
+            linear_panels(out, inp, &packed(w, d.oc, d.ic), None, d, false)
+        });
     }
 
     /// The packing puts column 32p+j in the low half and 32p+16+j in the high half of word j of line (p, k).

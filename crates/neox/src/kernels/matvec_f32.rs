@@ -9,14 +9,13 @@ use super::matmul::Dims;
 use super::pool;
 use super::SendPtr;
 
-/// Rows at or below which `linear_rows` beats `gemm` (decode steps, prompts): measured at pythia-70m shape,
-/// time to first token of a 32/100/200-token prompt 20/48/60 ms with 16, 13/33/60 ms with 128 (2 threads).
+/// Rows at or below which `linear_rows` beats `gemm` (decode steps, prompts): 128 gave a shorter time to first
+/// token than 16 on prompts up to 100 tokens and the same at 200 (docs/benchmarks.md#decode-path-tuning).
 pub const FEW_ROWS: usize = 128;
 
 /// Most output columns per parallel task (512 KiB of f32 weights at IC 512), fewer when that would leave a thread
-/// without a task. The decode step's 25 matrices at pythia-70m shape, the sizes interleaved in one process
-/// (medians of 40): 1 input row 6.33-6.41 ms for 256 vs 6.69-6.72 ms for 64; 8 rows 7.45 vs 7.97 ms. 1024 and
-/// one task per thread were within noise of 256.
+/// without a task. 256 was faster than 64 for a whole decode step; 1024 and one task per thread were no faster
+/// (docs/benchmarks.md#decode-path-tuning).
 const COLS: usize = 256;
 
 /// out (N, OC) = inp (N, IC) · wᵀ + bias (or `+=` when `accumulate`), for a few rows N.
@@ -98,6 +97,7 @@ impl Block<'_> {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Block;
+    use crate::kernels::const_rows;
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
@@ -106,16 +106,13 @@ mod x86 {
             && is_x86_feature_detected!("avx512vl")
     }
 
-    /// Bytes ahead of the current position at which each weight row is prefetched. Measured A/B in alternating
-    /// runs of `dolly bench generate` (pythia-70m): 4096 over 1024 gave bf16 batch 1 213-303 vs 190-206 tok/s,
-    /// bf16 batch 8 932-1003 vs 834-944, float32 batch 1 152-168 vs 139-146, float32 batch 8 about equal;
-    /// 8192 was not distinguishable from 4096.
+    /// Bytes ahead of the current position at which each weight row is prefetched: 4 KiB decodes faster than
+    /// 1 KiB, 8 KiB no faster than 4 (docs/benchmarks.md#decode-path-tuning).
     const PREFETCH_BYTES: usize = 4096;
 
     /// A second stream of prefetches, into L2, this many times further ahead (16 KiB), so memory keeps streaming
-    /// while a batched tile is busy with its FMAs. `dolly serve` A/B (two servers, alternating requests, same
-    /// minutes): float32 8-request bursts 448-804 vs 397-700 tok/s (higher in 5 of 5 pairs), bf16 bursts 1093-1311
-    /// vs 929-1175 (6 of 6 pairs, mean +11%), bf16 single stream 289-360 vs 241-321; float32 single stream equal.
+    /// while a batched tile is busy with its FMAs: faster batched and bf16 serving, float32 single stream equal
+    /// (docs/benchmarks.md#decode-path-tuning).
     const L2_AHEAD: usize = 4;
 
     /// Σ_k x_r[k] · w_c[k] for R input rows and C weight rows, into `res[r][c]`.
@@ -188,16 +185,7 @@ mod x86 {
         let cap = if C >= 4 { 4 } else { 8 };
         while r < b.dst.n {
             let k = (b.dst.n - r).min(cap);
-            match k {
-                1 => run!(1),
-                2 => run!(2),
-                3 => run!(3),
-                4 => run!(4),
-                5 => run!(5),
-                6 => run!(6),
-                7 => run!(7),
-                _ => run!(8),
-            }
+            const_rows!(k, run);
             r += k;
         }
     }
@@ -210,9 +198,7 @@ mod x86 {
     pub unsafe fn block(b: &Block<'_>, w: &[f32], o0: usize, o1: usize) {
         // 4 weight rows x up to 4 inputs per tile; with more than 4 inputs, 3 weight rows x 8 inputs (24
         // accumulators), so each weight line is loaded once for 8 inputs instead of being
-        // streamed once per group of 4. `dolly bench generate --batch-size 8`, alternating builds, 3 rounds each:
-        // float32 625-697 vs 571-631 tok/s for 4 x 4 in two passes; per call (`decode_times`, ROWS=8) the
-        // pythia-70m head took 5.0-5.3 ms vs 7.1 ms.
+        // streamed once per group of 4: faster than 4 x 4 in two passes (docs/benchmarks.md#decode-path-tuning).
         if b.dst.n <= 4 {
             cols::<4>(b, w, o0, o1)
         } else {
@@ -238,6 +224,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::assert_rows_independent;
 
     /// Every path (AVX-512 tile with its column/row remainders and masked tail, and the portable loop) against a
     /// float64 sum, for shapes that hit each remainder.
@@ -272,26 +259,10 @@ mod tests {
         }
     }
 
-    /// A row's result does not depend on how many rows share the call (batched decoding gives the same greedy ids
-    /// as decoding alone): bitwise, for every tile shape (4 x 4 up to 4 rows, 3 x 8 above, the remainders).
+    /// A row's result does not depend on how many rows share the call: bitwise, for every tile shape (4 x 4 up to 4
+    /// rows, 3 x 8 above, the remainders).
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
-        let mut rng = common::Rng::new(11);
-        for &(ic, oc) in &[(64, 70), (33, 9), (96, 131)] {
-            let n = 9;
-            let inp: Vec<f32> = (0..n * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
-            let w: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
-            let mut all = vec![0f32; n * oc];
-            linear_rows(&mut all, &inp, &w, None, Dims { n, ic, oc }, false);
-            for k in [1, 3, 5] {
-                for r0 in (0..n).step_by(k) {
-                    let m = k.min(n - r0);
-                    let mut part = vec![0f32; m * oc];
-                    linear_rows(&mut part, &inp[r0 * ic..(r0 + m) * ic], &w, None, Dims { n: m, ic, oc }, false);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
-                }
-            }
-        }
+        assert_rows_independent(11, 9, &[1, 3, 5], |out, inp, w, d| linear_rows(out, inp, w, None, d, false));
     }
 }

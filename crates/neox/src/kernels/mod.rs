@@ -23,8 +23,9 @@ pub(crate) mod pool;
 pub(crate) mod rotary;
 pub(crate) mod transpose;
 
-/// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region costs tens of
-/// µs when called from outside the pool (a decode step has dozens of one-row calls).
+/// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region entered from
+/// outside the pool costs more than such a kernel (a decode step has dozens of one-row calls; see
+/// docs/benchmarks.md#decode-path-tuning).
 pub(crate) const SMALL: usize = 1 << 15;
 
 /// A raw pointer that may cross rayon threads; each user writes disjoint ranges (documented at each use).
@@ -38,5 +39,52 @@ impl<T> SendPtr<T> {
     #[inline(always)]
     pub(crate) fn get(self) -> *mut T {
         self.0
+    }
+}
+
+/// `$run!(R)` with the run-time row count `$n` (1 to 8; 8 for more) as the literal `R`: the few-row kernels keep
+/// R rows of accumulators in registers, so R is a const generic.
+macro_rules! const_rows {
+    ($n:expr, $run:ident) => {
+        match $n {
+            1 => $run!(1),
+            2 => $run!(2),
+            3 => $run!(3),
+            4 => $run!(4),
+            5 => $run!(5),
+            6 => $run!(6),
+            7 => $run!(7),
+            _ => $run!(8),
+        }
+    };
+}
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use const_rows;
+
+/// Asserts that a few-row Linear gives a row the same bits whether other rows share the call or not (batched
+/// decoding then gives the same greedy ids as decoding alone): `linear(out, inp, w, dims)` on random (N, IC) inputs
+/// and (OC, IC) weights, all `n` rows in one call against groups of each size in `groups`, for a few shapes.
+#[cfg(test)]
+pub(crate) fn assert_rows_independent(
+    seed: u64,
+    n: usize,
+    groups: &[usize],
+    linear: impl Fn(&mut [f32], &[f32], &[f32], matmul::Dims),
+) {
+    let mut rng = common::Rng::new(seed);
+    for &(ic, oc) in &[(64, 70), (33, 9), (96, 131)] {
+        let inp: Vec<f32> = (0..n * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let w: Vec<f32> = (0..oc * ic).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let mut all = vec![0f32; n * oc];
+        linear(&mut all, &inp, &w, matmul::Dims { n, ic, oc });
+        for &k in groups {
+            for r0 in (0..n).step_by(k) {
+                let m = k.min(n - r0);
+                let mut part = vec![0f32; m * oc];
+                linear(&mut part, &inp[r0 * ic..(r0 + m) * ic], &w, matmul::Dims { n: m, ic, oc });
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&part), bits(&all[r0 * oc..(r0 + m) * oc]), "ic {ic} rows {r0}..+{m}");
+            }
+        }
     }
 }

@@ -1,9 +1,9 @@
-//! A low-latency parallel-for for decoding. A decode step is ~50 small parallel regions of 10-500 µs each; rayon
-//! called from a non-worker thread injects each one and wakes a sleeping worker (tens of µs per region, 20-40% of a
-//! batch-1 token). Here the caller works on its own job and the helpers spin for a short while between jobs
-//! (`SPIN`), then sleep on a condition variable, so a burst of regions costs ~1 µs each and an idle process costs
-//! nothing. Helper count follows rayon's thread count (`--threads`). One job at a time: a nested or concurrent
-//! call runs on the calling thread alone.
+//! A low-latency parallel-for for decoding. A decode step is dozens of small parallel regions; rayon called from
+//! a non-worker thread injects each one and wakes a sleeping worker, a large share of a batch-1 token in all
+//! (docs/benchmarks.md#decode-path-tuning). Here the caller works on its own job and the helpers spin for a short
+//! while between jobs (`SPIN`), then sleep on a condition variable, so a burst of regions costs little each and an
+//! idle process costs nothing. Helper count follows rayon's thread count (`--threads`). One job at a time: a nested
+//! or concurrent call runs on the calling thread alone.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -150,7 +150,8 @@ impl Pool {
                 idle_since = Instant::now();
                 continue;
             }
-            // spin, reading the clock only every 256 rounds (a vDSO call each round cost ~3% of a busy server)
+            // spin, reading the clock only every 256 rounds (a vDSO call each round showed up in a busy server's
+            // profile, docs/benchmarks.md#decode-path-tuning)
             spins = spins.wrapping_add(1);
             if !spins.is_multiple_of(256) || idle_since.elapsed() < SPIN {
                 std::hint::spin_loop();
