@@ -1,7 +1,7 @@
 //! The CPU backend: parameters in one f32 buffer (layout order) plus the formats its kernels read, built from
 //! them and kept fresh:
-//! - `wt`: the Linear/head weights transposed (IC, OC) at the same offsets. `gemm` runs ~1.5x faster on x·Wᵀ
-//!   with Wᵀ row-major than when it transposes while packing. The fused AdamW writes it while each updated
+//! - `wt`: the Linear/head weights transposed (IC, OC) at the same offsets. `gemm` runs faster on x·Wᵀ
+//!   with Wᵀ row-major than when it transposes while packing (docs/benchmarks.md#training-step-tuning). The fused AdamW writes it while each updated
 //!   block is in cache, so a training step never rebuilds it; `params_mut` invalidates it. In bf16 compute it
 //!   holds the rounded (bf16-valued) weights.
 //! - `packed`: bf16 copies of the same matrices in panels (`kernels::matvec_bf16`), for few-row decoding in
@@ -102,7 +102,7 @@ impl Cpu {
     }
 
     /// Build now what decoding builds lazily: the bf16 panels (when decoding in bf16) and the transposed weights
-    /// that prompts longer than the few-row path use (a server's first long prompt would pay ~100 ms otherwise).
+    /// that prompts longer than the few-row path use (otherwise a server's first long prompt pays for building them).
     pub fn prepare_decode(&self) {
         let _ = self.packed();
         let _ = self.wt();
