@@ -215,8 +215,10 @@ impl<B: Backend> Block<'_, B> {
         let y_in = if be.rounds_operands() { &a.attn_op } else { &a.attn_y };
         // mlp backward from g_out = dres: (N,C) <- (N,F) <- (N,C)
         let dout = be.grad_operand(g.dround, g.dres, n * c);
-        be.gelu(g.act, &a.fc_pre, n, f);
-        be.operand(g.act, n * f);
+        if !fwd.act_ready {
+            be.gelu(g.act, &a.fc_pre, n, f);
+            be.operand(g.act, n * f);
+        }
         be.linear_bwd(g.dfc, grads, dout, g.act, p.proj, n);
         be.gelu_bwd(g.dfc, &a.fc_pre, n * f);
         be.operand(g.dfc, n * f);
@@ -246,6 +248,8 @@ pub(crate) struct Backward<'a, B: Backend> {
     pub rope: (&'a B::Buf, &'a B::Buf),
     pub vis: Visibility<'a>,
     pub shape: AttnShape,
+    /// `act` already holds this layer's GELU output (its forward was just recomputed): not computed again.
+    pub act_ready: bool,
 }
 
 /// Gradient buffers of the backward: the residual stream's and per-op scratch, and the parameter gradients.

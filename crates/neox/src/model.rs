@@ -325,7 +325,7 @@ impl<B: Backend> Model<B> {
                 dfc: &mut acts.dfc,
                 act: &mut acts.act,
             };
-            let fwd = Backward { n, rope: (&acts.cos, &acts.sin), vis, shape };
+            let fwd = Backward { n, rope: (&acts.cos, &acts.sin), vis, shape, act_ready: acts.recompute };
             block.backward(p, &lo[l], a, &mut g, fwd);
         }
         // embed_in: scatter-add rows of ∂L/∂x0
