@@ -1,6 +1,7 @@
 //! Runs `examples/collectives.rs` under Open MPI's `mpirun` on loopback with 2 and 3 ranks (oversubscribed on
 //! a 2-core machine), with a hard timeout, and checks that a rank that dies ends the job with a non-zero exit
-//! in bounded time. Builds nothing itself: `cargo test --release -p dist --features mpi` builds the example.
+//! in bounded time. Builds nothing itself: `cargo test --release -p dist --features mpi` builds the example
+//! (`--test mpi` alone does not, and would run a stale one).
 
 #![cfg(feature = "mpi")]
 
