@@ -72,3 +72,74 @@ mod tests {
         }
     }
 }
+
+/// Zero `buf` and give its whole memory pages back to the OS (`madvise(MADV_DONTNEED)`): the resident set
+/// shrinks, and the released pages read as zero until written again (the partial pages at either end are zeroed
+/// by writing). For large sharded training buffers (ZeRO); `T` is a plain number type whose all-zero bytes are a
+/// valid value. Elsewhere than Linux it only zeroes.
+pub fn release_pages<T: Zeroable>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (a, b) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        if b <= a {
+            buf.fill(T::ZERO);
+            return;
+        }
+        let size = std::mem::size_of::<T>();
+        let (head, tail) = ((a - start) / size, (end - b) / size);
+        let n = buf.len();
+        buf[..head].fill(T::ZERO);
+        buf[n - tail..].fill(T::ZERO);
+        {
+            // SAFETY: [a, b) lies inside `buf`, which we borrow mutably; it is private anonymous memory from the
+            // allocator, which MADV_DONTNEED refills with zero pages on the next touch, and zero bytes are a
+            // valid `T` (Zeroable). The allocator's own metadata is outside `buf`.
+            let rc = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                buf[head..n - tail].fill(T::ZERO);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    buf.fill(T::ZERO);
+}
+
+/// Types whose all-zero bit pattern is a valid value (what `release_pages` may leave behind).
+///
+/// # Safety
+/// Implement only for types for which all-zero bytes are a valid value.
+pub unsafe trait Zeroable: Copy {
+    const ZERO: Self;
+}
+// SAFETY: zero bytes are 0.0.
+unsafe impl Zeroable for f32 {
+    const ZERO: f32 = 0.0;
+}
+// SAFETY: zero bytes are 0.
+unsafe impl Zeroable for u16 {
+    const ZERO: u16 = 0;
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::release_pages;
+
+    /// Every element reads zero afterwards, whatever the alignment of the slice's ends, and neighbours outside
+    /// the slice keep their values.
+    #[test]
+    fn released_slices_read_zero_and_neighbours_survive() {
+        let mut v: Vec<f32> = (0..100_000).map(|i| i as f32 + 1.0).collect();
+        for (a, b) in [(0usize, 100_000usize), (3, 99_997), (1000, 1003), (5000, 70_001)] {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = i as f32 + 1.0;
+            }
+            release_pages(&mut v[a..b]);
+            assert!(v[a..b].iter().all(|&x| x == 0.0), "{a}..{b}");
+            assert!(v[..a].iter().enumerate().all(|(i, &x)| x == i as f32 + 1.0), "{a}..{b}");
+            assert!(v[b..].iter().enumerate().all(|(i, &x)| x == (b + i) as f32 + 1.0), "{a}..{b}");
+        }
+    }
+}

@@ -172,6 +172,22 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Optimisation")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_nonfinite_steps: Option<u32>,
+    /// ZeRO stage over the processes of an MPI launch: 0 replicates everything; 1 shards the AdamW moments;
+    /// 2 also the gradients; 3 also the parameters [default: the DeepSpeed JSON's zero_optimization.stage,
+    /// else 0]. Results are the same at every stage.
+    #[arg(long, help_heading = "Distributed")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_stage: Option<u8>,
+    /// global-token-mean (a step's loss is its token losses summed over all micro-batches and processes, over
+    /// its supervised-token count) | per-device-mean (each micro-batch's mean, averaged: the seed's DeepSpeed
+    /// numbers) [default: global-token-mean].
+    #[arg(long, help_heading = "Distributed")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_normalization: Option<String>,
+    /// Appended by the deepspeed launcher; checked against the local rank of the environment.
+    #[arg(long = "local_rank", alias = "local-rank", help_heading = "Distributed")]
+    #[serde(skip)]
+    pub local_rank: Option<usize>,
 }
 
 /// Float flags must be finite: the JSON that carries them to the config would turn NaN into `null`, which
@@ -221,13 +237,33 @@ pub fn run(mut a: TrainArgs, threads: Option<usize>) -> anyhow::Result<()> {
     for n in &resolved.notes {
         eprintln!("{n}");
     }
+    let env = |k: &str| std::env::var(k).ok();
+    let launch = dist::detect(&env, a.local_rank).map_err(anyhow::Error::msg)?;
+    if threads.is_none() && std::env::var_os("RAYON_NUM_THREADS").is_none() && launch.local_world > 1 {
+        // several ranks on this machine share its cores
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = dist::threads_per_rank(cores, &launch);
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
+    }
+    let comm = dist::init(&launch).map_err(anyhow::Error::msg)?;
     let stop = install_stop_flag()?;
     // Not eprintln!: a closed stderr (`dolly train ... 2>&1 | head`) must not panic the run mid-step.
     let say = |s: &str| {
         let _ = writeln!(std::io::stderr(), "{s}");
     };
-    let ctl = train::Control { say: &say, stop: Some(&stop) };
-    let summary = train::train_with(resolved.config, &ctl).map_err(anyhow::Error::msg).context("training failed")?;
+    let ctl = train::Control { say: &say, stop: Some(&stop), comm: Some(comm.as_ref()) };
+    let summary = match train::train_with(resolved.config, &ctl) {
+        Ok(s) => s,
+        Err(e) if comm.world() > 1 => {
+            // the other ranks may be waiting in a collective this rank will not make: end the whole job
+            let _ = writeln!(std::io::stderr(), "error: training failed on rank {}: {e}", comm.rank());
+            comm.abort(1)
+        }
+        Err(e) => return Err(anyhow::Error::msg(e).context("training failed")),
+    };
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     match &summary.outcome {
         train::Outcome::Finished => eprintln!(
             "done: {} steps{}{}, {:.0} tokens/s; model in {}",

@@ -134,9 +134,9 @@ fn stale_files_go_and_a_corrupt_newest_checkpoint_falls_back() {
     assert!(!o.status.success());
     let out = f.dir.path().join("r");
     std::fs::write(out.join(".model.safetensors.tmp-4242"), vec![0u8; 4096]).unwrap();
-    std::fs::write(out.join("checkpoint-10/.optimizer.safetensors.tmp-4242"), vec![0u8; 4096]).unwrap();
+    std::fs::write(out.join("checkpoint-10/.shard-00000-of-00001.safetensors.tmp-4242"), vec![0u8; 4096]).unwrap();
     // checkpoint-10 corrupted in place (same size): its sha256 fails, so the resume falls back to checkpoint-5.
-    let opt = out.join("checkpoint-10/optimizer.safetensors");
+    let opt = out.join("checkpoint-10/shard-00000-of-00001.safetensors");
     let mut bytes = std::fs::read(&opt).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;

@@ -39,7 +39,7 @@ fn resume_after_kill_is_bit_identical() {
     let o = f.train_cmd("torn", &["--max-steps", "20"]).env("DOLLY_FAULT_ABORT_IN_CHECKPOINT", "15").output().unwrap();
     assert!(!o.status.success());
     let torn = f.dir.path().join("torn/checkpoint-15");
-    assert!(torn.join("model.safetensors").exists() && !torn.join("COMPLETE").exists());
+    assert!(torn.join("shard-00000-of-00001.safetensors").exists() && !torn.join("COMPLETE").exists());
     let o = f.run("torn", &["--max-steps", "20", "--resume-from-checkpoint", "latest"]);
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("checkpoint-10 (step 10)"));
@@ -115,11 +115,8 @@ fn bad_input_is_a_clear_error_and_keeps_the_last_checkpoint() {
     assert!(e.contains("output directory"), "{e}");
 
     // Full disk while writing checkpoint-10: error, and checkpoint-5 stays complete and verifiable.
-    let o = f
-        .train_cmd("full", &["--max-steps", "12"])
-        .env("DOLLY_FAULT_WRITE", "checkpoint-10/optimizer")
-        .output()
-        .unwrap();
+    let o =
+        f.train_cmd("full", &["--max-steps", "12"]).env("DOLLY_FAULT_WRITE", "checkpoint-10/shard-").output().unwrap();
     let e = err(o);
     assert!(e.contains("No space left on device"), "{e}");
     let out = f.dir.path().join("full");

@@ -30,6 +30,6 @@ pub use backend::cpu::Cpu;
 pub use backend::Backend;
 pub use batch_input::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;
-pub use model::{Activations, Model};
+pub use model::{eval_events, training_events, Activations, Model, UnitEvent, UnitHooks};
 pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use weights::SaveDtype;

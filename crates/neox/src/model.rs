@@ -16,6 +16,77 @@ use crate::error::{Error, Result};
 use crate::layout::{Layout, Unit};
 use crate::optim::AdamW;
 
+/// What the engine tells a sharding layer between units (`Layout::units` indices: 0 the input embedding,
+/// 1..=L the layers, L+1 the final LayerNorm with the head). ZeRO-3 gathers a unit's parameters on `Acquire`
+/// and frees them on `Release`; ZeRO-2/3 reduce a unit's gradients on `GradsReady`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnitEvent {
+    /// The unit's parameters are read from now until its `Release`.
+    Acquire(usize),
+    Release(usize),
+    /// The unit's gradients for this micro-batch are complete in the gradient buffer.
+    GradsReady(usize),
+}
+
+/// Receives the `UnitEvent`s of `forward_backward_with` / `forward_loss_with`, with the backend (to write a
+/// gathered unit into) and, for `GradsReady`, the gradient buffer.
+pub trait UnitHooks<B: Backend> {
+    fn on(&mut self, ev: UnitEvent, be: &mut B, grads: Option<&mut B::Buf>) -> Result<()>;
+}
+
+/// The order of `UnitEvent`s of one training micro-batch (`forward_backward_with`) over `layers` layers: a rank
+/// with no micro-batch in a step replays it so that every rank makes the same collective calls.
+pub fn training_events(layers: usize) -> Vec<UnitEvent> {
+    use UnitEvent::*;
+    let head = layers + 1;
+    let mut ev = vec![Acquire(0), Release(0)];
+    for l in 1..=layers {
+        ev.extend([Acquire(l), Release(l)]);
+    }
+    ev.extend([Acquire(head), GradsReady(head), Release(head)]);
+    for l in (1..=layers).rev() {
+        ev.extend([Acquire(l), GradsReady(l), Release(l)]);
+    }
+    ev.push(GradsReady(0));
+    ev
+}
+
+/// The order of `UnitEvent`s of one evaluation batch (`forward_loss_with`).
+pub fn eval_events(layers: usize) -> Vec<UnitEvent> {
+    (0..=layers + 1).flat_map(|u| [UnitEvent::Acquire(u), UnitEvent::Release(u)]).collect()
+}
+
+/// The backend as the forward/backward loops see it: shared (no events) or owned by hooks between units.
+trait Access<B: Backend> {
+    fn be(&self) -> &B;
+    fn event(&mut self, ev: UnitEvent, grads: Option<&mut B::Buf>) -> Result<()>;
+}
+
+struct Plain<'a, B: Backend>(&'a B);
+
+impl<B: Backend> Access<B> for Plain<'_, B> {
+    fn be(&self) -> &B {
+        self.0
+    }
+    fn event(&mut self, _: UnitEvent, _: Option<&mut B::Buf>) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Hooked<'a, B: Backend> {
+    be: &'a mut B,
+    hooks: &'a mut dyn UnitHooks<B>,
+}
+
+impl<B: Backend> Access<B> for Hooked<'_, B> {
+    fn be(&self) -> &B {
+        self.be
+    }
+    fn event(&mut self, ev: UnitEvent, grads: Option<&mut B::Buf>) -> Result<()> {
+        self.hooks.on(ev, self.be, grads)
+    }
+}
+
 /// A GPT-NeoX model whose parameters live on backend `B`.
 pub struct Model<B: Backend = Cpu> {
     pub config: NeoxConfig,
@@ -167,6 +238,21 @@ impl<B: Backend> Model<B> {
         &self.be
     }
 
+    /// The backend, for a sharding layer that writes gathered units and shard updates into it.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.be
+    }
+
+    /// Hand `events` to `hooks` without computing anything: a rank with no micro-batch in a step (or no
+    /// evaluation batch) makes the same collective calls as the ranks that compute.
+    pub fn replay(&mut self, events: &[UnitEvent], grads: &mut B::Buf, hooks: &mut dyn UnitHooks<B>) -> Result<()> {
+        for &ev in events {
+            let g = matches!(ev, UnitEvent::GradsReady(_)).then_some(&mut *grads);
+            hooks.on(ev, &mut self.be, g)?;
+        }
+        Ok(())
+    }
+
     pub fn num_params(&self) -> usize {
         self.layout.total
     }
@@ -231,44 +317,38 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn shape(&self, batch: &BatchInput<'_>) -> AttnShape {
-        let c = &self.config;
-        AttnShape { b: batch.batch_size, t: batch.seq_len, h: c.num_attention_heads, d: c.head_dim() }
+    /// The descriptors the loops read besides the backend (copied out so that hooks may own the backend).
+    fn parts(&self) -> Parts<'_> {
+        Parts { cfg: &self.config, layers: &self.layers, d: self.descriptors() }
     }
 
-    /// Embedding, all layers and the final LayerNorm; activations kept per `acts.recompute`.
-    fn forward_body(&self, batch: &BatchInput<'_>, acts: &mut Activations<B>) {
-        let (be, n, c) = (&self.be, batch.rows(), self.config.hidden_size);
-        let (vis, shape) = (visibility(batch), self.shape(batch));
-        be.rope_table(&mut acts.cos, &mut acts.sin, batch.position_ids, self.heads());
-        // embed_in: ids (N) -> x0 (N,C)
-        be.embed(&mut acts.x[0], batch.input_ids, self.embedding());
-        let block = self.block();
-        for (l, p) in self.layers.iter().enumerate() {
-            let (lo, hi) = acts.x.split_at_mut(l + 1);
-            let a = &mut acts.layers[if acts.recompute { 0 } else { l }];
-            let rope = (&acts.cos, &acts.sin);
-            let step = Step { n, act: &mut acts.act, rope, attend: Attend::Batch { vis, shape } };
-            block.forward(l, p, (&lo[l], &mut hi[0]), a, step);
-        }
-        let last = &acts.x[self.config.num_hidden_layers];
-        be.layernorm(&mut acts.lnf_out, &mut acts.lnf_stats, last, self.final_norm(), n);
-        be.operand(&mut acts.lnf_out, n * c);
+    fn descriptors(&self) -> Descriptors {
+        Descriptors { heads: self.heads(), embed: self.embedding(), lnf: self.final_norm(), head: self.head() }
     }
 
     /// Loss sum and target count of a batch, with no gradient (evaluation).
     pub fn forward_loss(&self, batch: &BatchInput<'_>, acts: &mut Activations<B>) -> Result<(f64, usize)> {
         self.check_capacity(batch, acts)?;
-        self.forward_body(batch, acts);
-        batch.targets(&mut acts.targets);
-        let loss = self.be.lm_head_loss(&acts.lnf_out, self.head(), &acts.targets, None, &mut acts.loss);
-        Ok((loss, acts.targets.len()))
+        self.parts().loss(&mut Plain(&self.be), batch, acts)
+    }
+
+    /// `forward_loss` with `hooks` told of every unit before and after it is read (`eval_events` order).
+    pub fn forward_loss_with(
+        &mut self,
+        batch: &BatchInput<'_>,
+        acts: &mut Activations<B>,
+        hooks: &mut dyn UnitHooks<B>,
+    ) -> Result<(f64, usize)> {
+        self.check_capacity(batch, acts)?;
+        let parts = Parts { cfg: &self.config, layers: &self.layers, d: self.descriptors() };
+        parts.loss(&mut Hooked { be: &mut self.be, hooks }, batch, acts)
     }
 
     /// Full logits (N,V) of a batch (tests, scoring). Training never materialises these.
     pub fn forward_logits(&self, batch: &BatchInput<'_>, acts: &mut Activations<B>) -> Result<B::Buf> {
         self.check_capacity(batch, acts)?;
-        self.forward_body(batch, acts);
+        let acc = &mut Plain(&self.be);
+        self.parts().body(acc, batch, acts)?;
         let n = batch.rows();
         let mut logits = self.be.zeros(n * self.config.vocab_size);
         self.be.linear(&mut logits, &acts.lnf_out, self.head(), n, false, crate::backend::Pass::Train);
@@ -285,6 +365,26 @@ impl<B: Backend> Model<B> {
         grads: &mut B::Buf,
         grad_scale: f32,
     ) -> Result<(f64, usize)> {
+        self.check_grads(batch, acts, grads)?;
+        self.parts().train(&mut Plain(&self.be), batch, acts, grads, grad_scale)
+    }
+
+    /// `forward_backward` with `hooks` told of every unit before and after it is read and when its gradients
+    /// are complete (`training_events` order): the seam of ZeRO-2/3.
+    pub fn forward_backward_with(
+        &mut self,
+        batch: &BatchInput<'_>,
+        acts: &mut Activations<B>,
+        grads: &mut B::Buf,
+        grad_scale: f32,
+        hooks: &mut dyn UnitHooks<B>,
+    ) -> Result<(f64, usize)> {
+        self.check_grads(batch, acts, grads)?;
+        let parts = Parts { cfg: &self.config, layers: &self.layers, d: self.descriptors() };
+        parts.train(&mut Hooked { be: &mut self.be, hooks }, batch, acts, grads, grad_scale)
+    }
+
+    fn check_grads(&self, batch: &BatchInput<'_>, acts: &Activations<B>, grads: &B::Buf) -> Result<()> {
         self.check_capacity(batch, acts)?;
         if B::len(grads) != self.layout.total {
             return Err(Error::invalid(format!(
@@ -293,20 +393,103 @@ impl<B: Backend> Model<B> {
                 self.layout.total
             )));
         }
-        let (be, n, c) = (&self.be, batch.rows(), self.config.hidden_size);
-        self.forward_body(batch, acts);
+        Ok(())
+    }
+}
+
+/// What the forward and backward loops read besides the backend.
+struct Parts<'a> {
+    cfg: &'a NeoxConfig,
+    layers: &'a [LayerParams],
+    d: Descriptors,
+}
+
+/// The tensors outside the layers, as the backend addresses them.
+#[derive(Clone, Copy)]
+struct Descriptors {
+    heads: Heads,
+    embed: Embedding,
+    lnf: LayerNorm,
+    head: Linear,
+}
+
+impl Parts<'_> {
+    fn shape(&self, batch: &BatchInput<'_>) -> AttnShape {
+        let c = self.cfg;
+        AttnShape { b: batch.batch_size, t: batch.seq_len, h: c.num_attention_heads, d: c.head_dim() }
+    }
+
+    /// Embedding, all layers and the final LayerNorm; activations kept per `acts.recompute`. Leaves the last
+    /// unit (final norm + head) acquired: the caller releases it.
+    fn body<B: Backend>(
+        &self,
+        acc: &mut impl Access<B>,
+        batch: &BatchInput<'_>,
+        acts: &mut Activations<B>,
+    ) -> Result<()> {
+        use UnitEvent::*;
+        let (n, c, layers) = (batch.rows(), self.cfg.hidden_size, self.layers.len());
+        let (vis, shape) = (visibility(batch), self.shape(batch));
+        acc.be().rope_table(&mut acts.cos, &mut acts.sin, batch.position_ids, self.d.heads);
+        // embed_in: ids (N) -> x0 (N,C)
+        acc.event(Acquire(0), None)?;
+        acc.be().embed(&mut acts.x[0], batch.input_ids, self.d.embed);
+        acc.event(Release(0), None)?;
+        for (l, p) in self.layers.iter().enumerate() {
+            acc.event(Acquire(l + 1), None)?;
+            let (lo, hi) = acts.x.split_at_mut(l + 1);
+            let a = &mut acts.layers[if acts.recompute { 0 } else { l }];
+            let rope = (&acts.cos, &acts.sin);
+            let step = Step { n, act: &mut acts.act, rope, attend: Attend::Batch { vis, shape } };
+            Block { be: acc.be(), cfg: self.cfg, heads: self.d.heads }.forward(l, p, (&lo[l], &mut hi[0]), a, step);
+            acc.event(Release(l + 1), None)?;
+        }
+        acc.event(Acquire(layers + 1), None)?;
+        let be = acc.be();
+        be.layernorm(&mut acts.lnf_out, &mut acts.lnf_stats, &acts.x[layers], self.d.lnf, n);
+        be.operand(&mut acts.lnf_out, n * c);
+        Ok(())
+    }
+
+    fn loss<B: Backend>(
+        &self,
+        acc: &mut impl Access<B>,
+        batch: &BatchInput<'_>,
+        acts: &mut Activations<B>,
+    ) -> Result<(f64, usize)> {
+        self.body(acc, batch, acts)?;
         batch.targets(&mut acts.targets);
+        let loss = acc.be().lm_head_loss(&acts.lnf_out, self.d.head, &acts.targets, None, &mut acts.loss);
+        acc.event(UnitEvent::Release(self.layers.len() + 1), None)?;
+        Ok((loss, acts.targets.len()))
+    }
+
+    fn train<B: Backend>(
+        &self,
+        acc: &mut impl Access<B>,
+        batch: &BatchInput<'_>,
+        acts: &mut Activations<B>,
+        grads: &mut B::Buf,
+        grad_scale: f32,
+    ) -> Result<(f64, usize)> {
+        use UnitEvent::*;
+        let (n, c, layers) = (batch.rows(), self.cfg.hidden_size, self.layers.len());
+        self.body(acc, batch, acts)?;
+        batch.targets(&mut acts.targets);
+        let be = acc.be();
         // lm head + loss: (N,C) -> Σ loss; ∂/∂lnf_out into dln
         be.zero(&mut acts.dln, n * c);
         let grad = HeadGrad { dx: &mut acts.dln, grads: &mut *grads, scale: grad_scale };
-        let loss = be.lm_head_loss(&acts.lnf_out, self.head(), &acts.targets, Some(grad), &mut acts.loss);
+        let loss = be.lm_head_loss(&acts.lnf_out, self.d.head, &acts.targets, Some(grad), &mut acts.loss);
         // final LayerNorm: ∂/∂x_L into dres
         be.zero(&mut acts.dres, n * c);
-        let last = &acts.x[self.config.num_hidden_layers];
-        be.layernorm_bwd(&mut acts.dres, grads, &acts.dln, (last, &acts.lnf_stats), self.final_norm(), n);
+        be.layernorm_bwd(&mut acts.dres, grads, &acts.dln, (&acts.x[layers], &acts.lnf_stats), self.d.lnf, n);
+        acc.event(GradsReady(layers + 1), Some(grads))?;
+        acc.event(Release(layers + 1), None)?;
         let (vis, shape) = (visibility(batch), self.shape(batch));
-        let block = self.block();
         for (l, p) in self.layers.iter().enumerate().rev() {
+            acc.event(Acquire(l + 1), None)?;
+            let block = Block { be: acc.be(), cfg: self.cfg, heads: self.d.heads };
             let (lo, hi) = acts.x.split_at_mut(l + 1);
             let a = &mut acts.layers[if acts.recompute { 0 } else { l }];
             if acts.recompute {
@@ -327,9 +510,12 @@ impl<B: Backend> Model<B> {
             };
             let fwd = Backward { n, rope: (&acts.cos, &acts.sin), vis, shape, act_ready: acts.recompute };
             block.backward(p, &lo[l], a, &mut g, fwd);
+            acc.event(GradsReady(l + 1), Some(grads))?;
+            acc.event(Release(l + 1), None)?;
         }
-        // embed_in: scatter-add rows of ∂L/∂x0
-        be.embed_bwd(grads, &acts.dres, batch.input_ids, self.embedding());
+        // embed_in: scatter-add rows of ∂L/∂x0 (reads no parameter)
+        acc.be().embed_bwd(grads, &acts.dres, batch.input_ids, self.d.embed);
+        acc.event(GradsReady(0), Some(grads))?;
         Ok((loss, acts.targets.len()))
     }
 }

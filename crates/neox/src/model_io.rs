@@ -25,6 +25,12 @@ impl Model<Cpu> {
 
     /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.
     pub fn save(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
+        self.save_config(dir, dtype)?;
+        weights::save_safetensors(&dir.join("model.safetensors"), &self.layout, self.params(), dtype)
+    }
+
+    /// `config.json` alone (with `torch_dtype` naming `dtype`), as `save` writes it.
+    pub fn save_config(&self, dir: &Path, dtype: SaveDtype) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut cfg = self.config.to_json();
         if let Some(m) = cfg.as_object_mut() {
@@ -32,8 +38,7 @@ impl Model<Cpu> {
         }
         let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::invalid(e.to_string()))? + "\n";
         let cpath = dir.join("config.json");
-        common::atomic_write(&cpath, text.as_bytes()).map_err(|e| Error::io(&cpath, e))?;
-        weights::save_safetensors(&dir.join("model.safetensors"), &self.layout, self.params(), dtype)
+        common::atomic_write(&cpath, text.as_bytes()).map_err(|e| Error::io(&cpath, e))
     }
 
     /// Resize `embed_in` and `embed_out` to `new_vocab` rows as Dolly does: shrinking keeps the first rows;

@@ -72,6 +72,50 @@ impl AdamW {
         self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef, Some(into));
     }
 
+    /// The update of a shard (ZeRO-1/2/3): `self.m` and `self.v` hold only the elements of `ranges` (global
+    /// offsets into the flat buffers, ascending), concatenated; `params` and `grads` are full-length buffers of
+    /// which only `ranges` are read. Every element gets bitwise the update `step_scaled_and_zero` gives it on the
+    /// whole buffer; the gradients in `ranges` are zeroed.
+    pub fn step_ranges(
+        &mut self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        ranges: &[std::ops::Range<usize>],
+        lr: f32,
+        layout: &Layout,
+        coef: f32,
+    ) {
+        let held: usize = ranges.iter().map(|r| r.len()).sum();
+        assert!(held == self.m.len() && held == self.v.len() && params.len() == grads.len());
+        assert!(ranges.iter().all(|r| r.end <= params.len()));
+        self.step += 1;
+        let c = self.cfg;
+        let (step_size, bc2_sqrt) = bias_corrections(c, self.step, lr);
+        let scaled = coef < 1.0;
+        let mut local = 0usize;
+        for r in ranges {
+            for info in &layout.params {
+                let t = info.range();
+                let (a, b) = (t.start.max(r.start), t.end.min(r.end));
+                if a >= b {
+                    continue;
+                }
+                let decay = if info.decay { (1.0 - lr as f64 * c.weight_decay as f64) as f32 } else { 1.0 };
+                let k = Scalars { cfg: c, coef, scaled, decay, step_size, bc2_sqrt };
+                let l = local + (a - r.start)..local + (b - r.start);
+                params[a..b]
+                    .par_chunks_mut(CHUNK)
+                    .zip(self.m[l.clone()].par_chunks_mut(CHUNK).zip(self.v[l.clone()].par_chunks_mut(CHUNK)))
+                    .zip(grads[a..b].par_chunks_mut(CHUNK))
+                    .for_each(|((p, (m, v)), g)| {
+                        pulp::Arch::new().dispatch(|| k.apply(p, m, v, g));
+                        g.fill(0.0);
+                    });
+            }
+            local += r.len();
+        }
+    }
+
     fn update(
         &mut self,
         params: &mut [f32],
@@ -89,11 +133,7 @@ impl AdamW {
         self.step += 1;
         let c = self.cfg;
         // Scalars in f64 as PyTorch computes them in Python floats.
-        let t = self.step as i32;
-        let bc1 = 1.0 - (c.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (c.beta2 as f64).powi(t);
-        let step_size = (lr as f64 / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
+        let (step_size, bc2_sqrt) = bias_corrections(c, self.step, lr);
         let scaled = coef < 1.0;
         let (gptr, zero) = match grads {
             GradSource::Read(g) => (SendPtr(g.as_ptr() as *mut f32), false),
@@ -121,19 +161,8 @@ impl AdamW {
                     // SAFETY: chunk k of this tensor covers [off, off + p.len()) inside grads (same length as
                     // params, asserted); chunks are disjoint, and only this task reads (and maybe zeroes) them.
                     let g = unsafe { std::slice::from_raw_parts(gptr.get().add(off) as *const f32, p.len()) };
-                    // zipped iterators (no bounds checks) so the loop vectorises, square root and divisions
-                    // included: a scalar loop was compute-bound (docs/benchmarks.md#training-step-tuning)
-                    pulp::Arch::new().dispatch(|| {
-                        for ((p, m), (v, &g)) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut().zip(g)) {
-                            let gi = if scaled { g * coef } else { g };
-                            let mi = c.beta1 * *m + (1.0 - c.beta1) * gi;
-                            let vi = c.beta2 * *v + (1.0 - c.beta2) * gi * gi;
-                            *m = mi;
-                            *v = vi;
-                            let denom = vi.sqrt() / bc2_sqrt + c.eps;
-                            *p = *p * decay - step_size * (mi / denom);
-                        }
-                    });
+                    let k = Scalars { cfg: c, coef, scaled, decay, step_size, bc2_sqrt };
+                    pulp::Arch::new().dispatch(|| k.apply(p, m, v, g));
                     if zero {
                         // SAFETY: as above; the pointer came from the `&mut` grads of `ReadAndZero`, and the
                         // shared slice `g` is no longer used.
@@ -149,6 +178,43 @@ impl AdamW {
                         unsafe { transpose_block(wt.get().add(r.start + r0), rows, p, nr, cols, round) };
                     }
                 });
+        }
+    }
+}
+
+/// PyTorch's bias-corrected step size and sqrt(1 - beta2^t) for step `t` (scalars in f64, as Python floats).
+fn bias_corrections(c: AdamWConfig, t: u64, lr: f32) -> (f32, f32) {
+    let t = t as i32;
+    let bc1 = 1.0 - (c.beta1 as f64).powi(t);
+    let bc2 = 1.0 - (c.beta2 as f64).powi(t);
+    ((lr as f64 / bc1) as f32, bc2.sqrt() as f32)
+}
+
+/// The per-element AdamW update of one tensor's block (every path applies exactly this).
+#[derive(Clone, Copy)]
+struct Scalars {
+    cfg: AdamWConfig,
+    coef: f32,
+    scaled: bool,
+    decay: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+impl Scalars {
+    /// zipped iterators (no bounds checks) so the loop vectorises, square root and divisions included: a scalar
+    /// loop was compute-bound (docs/benchmarks.md#training-step-tuning)
+    #[inline(always)]
+    fn apply(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        let c = self.cfg;
+        for ((p, m), (v, &g)) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut().zip(g)) {
+            let gi = if self.scaled { g * self.coef } else { g };
+            let mi = c.beta1 * *m + (1.0 - c.beta1) * gi;
+            let vi = c.beta2 * *v + (1.0 - c.beta2) * gi * gi;
+            *m = mi;
+            *v = vi;
+            let denom = vi.sqrt() / self.bc2_sqrt + c.eps;
+            *p = *p * self.decay - self.step_size * (mi / denom);
         }
     }
 }

@@ -1,21 +1,23 @@
-//! Checkpoints `OUT/checkpoint-STEP/`: float32 master weights in HF layout (`config.json`, `model.safetensors`),
-//! AdamW moments (`optimizer.safetensors`), `trainer_state.json` (step, sampler cursor, RNG/scheduler state,
-//! log accumulators, resolved config), `manifest.json` (sha256 and size per file) and, written last, the
-//! `COMPLETE` marker. A directory without the marker, or whose files do not match the manifest, is not a
-//! checkpoint: `latest` skips it and saving the same step again replaces it. Checkpoints also carry the
-//! tokenizer files, so each is a self-contained HF model directory. Retention keeps the newest N of the
-//! current run (other runs' checkpoints are never deleted). Weights that are not finite are never saved.
+//! Checkpoints `OUT/checkpoint-STEP/`: the weights and AdamW moments (format 2, written by every rank:
+//! `checkpoint_shards.rs`; format 1, `model.safetensors` + `optimizer.safetensors`, is still read),
+//! `config.json`, `trainer_state.json` (step, sampler cursor, log accumulators, resolved config), the tokenizer
+//! files, `manifest.json` (sha256 and size per file) and, written last, the `COMPLETE` marker. A directory
+//! without the marker, or whose files do not match the manifest, is not a checkpoint: `latest` skips it and
+//! saving the same step again replaces it. Retention keeps the newest N of the current run (other runs'
+//! checkpoints are never deleted). Weights that are not finite are never saved.
 
 use crate::config::TrainConfig;
 use crate::error::{io_ctx, Result, TrainError};
-use data::{DollyTokenizer, SamplerState};
-use neox::{AdamW, Model, SaveDtype};
+use data::SamplerState;
+use neox::Model;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 pub const MARKER: &str = "COMPLETE";
+/// The files a format-1 checkpoint must list; format 2 lists `shards.json` and its shards instead of the two
+/// safetensors files.
 const FILES: [&str; 4] = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"];
-const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+pub const TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
 
 /// Everything besides tensors that an exact resume needs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,6 +45,14 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     pub elapsed_at_log: f64,
     pub config: TrainConfig,
+    /// Processes, ZeRO stage and global batch (micro-batch x accumulation x processes) of the run that saved
+    /// it; a resume may use others (the checkpoint reshards on load). 0 in checkpoints from before them.
+    #[serde(default)]
+    pub world: u32,
+    #[serde(default)]
+    pub zero_stage: u8,
+    #[serde(default)]
+    pub global_batch: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,8 +93,10 @@ pub fn is_complete(dir: &Path) -> bool {
     let Ok(m) = serde_json::from_str::<std::collections::BTreeMap<String, ManifestEntry>>(&text) else {
         return false;
     };
-    FILES.iter().all(|f| m.contains_key(*f))
-        && m.iter().all(|(f, e)| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == e.bytes))
+    let v1 = FILES.iter().all(|f| m.contains_key(*f));
+    let v2 =
+        ["config.json", "trainer_state.json", crate::checkpoint_shards::SHARDS_FILE].iter().all(|f| m.contains_key(*f));
+    (v1 || v2) && m.iter().all(|(f, e)| std::fs::metadata(dir.join(f)).is_ok_and(|md| md.len() == e.bytes))
 }
 
 /// Full check: every file's sha256 equals the manifest's.
@@ -154,57 +166,38 @@ pub fn check_finite(model: &Model, what: &str) -> Result<()> {
     }
 }
 
-/// Write checkpoint `state.global_step` under `out` (with the tokenizer files when given); returns its
-/// directory. Refuses non-finite weights.
-pub fn save(
-    out: &Path,
-    model: &Model,
-    opt: &AdamW,
-    state: &TrainerState,
-    tok: Option<&DollyTokenizer>,
-) -> Result<PathBuf> {
-    check_finite(model, &format!("checkpoint at step {}", state.global_step))?;
-    let dir = dir_for(out, state.global_step);
-    if dir.exists() {
-        // A leftover from a crash (or a re-save of the same step): replace it whole.
-        io_ctx(std::fs::remove_dir_all(&dir), || format!("removing stale {}", dir.display()))?;
+/// Err naming the first non-finite element of `model` inside `ranges`.
+pub fn check_finite_ranges(model: &Model, ranges: &[std::ops::Range<usize>], what: &str) -> Result<()> {
+    let params = model.params();
+    for p in &model.layout.params {
+        for r in ranges {
+            let (a, b) = (p.offset.max(r.start), (p.offset + p.numel()).min(r.end));
+            if let Some(i) = (a < b).then(|| params[a..b].iter().position(|x| !x.is_finite())).flatten() {
+                crate::bail!(
+                    "{what}: the weights are not finite (first in `{}`, element {}); nothing was written. Lower \
+                     --lr, check --adam-beta2/--adam-epsilon, or resume from an earlier checkpoint",
+                    p.name,
+                    a - p.offset + i
+                );
+            }
+        }
     }
-    model.save(&dir, SaveDtype::F32)?;
-    let names: Vec<String> = model.layout.params.iter().map(|p| p.name.clone()).collect();
-    let mut tensors: Vec<(String, &[usize], &[f32])> = Vec::new();
-    for (p, name) in model.layout.params.iter().zip(&names) {
-        tensors.push((format!("exp_avg.{name}"), &p.shape, &opt.m[p.range()]));
-        tensors.push((format!("exp_avg_sq.{name}"), &p.shape, &opt.v[p.range()]));
-    }
-    let refs: Vec<(&str, &[usize], &[f32])> = tensors.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
-    neox::weights::save_tensors(&dir.join("optimizer.safetensors"), &refs, SaveDtype::F32)?;
-    if std::env::var("DOLLY_FAULT_ABORT_IN_CHECKPOINT").ok() == Some(state.global_step.to_string()) {
-        // Test-only: die like `kill -9` halfway through writing this checkpoint.
-        std::process::abort();
-    }
-    let st = serde_json::to_string_pretty(state).map_err(|e| TrainError(e.to_string()))?;
-    let sp = dir.join("trainer_state.json");
-    io_ctx(common::atomic_write(&sp, st.as_bytes()), || sp.display().to_string())?;
-    let mut files: Vec<&str> = FILES.to_vec();
-    if let Some(t) = tok {
-        t.save_pretrained(&dir, Some(model.config.max_position_embeddings))?;
-        files.extend(TOKENIZER_FILES);
-    }
-    let mut manifest = std::collections::BTreeMap::new();
-    for f in files {
-        let p = dir.join(f);
-        let sha = io_ctx(common::sha256_file(&p), || p.display().to_string())?;
-        let bytes = io_ctx(std::fs::metadata(&p), || p.display().to_string())?.len();
-        manifest.insert(f.to_string(), ManifestEntry { sha256: sha, bytes });
-    }
+    Ok(())
+}
+
+/// Write `manifest.json` for `entries` (file, sha256, bytes), then the `COMPLETE` marker: the checkpoint's
+/// commit point.
+pub fn write_manifest_and_marker(dir: &Path, entries: &[(String, String, u64)], step: u64) -> Result<()> {
+    let manifest: std::collections::BTreeMap<&str, ManifestEntry> = entries
+        .iter()
+        .map(|(f, sha, bytes)| (f.as_str(), ManifestEntry { sha256: sha.clone(), bytes: *bytes }))
+        .collect();
     let mp = dir.join("manifest.json");
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| TrainError(e.to_string()))?;
     io_ctx(common::atomic_write(&mp, text.as_bytes()), || mp.display().to_string())?;
     let marker = dir.join(MARKER);
-    io_ctx(common::atomic_write(&marker, format!("step {}\n", state.global_step).as_bytes()), || {
-        marker.display().to_string()
-    })?;
-    Ok(dir)
+    io_ctx(common::atomic_write(&marker, format!("step {step}\n").as_bytes()), || marker.display().to_string())?;
+    Ok(())
 }
 
 /// The `trainer_state.json` of a checkpoint directory.
@@ -214,7 +207,7 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).map_err(|e| TrainError(format!("{}: {e}", sp.display())))
 }
 
-/// Load a checkpoint that `verify` passed: (model, optimizer moments m and v, state).
+/// Load a format-1 checkpoint that `verify` passed: (model, optimizer moments m and v, state).
 pub fn load(dir: &Path) -> Result<(Model, Vec<f32>, Vec<f32>, TrainerState)> {
     let model = Model::load(dir)?;
     let state = read_state(dir)?;

@@ -116,6 +116,15 @@ pub struct TrainConfig {
     pub overwrite_output_dir: bool,
     /// `tensorboard` (event files in OUT/runs/, the seed trainer's default) or `none`.
     pub report_to: String,
+    /// ZeRO stage 0-3 across the processes of a distributed run (None: the DeepSpeed JSON's, else 0).
+    pub zero_stage: Option<u8>,
+    /// `global-token-mean` (the loss of a step is its summed token loss over every micro-batch and process,
+    /// divided by the step's supervised-token count: torchtitan, current HF) or `per-device-mean` (each
+    /// micro-batch's mean, averaged over micro-batches and processes: the seed's HF 4.28 + DeepSpeed numbers).
+    pub loss_normalization: String,
+    /// DeepSpeed JSON `train_batch_size`, checked against micro-batch x accumulation x processes at start.
+    #[serde(skip)]
+    pub deepspeed_train_batch_size: Option<u64>,
 }
 
 impl Default for TrainConfig {
@@ -159,6 +168,9 @@ impl Default for TrainConfig {
             min_lr: 0.0,
             overwrite_output_dir: false,
             report_to: "tensorboard".into(),
+            zero_stage: None,
+            loss_normalization: "global-token-mean".into(),
+            deepspeed_train_batch_size: None,
         }
     }
 }
@@ -275,6 +287,15 @@ impl TrainConfig {
         if !matches!(self.on_bad_record.as_str(), "fail" | "skip") {
             return Err(format!("on-bad-record must be `fail` or `skip`, got `{}`", self.on_bad_record));
         }
+        if let Some(z) = self.zero_stage.filter(|&z| z > 3) {
+            return Err(format!("zero-stage must be 0, 1, 2 or 3, got {z}"));
+        }
+        if !matches!(self.loss_normalization.as_str(), "global-token-mean" | "per-device-mean") {
+            return Err(format!(
+                "loss-normalization must be `global-token-mean` or `per-device-mean`, got `{}`",
+                self.loss_normalization
+            ));
+        }
         if !matches!(self.report_to.as_str(), "tensorboard" | "none") {
             return Err(format!("report-to must be `tensorboard` or `none`, got `{}`", self.report_to));
         }
@@ -329,7 +350,7 @@ impl TrainConfig {
             ("training-dataset", self.training_dataset.clone()),
             ("seed", self.seed.to_string()),
             ("per-device-train-batch-size", self.per_device_train_batch_size.to_string()),
-            ("gradient-accumulation-steps", self.gradient_accumulation_steps.to_string()),
+            ("loss-normalization", self.loss_normalization.clone()),
             ("test-size", self.test_size.to_string()),
             ("max-length", opt(self.max_length)),
             ("packing", self.packing.to_string()),

@@ -159,24 +159,49 @@ pub fn apply(path: &Path, cfg: &mut TrainConfig) -> Result<DeepSpeedReport, Stri
         r.applied.push(format!("train_micro_batch_size_per_gpu = {m}"));
     }
     if let Some(t) = whole(&v, "train_batch_size", path, 1)? {
-        // DeepSpeed's own rule: train_batch_size = micro-batch x accumulation x data-parallel ranks (1 here).
-        let want = (cfg.per_device_train_batch_size as u64).saturating_mul(cfg.gradient_accumulation_steps as u64);
-        if t != want {
-            return Err(format!(
-                "{}: `train_batch_size` {t} != micro-batch {} x gradient accumulation {} x 1 process",
-                path.display(),
-                cfg.per_device_train_batch_size,
-                cfg.gradient_accumulation_steps
-            ));
-        }
+        // DeepSpeed's own rule, train_batch_size = micro-batch x accumulation x data-parallel ranks, is checked
+        // once the process count is known (at the start of training).
+        cfg.deepspeed_train_batch_size = Some(t);
     }
     if let Some(z) = v.get("zero_optimization") {
-        let stage = z.get("stage").and_then(|x| x.as_u64()).unwrap_or(0);
-        r.not_honoured.push(format!(
-            "zero_optimization.stage {stage}: one process holds all parameters and optimizer state here"
-        ));
-        if z.get("offload_optimizer").is_some() || z.get("offload_param").is_some() {
-            r.not_honoured.push("offload_optimizer/offload_param: state already lives in CPU memory".into());
+        match z.get("stage") {
+            None => {}
+            Some(x) => match x.as_u64().filter(|&s| s <= 3) {
+                Some(stage) => {
+                    cfg.zero_stage = Some(stage as u8);
+                    r.applied.push(format!("zero_optimization.stage = {stage}"));
+                }
+                None => {
+                    return Err(format!("{}: `zero_optimization.stage` must be 0, 1, 2 or 3, got {x}", path.display()))
+                }
+            },
+        }
+        for k in ["offload_optimizer", "offload_param"] {
+            if z.get(k).is_some() {
+                r.not_honoured.push(format!(
+                    "zero_optimization.{k}: has no meaning on CPU (the state already lives in host memory)"
+                ));
+            }
+        }
+        for k in [
+            "overlap_comm",
+            "contiguous_gradients",
+            "reduce_bucket_size",
+            "stage3_prefetch_bucket_size",
+            "stage3_param_persistence_threshold",
+            "stage3_max_live_parameters",
+            "stage3_max_reuse_distance",
+            "stage3_gather_16bit_weights_on_model_save",
+            "sub_group_size",
+            "allgather_partitions",
+            "allgather_bucket_size",
+            "reduce_scatter",
+        ] {
+            if z.get(k).is_some() {
+                r.not_honoured.push(format!(
+                    "zero_optimization.{k}: dolly communicates per unit (embedding, each layer, head); see docs/distributed.md"
+                ));
+            }
         }
     }
     for k in ["steps_per_print", "wall_clock_breakdown"] {
@@ -198,7 +223,26 @@ mod tests {
         let r = apply(&p, &mut c).unwrap();
         assert_eq!(c.lr_scheduler, LrScheduler::WarmupLog);
         assert_eq!((c.lr, c.warmup_steps, c.bf16), (5e-6, 50, Some(true)));
-        assert!(r.not_honoured.iter().any(|s| s.contains("stage 3")));
+        assert_eq!(c.zero_stage, Some(3), "the seed's ZeRO-3 is applied, not reported");
+        assert!(r.applied.iter().any(|s| s == "zero_optimization.stage = 3"), "{:?}", r.applied);
+        assert!(r.not_honoured.iter().any(|s| s.contains("stage3_max_live_parameters")), "{:?}", r.not_honoured);
+    }
+
+    #[test]
+    fn zero_stage_is_checked_and_train_batch_size_is_kept_for_the_start_check() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ds.json");
+        std::fs::write(&p, "{\"zero_optimization\": {\"stage\": 4}}").unwrap();
+        assert!(apply(&p, &mut TrainConfig::default()).unwrap_err().contains("`zero_optimization.stage`"));
+        std::fs::write(
+            &p,
+            "{\"train_batch_size\": 16, \"zero_optimization\": {\"stage\": 1, \"offload_optimizer\": {}}}",
+        )
+        .unwrap();
+        let mut c = TrainConfig::default();
+        let r = apply(&p, &mut c).unwrap();
+        assert_eq!((c.zero_stage, c.deepspeed_train_batch_size), (Some(1), Some(16)));
+        assert!(r.not_honoured.iter().any(|s| s.contains("offload_optimizer") && s.contains("no meaning on CPU")));
     }
 
     #[test]
@@ -222,7 +266,6 @@ mod tests {
             ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"eps\": 0}}}", "eps"),
             ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"betas\": [1, 1]}}}", "betas[0]"),
             ("{\"optimizer\": {\"type\": \"AdamW\", \"params\": {\"betas\": [0.9]}}}", "betas"),
-            ("{\"train_batch_size\": 16, \"train_micro_batch_size_per_gpu\": 4}", "train_batch_size"),
         ] {
             std::fs::write(&p, json).unwrap();
             let e = apply(&p, &mut TrainConfig::default()).unwrap_err();

@@ -1,11 +1,14 @@
-//! `train`: Dolly fine-tuning on one machine — typed config (TOML + CLI), DeepSpeed JSON, schedules, the loop,
-//! checkpoints with exact resume, metrics, and the Hugging Face export. Model math lives in `neox`, data in
+//! `train`: Dolly fine-tuning on one process or many (data parallel with ZeRO stages 0-3 over `dist`'s
+//! collectives) — typed config (TOML + CLI), DeepSpeed JSON, schedules, the loop, world-independent checkpoints
+//! with exact resume, metrics, and the Hugging Face export. Model math lives in `neox`, data in
 //! `data`; this crate only orchestrates.
 
 pub mod batches;
 pub mod checkpoint;
+pub mod checkpoint_shards;
 pub mod config;
 pub mod deepspeed;
+pub mod dist_run;
 pub mod error;
 pub mod memory;
 pub mod metrics;
@@ -17,6 +20,7 @@ pub mod schedule;
 pub mod start;
 pub mod tensorboard;
 pub mod trainer;
+pub mod zero;
 
 pub use config::{LrScheduler, TestSize, TrainConfig};
 pub use error::{Result, TrainError};

@@ -1,23 +1,31 @@
 //! The training loop, in one readable place: check everything cheap first (paths, the run directory, the
 //! model's config.json, the data, the memory the run needs), then load the weights, then per optimizer step
-//! micro-batches -> forward/backward (token-weighted over the whole step) -> finite check -> clip -> AdamW ->
-//! schedule -> log -> eval -> checkpoint; finally the Hugging Face export. Resume restores weights, moments,
-//! sampler cursor and log accumulators so the continued run is bit-identical to an uninterrupted one.
+//! micro-batches -> forward/backward (token-weighted over the whole step) -> reduce -> finite check -> clip ->
+//! AdamW -> schedule -> log -> eval -> checkpoint; finally the Hugging Face export. Resume restores weights,
+//! moments, sampler cursor and log accumulators so the continued run is bit-identical to an uninterrupted one.
 //! SIGINT/SIGTERM (the `stop` flag) end the run after the current step with a checkpoint.
+//!
+//! Distributed (`Control::comm`): every rank draws the same global step (processes x accumulation
+//! micro-batch slots of the seeded order) and computes slots `rank·A .. rank·A + A`; the ZeRO stage
+//! (`zero.rs`) decides what is sharded and reduced. Only rank 0 prints, logs, plots and writes the export;
+//! every rank writes its checkpoint shard.
 
 use crate::batches::BatchSource;
 use crate::checkpoint::{self, TrainerState};
 use crate::config::TrainConfig;
+use crate::dist_run::{self, fnv, FNV0};
 use crate::error::{io_ctx, Result, TrainError};
 use crate::metrics::Metrics;
 use crate::model_source::resolve_model;
 use crate::progress::{LogLine, Progress};
 use crate::rundir::{self, RunInfo};
 use crate::schedule::Schedule;
-use crate::start::{check_dataset_source, check_resume_compatible, plan, Plan};
-use crate::{bail, memory};
+use crate::start::{check_dataset_source, check_resume_compatible, Plan};
+use crate::zero::{self, dist_err, Shards, Zero};
+use crate::{bail, checkpoint_shards, memory};
 use data::{BadRecordPolicy, DollyTokenizer, Example, HubOptions, PrepareOptions, Sampler};
-use neox::{clip_coef, Activations, AdamW, AdamWConfig, BatchInput, Model, NeoxConfig, SaveDtype};
+use dist::Collective;
+use neox::{clip_coef, Activations, AdamWConfig, BatchInput, Layout, Model, NeoxConfig, SaveDtype};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,10 +56,12 @@ pub struct RunSummary {
     pub outcome: Outcome,
 }
 
-/// The caller's side of a run: where notes go, and a flag that asks the loop to stop after the current step.
+/// The caller's side of a run: where notes go, a flag that asks the loop to stop after the current step, and the
+/// processes of a distributed run (None: this process alone).
 pub struct Control<'a> {
     pub say: &'a dyn Fn(&str),
     pub stop: Option<&'a AtomicBool>,
+    pub comm: Option<&'a dyn Collective>,
 }
 
 fn view(b: &data::Batch) -> BatchInput<'_> {
@@ -66,17 +76,35 @@ fn view(b: &data::Batch) -> BatchInput<'_> {
     }
 }
 
-fn eval_loss(model: &Model, test: &[Example], bs: usize, acts: &mut Activations) -> Result<(f64, usize)> {
-    let (mut sum, mut n) = (0f64, 0usize);
-    for chunk in test.chunks(bs) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+/// Evaluation loss sum and target count over `test`, split over the ranks (batch i on rank i mod world) and
+/// added up in batch order: the same value for any process count.
+fn eval_loss(
+    model: &mut Model,
+    zero: &mut Zero<'_>,
+    test: &[Example],
+    bs: usize,
+    acts: &mut Activations,
+) -> Result<(f64, usize)> {
+    let (rank, world) = (zero.shards.rank, zero.shards.world);
+    let n = test.len().div_ceil(bs);
+    let mut sums = vec![0f64; 2 * n];
+    for k in 0..n.div_ceil(world) {
+        let i = k * world + rank;
+        if i >= n {
+            zero.empty_eval(model)?;
+            continue;
+        }
+        let refs: Vec<&Example> = test[i * bs..((i + 1) * bs).min(test.len())].iter().collect();
         let b = data::pad_batch(&refs, 8, 0)?;
         acts.ensure(&model.config, b.batch_size, b.seq_len);
-        let (s, c) = model.forward_loss(&view(&b), acts)?;
-        sum += s;
-        n += c;
+        let (s, c) = zero.eval_batch(model, &view(&b), acts)?;
+        sums[2 * i] = s;
+        sums[2 * i + 1] = c as f64;
     }
-    Ok((sum, n))
+    zero.comm.all_reduce_sum_f64(&mut sums).map_err(dist_err)?;
+    let loss = sums.iter().step_by(2).sum::<f64>();
+    let count = sums.iter().skip(1).step_by(2).sum::<f64>();
+    Ok((loss, count as usize))
 }
 
 /// `14,067,712`.
@@ -94,21 +122,29 @@ fn thousands(n: u64) -> String {
 
 /// Run (or resume) a training job. `say` receives human-readable progress notes.
 pub fn train(cfg: TrainConfig, say: &dyn Fn(&str)) -> Result<RunSummary> {
-    train_with(cfg, &Control { say, stop: None })
+    train_with(cfg, &Control { say, stop: None, comm: None })
 }
 
 /// `train` with a stop flag (set by the caller's signal handler).
 pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
-    let say = ctl.say;
-    let stop_requested = || ctl.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    let single = dist::Single;
+    let comm: &dyn Collective = ctl.comm.unwrap_or(&single);
+    let (rank, world) = (comm.rank(), comm.world());
+    let quiet = |_: &str| {};
+    let say: &dyn Fn(&str) = if rank == 0 { ctl.say } else { &quiet };
+    let local_stop = || ctl.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    // a stop request on any rank stops every rank after the same step
+    let stop_requested = || dist_run::any(comm, local_stop());
     cfg.validate()?;
     check_dataset_source(&cfg.training_dataset)?;
     let out = cfg.output_dir().to_path_buf();
     io_ctx(std::fs::create_dir_all(&out), || format!("cannot create output directory {}", out.display()))?;
-    let probe = out.join(".dolly-write-probe");
+    let probe = out.join(format!(".dolly-write-probe-{rank}"));
     io_ctx(common::atomic_write(&probe, b"ok"), || format!("output directory {} is not writable", out.display()))?;
     let _ = std::fs::remove_file(&probe);
-    let (plan, run_info) = plan(&cfg, &out, say)?;
+    let (plan, run_info) = dist_run::shared_plan(comm, &cfg, &out, say)?;
+    let stage = cfg.zero_stage.unwrap_or(0);
+    let per_device_mean = cfg.loss_normalization == "per-device-mean";
     let bf16 = cfg.bf16.unwrap_or(false);
 
     // ---- the model's config and tokenizer (no weights yet)
@@ -163,7 +199,16 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     };
     let mut src = BatchSource { sampler, batch_size: cfg.per_device_train_batch_size, pack_len };
     let accum = cfg.gradient_accumulation_steps as u64;
-    let steps_per_epoch = src.micro_batches_in_epoch(train_ex, 0)?.div_ceil(accum).max(1);
+    // micro-batch slots of one optimizer step over all processes
+    let slots = accum * world as u64;
+    let global_batch = cfg.per_device_train_batch_size as u64 * slots;
+    if let Some(t) = cfg.deepspeed_train_batch_size.filter(|&t| t != global_batch) {
+        bail!(
+            "the DeepSpeed config's `train_batch_size` {t} != micro-batch {} x gradient accumulation {accum} x              {world} process(es) = {global_batch}",
+            cfg.per_device_train_batch_size
+        );
+    }
+    let steps_per_epoch = src.micro_batches_in_epoch(train_ex, 0)?.div_ceil(slots).max(1);
     let total_steps = cfg.total_steps(steps_per_epoch);
     let sched = Schedule {
         kind: cfg.lr_scheduler,
@@ -192,6 +237,12 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             let tps = s.tokens_seen as f64 / s.elapsed_s.max(1e-9);
             return Ok(summary(out, s.global_step, total_steps, train_ex.len(), tps, Outcome::AlreadyFinished));
         }
+        if s.global_batch != 0 && s.global_batch != global_batch {
+            say(&format!(
+                "global batch {} -> {global_batch} ({world} process(es) x {} x {accum} accumulation): the step count                  and schedule follow the new batch; the sample cursor carries over, so no example is repeated or                  skipped",
+                s.global_batch, cfg.per_device_train_batch_size
+            ));
+        }
         if s.total_steps != total_steps {
             say(&format!(
                 "total steps {} -> {total_steps} (--max-steps/--epochs changed): the learning-rate schedule is \
@@ -205,7 +256,27 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let vocab_rows = mcfg.vocab_size.max(tok.vocab_size());
     let rows = pack_len.unwrap_or(max_length.next_multiple_of(8).min(context.max(8)));
     let batch = cfg.per_device_train_batch_size.max(cfg.per_device_eval_batch_size);
-    let est = memory::training(&mcfg, vocab_rows, batch, rows, cfg.gradient_checkpointing, bf16);
+    let mut est = memory::training(&mcfg, vocab_rows, batch, rows, cfg.gradient_checkpointing, bf16);
+    // the sharded state of this rank (ZeRO), in place of the whole model's weights, gradients and moments
+    let shards = {
+        // the vocabulary the run trains: the checkpoint's, or the tokenizer's (Dolly's resize) when fresh
+        let mut c = mcfg.clone();
+        if matches!(plan, Plan::Fresh { .. }) {
+            c.vocab_size = tok.vocab_size();
+        }
+        Shards::new(&Layout::new(&c).units(), world, rank)
+    };
+    let zmem = zero::memory(stage, &shards, accum);
+    est.parts.retain(|(k, _)| !matches!(*k, "weights" | "gradients" | "AdamW moments" | "transposed weights"));
+    est.parts.splice(
+        0..0,
+        [
+            ("weights", zmem.params as u128),
+            ("gradients", (zmem.grads + zmem.grad_shard + zmem.accum_scratch) as u128),
+            ("AdamW moments", zmem.moments as u128),
+            ("transposed weights", zmem.transposed as u128),
+        ],
+    );
     common::check_fits("this run", est.total_u64()).map_err(|e| {
         TrainError(format!(
             "{e}. Lower --per-device-train-batch-size/--per-device-eval-batch-size or --max-length, keep \
@@ -223,8 +294,8 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         prep.report.records, prep.report.dropped, prep.report.train, prep.report.test
     ));
     say(&format!(
-        "steps: {total_steps} ({steps_per_epoch} per epoch), effective batch {} ({} x {accum} accumulation), {}",
-        cfg.per_device_train_batch_size as u64 * accum,
+        "steps: {total_steps} ({steps_per_epoch} per epoch), effective batch {global_batch} ({} x {accum} \
+         accumulation x {world} process(es)), {}",
         cfg.per_device_train_batch_size,
         match pack_len {
             Some(p) => format!("packed rows of {p} tokens"),
@@ -232,25 +303,42 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         }
     ));
     let avail = common::sysmem::total_bytes().map(|t| format!(" of {}", common::human_bytes(t))).unwrap_or_default();
-    say(&format!("memory: {}{avail}", est.describe()));
+    say(&format!("memory: {}{avail}{}", est.describe(), if world > 1 { " per process" } else { "" }));
+    if world > 1 {
+        say(&format!("processes: {world} ({}), ZeRO stage {stage}", comm.describe()));
+        let h = common::human_bytes;
+        for z in 0..=3u8 {
+            let m = zero::memory(z, &shards, accum);
+            say(&format!(
+                "  stage {z}{}: per rank {} (weights {}, transposed {}, gradients {}, moments {})",
+                if z == stage { " (this run)" } else { "" },
+                h(m.total()),
+                h(m.params),
+                h(m.transposed),
+                h(m.grads + m.grad_shard + m.accum_scratch),
+                h(m.moments)
+            ));
+        }
+    }
     // A stop request before the first step: nothing ran, nothing was saved.
     let stopped_before_training = || {
         summary(out.clone(), start_step, total_steps, train_ex.len(), 0.0, Outcome::Interrupted { checkpoint: None })
     };
-    if stop_requested() {
+    if stop_requested()? {
         return Ok(stopped_before_training());
     }
 
     // ---- weights
-    let (mut model, mut opt) = match &plan {
+    let mut zero = Zero::new(stage, shards, comm, adam_cfg(&cfg), accum);
+    let (mut model, model_hash) = match &plan {
         Plan::Resume { dir, state } => {
-            let (model, m, v, _) = checkpoint::load(dir)?;
-            let mut opt = AdamW::new(adam_cfg(&cfg), model.num_params());
-            opt.m = m;
-            opt.v = v;
-            opt.step = state.adam_step;
+            let l = checkpoint_shards::load(dir, &zero.shards, stage)?;
+            zero.opt.m = l.m;
+            zero.opt.v = l.v;
+            zero.opt.step = state.adam_step;
             say(&format!("resuming from {} (step {})", dir.display(), state.global_step));
-            (model, opt)
+            let h = fnv(dir.display().to_string().into_bytes(), fnv(state.global_step.to_le_bytes(), FNV0));
+            (Model::from_parts(l.config, l.params)?, h)
         }
         Plan::Fresh { .. } => {
             let mut model = Model::load(&model_dir)?;
@@ -259,51 +347,47 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
                 say(&format!("resizing vocabulary {} -> {v} (Dolly's resize)", model.config.vocab_size));
                 model.resize_vocab(v)?;
             }
-            let opt = AdamW::new(adam_cfg(&cfg), model.num_params());
-            (model, opt)
+            let h = if world > 1 { params_hash(model.params()) } else { 0 };
+            (model, h)
         }
     };
+    if model.num_params() != zero.shards.total() {
+        bail!("the model has {} parameters, {} were planned for", model.num_params(), zero.shards.total());
+    }
+    zero.shard_model(&mut model);
     tok.check_model_vocab(model.config.vocab_size)?;
     model.set_compute_bf16(bf16);
-    if stop_requested() {
+    let data_hash = train_ex.iter().fold(FNV0, |h, e| fnv(e.input_ids.iter().flat_map(|x| x.to_le_bytes()), h));
+    let cfg_hash = fnv(serde_json::to_vec(&cfg).map_err(|e| TrainError(e.to_string()))?, FNV0);
+    dist_run::check_same(comm, &[("the configuration", cfg_hash), ("the data", data_hash), ("the model", model_hash)])?;
+    if stop_requested()? {
         return Ok(stopped_before_training());
     }
 
-    // ---- the run directory: now that every check passed
+    // ---- the run directory: now that every check passed (rank 0 writes it; the others wait)
     let mut info = match (&plan, run_info) {
-        (Plan::Fresh { clear }, _) => {
-            if *clear {
-                let gone = rundir::clear(&out)?;
-                say(&format!("--overwrite-output-dir: removed {} from {}", rundir::show(&gone), out.display()));
-            }
-            RunInfo::new()
-        }
+        (Plan::Fresh { .. }, _) => RunInfo::new(),
         (Plan::Resume { state, .. }, Some(r)) if r.run_id == state.run_id => r,
         (Plan::Resume { state, .. }, _) => RunInfo { run_id: state.run_id.clone(), ..RunInfo::new() },
     };
-    info.finished_step = None;
-    rundir::write(&out, &info)?;
-    let (stale, freed) = rundir::remove_stale(&out);
-    if !stale.is_empty() {
-        say(&format!(
-            "removed {} stale file(s) of interrupted writes ({}): {}",
-            stale.len(),
-            common::human_bytes(freed),
-            rundir::show(&stale)
-        ));
+    if world > 1 {
+        // one run id for every rank (rank 0's)
+        let mut id = info.run_id.clone().into_bytes();
+        comm.broadcast_bytes(&mut id, 0).map_err(dist_err)?;
+        info.run_id = String::from_utf8_lossy(&id).into_owned();
     }
-    say(&format!(
-        "output: {} (run {}), checkpoint every {} steps, keeping {}",
-        out.display(),
-        info.run_id,
-        cfg.save_steps,
-        cfg.save_total_limit
-    ));
+    info.finished_step = None;
+    let prepared = if rank == 0 { prepare_run_dir(&plan, &out, &info, &cfg, say) } else { Ok(()) };
+    let failed = dist_run::any(comm, prepared.is_err())?;
+    prepared?;
+    if failed {
+        bail!("rank 0 could not prepare {}", out.display());
+    }
 
     // ---- state
     let resumed = resumed_state.is_some();
     let mut st = resumed_state.unwrap_or(TrainerState {
-        format_version: 1,
+        format_version: 2,
         run_id: info.run_id.clone(),
         global_step: 0,
         total_steps,
@@ -318,11 +402,19 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         elapsed_s: 0.0,
         elapsed_at_log: 0.0,
         config: cfg.clone(),
+        world: world as u32,
+        zero_stage: stage,
+        global_batch,
     });
+    st.format_version = 2;
     st.total_steps = total_steps;
     st.config = cfg.clone();
-    let mut metrics = Metrics::open(&out, Some(st.global_step).filter(|_| resumed), cfg.report_to == "tensorboard")?;
-    if let Some(ev) = metrics.event_file() {
+    (st.world, st.zero_stage, st.global_batch) = (world as u32, stage, global_batch);
+    let mut metrics = match rank {
+        0 => Some(Metrics::open(&out, Some(st.global_step).filter(|_| resumed), cfg.report_to == "tensorboard")?),
+        _ => None,
+    };
+    if let Some(ev) = metrics.as_ref().and_then(|m| m.event_file()) {
         say(&format!("tensorboard: {} (tensorboard --logdir {})", ev.display(), out.join("runs").display()));
     }
     let mut acts = Activations::new(&model.config, cfg.per_device_train_batch_size, 8, cfg.gradient_checkpointing);
@@ -338,46 +430,62 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     const PLOT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
     let mut plotted: Option<Instant> = None;
     let title = crate::plot::run_name(&out);
+    let mine = (rank as u64 * accum) as usize..((rank as u64 + 1) * accum) as usize;
 
     while st.global_step < total_steps {
-        // micro-batches of this optimizer step (an epoch's last step may have fewer)
-        let mut mbs = Vec::with_capacity(accum as usize);
-        while (mbs.len() as u64) < accum {
+        // the micro-batch slots of this optimizer step, the same on every rank (an epoch's last step may have
+        // fewer)
+        let mut mbs = Vec::with_capacity(slots as usize);
+        while (mbs.len() as u64) < slots {
             match src.next(train_ex)? {
                 Some(b) => mbs.push(b),
                 None if mbs.is_empty() => src.sampler.start_next_epoch(),
                 None => break,
             }
         }
-        let targets: usize = mbs.iter().map(|b| view(b).target_count()).sum();
+        let slot_targets: Vec<usize> = mbs.iter().map(|b| view(b).target_count()).collect();
+        let targets: usize = slot_targets.iter().sum();
         if targets == 0 {
             bail!("step {}: the batch has no supervised tokens", st.global_step + 1);
         }
-        // (gradients are zero here: set at start, and zeroed by the fused optimizer step or below)
-        let mut loss_sum = 0f64;
-        let mut real_tokens = 0u64;
-        for b in &mbs {
+        // (gradients are zero here: set at start, and zeroed by the optimizer step or a skip)
+        let mut slot_loss = vec![0f64; slots as usize];
+        for (i, k) in mine.clone().enumerate() {
+            let Some(b) = mbs.get(k) else {
+                zero.empty_micro_batch(&mut model, &mut grads)?;
+                continue;
+            };
             acts.ensure(&model.config, b.batch_size, b.seq_len);
-            let (s, _) = model.forward_backward(&view(b), &mut acts, &mut grads, 1.0 / targets as f32)?;
-            loss_sum += s;
-            real_tokens += b.attention_mask.iter().map(|&m| m as u64).sum::<u64>();
+            let t = slot_targets[k];
+            // token-weighted over the whole step, or (the seed's DeepSpeed numbers) each micro-batch's mean
+            // averaged over the step's micro-batches
+            let scale = match per_device_mean {
+                false => 1.0 / targets as f32,
+                true if t == 0 => 0.0,
+                true => 1.0 / (t as f32 * mbs.len() as f32),
+            };
+            let (s, _) = zero.micro_batch(&mut model, &view(b), &mut acts, &mut grads, scale, i == 0)?;
+            slot_loss[k] = if per_device_mean { s / t.max(1) as f64 } else { s };
         }
-        let loss = loss_sum / targets as f64;
-        let norm = model.grad_norm(&grads);
+        zero.reduce(&mut grads)?;
+        let real_tokens: u64 = mbs.iter().flat_map(|b| b.attention_mask.iter()).map(|&m| m as u64).sum();
+        let loss_sum = zero::exact_sum(comm, &mut slot_loss)?;
+        let loss = if per_device_mean { loss_sum / mbs.len() as f64 } else { loss_sum / targets as f64 };
+        let norm = zero.grad_norm(&grads)?;
         let lr = sched.lr_at(st.global_step);
         st.global_step += 1;
         if loss.is_finite() && norm.is_finite() {
-            // clip (as clip_grad_norm_ would; max-grad-norm 0 = off) + AdamW + zero the gradients + refresh the
-            // transposed weights, in one pass
+            // clip (as clip_grad_norm_ would; max-grad-norm 0 = off) + AdamW + zero the gradients (+ on one
+            // process, refresh the transposed weights), in one pass
             let coef = if cfg.max_grad_norm > 0.0 { clip_coef(norm, cfg.max_grad_norm) } else { 1.0 };
-            model.adamw_step(&mut opt, &mut grads, lr as f32, coef);
-            st.adam_step = opt.step;
+            zero.step(&mut model, &mut grads, lr as f32, coef)?;
+            st.adam_step = zero.opt.step;
             st.nonfinite_in_row = 0;
             st.log_loss_sum += loss;
             st.log_steps += 1;
             last_loss = Some(loss);
         } else {
-            model.zero_grads(&mut grads);
+            zero.skip(&mut grads);
             st.nonfinite_in_row += 1;
             st.nonfinite_total += 1;
             progress.line(
@@ -392,7 +500,9 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         st.elapsed_s = elapsed0 + t0.elapsed().as_secs_f64();
         st.sampler = src.sampler.state();
         let epoch = st.global_step as f64 / steps_per_epoch as f64;
-        progress.update(st.global_step, epoch, loss, last_eval);
+        if rank == 0 {
+            progress.update(st.global_step, epoch, loss, last_eval);
+        }
 
         let last = st.global_step == total_steps;
         let mut replot = false;
@@ -400,11 +510,17 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             let dt = (st.elapsed_s - st.elapsed_at_log).max(1e-9);
             let mean = if st.log_steps > 0 { st.log_loss_sum / st.log_steps as f64 } else { f64::NAN };
             let tps = (st.tokens_seen - st.log_tokens) as f64 / dt;
-            metrics.write(&json!({
+            let mut row = json!({
                 "step": st.global_step, "epoch": epoch, "loss": mean, "lr": lr, "grad_norm": norm,
                 "tokens": st.tokens_seen, "tokens_per_s": tps, "elapsed_s": st.elapsed_s,
                 "skipped_nonfinite": st.nonfinite_total,
-            }))?;
+            });
+            if world > 1 {
+                row["comm_s"] = json!(comm.stats().seconds);
+            }
+            if let Some(m) = metrics.as_mut() {
+                m.write(&row)?;
+            }
             let line = LogLine {
                 step: st.global_step,
                 total: total_steps,
@@ -424,14 +540,16 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             replot = true;
         }
         if !test_ex.is_empty() && st.global_step % cfg.eval_steps == 0 {
-            let (s, n) = eval_loss(&model, test_ex, cfg.per_device_eval_batch_size, &mut acts)?;
+            let (s, n) = eval_loss(&mut model, &mut zero, test_ex, cfg.per_device_eval_batch_size, &mut acts)?;
             let el = s / n.max(1) as f64;
             last_eval = Some(el);
-            metrics.write(&json!({"step": st.global_step, "epoch": epoch, "eval_loss": el, "eval_ppl": el.exp()}))?;
+            if let Some(m) = metrics.as_mut() {
+                m.write(&json!({"step": st.global_step, "epoch": epoch, "eval_loss": el, "eval_ppl": el.exp()}))?;
+            }
             progress.line(say, &format!("eval at step {}: loss {el:.4}  ppl {:.2}", st.global_step, el.exp()));
             replot = true;
         }
-        if replot && (last || plotted.is_none_or(|t| t.elapsed() >= PLOT_EVERY)) {
+        if rank == 0 && replot && (last || plotted.is_none_or(|t| t.elapsed() >= PLOT_EVERY)) {
             plotted = Some(Instant::now());
             if let Err(e) = crate::plot::plot_loss(&out, &title) {
                 progress.line(say, &format!("warning: loss.png not drawn: {e}"));
@@ -440,14 +558,20 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         if std::env::var("DOLLY_FAULT_PAUSE_AFTER_STEP").ok() == Some(st.global_step.to_string()) {
             // Test-only: stop here (without exiting) so a test can `kill -9` the process or signal it.
             eprintln!("paused after step {}", st.global_step);
-            while !stop_requested() {
+            while !local_stop() {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
-        let stop = stop_requested();
+        if dist_run::fault_here("DOLLY_FAULT_ABORT_AFTER_STEP", st.global_step, rank) {
+            // Test-only: this rank dies like `kill -9` between steps.
+            std::process::abort();
+        }
+        let stop = stop_requested()?;
         if st.global_step % cfg.save_steps == 0 || last || stop {
-            let dir = checkpoint::save(&out, &model, &opt, &st, Some(&tok))?;
-            checkpoint::enforce_limit(&out, cfg.save_total_limit, &info.run_id)?;
+            let dir = checkpoint_shards::save(&out, &model, &zero, &st, Some(&tok))?;
+            if rank == 0 {
+                checkpoint::enforce_limit(&out, cfg.save_total_limit, &info.run_id)?;
+            }
             progress.line(say, &format!("saved {}", dir.display()));
             saved_at = Some(dir);
         }
@@ -461,26 +585,72 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     }
     progress.finish();
 
-    // ---- final Hugging Face export (never of non-finite weights)
-    checkpoint::check_finite(&model, "final model")?;
+    // ---- final Hugging Face export (never of non-finite weights), by rank 0, gathered unit by unit under ZeRO-3
     let dtype = if bf16 { SaveDtype::Bf16 } else { SaveDtype::F32 };
-    model.save(&out, dtype)?;
-    tok.save_pretrained(&out, Some(model.config.max_position_embeddings))?;
-    if let Some(dbfs) = &cfg.dbfs_output_dir {
-        io_ctx(std::fs::create_dir_all(dbfs), || format!("cannot create {}", dbfs.display()))?;
-        for f in
-            ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
-        {
-            let bytes = io_ctx(std::fs::read(out.join(f)), || format!("reading {}", out.join(f).display()))?;
-            io_ctx(common::atomic_write(&dbfs.join(f), &bytes), || format!("writing {}", dbfs.join(f).display()))?;
+    checkpoint_shards::export(&out, &mut model, &zero, dtype)?;
+    if rank == 0 {
+        tok.save_pretrained(&out, Some(model.config.max_position_embeddings))?;
+        if let Some(dbfs) = &cfg.dbfs_output_dir {
+            io_ctx(std::fs::create_dir_all(dbfs), || format!("cannot create {}", dbfs.display()))?;
+            for f in [
+                "config.json",
+                "model.safetensors",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+            ] {
+                let bytes = io_ctx(std::fs::read(out.join(f)), || format!("reading {}", out.join(f).display()))?;
+                io_ctx(common::atomic_write(&dbfs.join(f), &bytes), || format!("writing {}", dbfs.join(f).display()))?;
+            }
+            say(&format!("copied the final model to {}", dbfs.display()));
         }
-        say(&format!("copied the final model to {}", dbfs.display()));
+        info.finished_step = Some(st.global_step);
+        rundir::write(&out, &info)?;
     }
-    info.finished_step = Some(st.global_step);
-    rundir::write(&out, &info)?;
+    comm.barrier().map_err(dist_err)?;
     let tps = st.tokens_seen as f64 / st.elapsed_s.max(1e-9);
     let base = summary(out, st.global_step, total_steps, train_ex.len(), tps, Outcome::Finished);
     Ok(RunSummary { last_loss, last_eval_loss: last_eval, ..base })
+}
+
+/// Rank 0's part of starting the run: clear the directory when the plan says so, record the run, remove what
+/// interrupted writes left.
+fn prepare_run_dir(
+    plan: &Plan,
+    out: &std::path::Path,
+    info: &RunInfo,
+    cfg: &TrainConfig,
+    say: &dyn Fn(&str),
+) -> Result<()> {
+    if let Plan::Fresh { clear: true } = plan {
+        let gone = rundir::clear(out)?;
+        say(&format!("--overwrite-output-dir: removed {} from {}", rundir::show(&gone), out.display()));
+    }
+    rundir::write(out, info)?;
+    let (stale, freed) = rundir::remove_stale(out);
+    if !stale.is_empty() {
+        say(&format!(
+            "removed {} stale file(s) of interrupted writes ({}): {}",
+            stale.len(),
+            common::human_bytes(freed),
+            rundir::show(&stale)
+        ));
+    }
+    say(&format!(
+        "output: {} (run {}), checkpoint every {} steps, keeping {}",
+        out.display(),
+        info.run_id,
+        cfg.save_steps,
+        cfg.save_total_limit
+    ));
+    Ok(())
+}
+
+/// A cheap fingerprint of the parameters (the ranks must start from the same weights).
+fn params_hash(p: &[f32]) -> u64 {
+    use rayon::prelude::*;
+    let parts: Vec<u64> = p.par_chunks(1 << 16).map(|c| fnv(c.iter().flat_map(|x| x.to_le_bytes()), FNV0)).collect();
+    fnv(parts.iter().flat_map(|x| x.to_le_bytes()), FNV0)
 }
 
 /// A summary without losses (none were computed in this session, or the caller adds them).

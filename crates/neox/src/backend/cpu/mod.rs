@@ -174,6 +174,71 @@ impl Cpu {
     }
 }
 
+/// Sharded training (ZeRO): a unit's parameters written in place, the derived formats refreshed for that unit
+/// only, pages of a unit given back, and the optimizer update of a shard.
+impl Cpu {
+    /// The parameters in `range` (a unit being gathered), to be followed by `refresh_unit(range)`.
+    pub fn unit_mut(&mut self, range: std::ops::Range<usize>) -> &mut [f32] {
+        self.packed = OnceLock::new();
+        &mut self.params[range]
+    }
+
+    /// Rebuild the transposed copies of the weight matrices inside `range` (after `unit_mut`); the rest of `wt`
+    /// is left as it is (a ZeRO-3 rank keeps only the units it is using).
+    pub fn refresh_unit(&mut self, range: std::ops::Range<usize>) {
+        if self.wt.get().is_none() {
+            let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
+            let mut wt = spare;
+            if wt.len() != self.params.len() {
+                // zero-filled fresh memory: pages become resident only for the units written
+                wt = vec![0f32; self.params.len()];
+            }
+            self.wt = OnceLock::from(wt);
+        }
+        let Some(wt) = self.wt.get_mut() else { return };
+        for &(off, rows, cols) in self.mats.iter().filter(|&&(o, r, c)| o >= range.start && o + r * c <= range.end) {
+            transpose(&mut wt[off..off + rows * cols], &self.params[off..off + rows * cols], rows, cols);
+            if self.compute_bf16 {
+                round_bf16_slice(&mut wt[off..off + rows * cols]);
+            }
+        }
+    }
+
+    /// Give back the memory pages of the unit at `range` (its parameters outside `keep`, and all its transposed
+    /// copies): they read as zero until the unit is gathered again. `keep` (this rank's shard) is untouched.
+    pub fn release_unit(&mut self, range: std::ops::Range<usize>, keep: std::ops::Range<usize>) {
+        self.packed = OnceLock::new();
+        let (ka, kb) = (keep.start.clamp(range.start, range.end), keep.end.clamp(range.start, range.end));
+        common::sysmem::release_pages(&mut self.params[range.start..ka]);
+        common::sysmem::release_pages(&mut self.params[kb.max(ka)..range.end]);
+        if let Some(wt) = self.wt.get_mut() {
+            common::sysmem::release_pages(&mut wt[range]);
+        }
+    }
+
+    /// Give back the pages of every transposed copy (a sharded run rebuilds them per unit).
+    pub fn release_transposed(&mut self) {
+        if let Some(wt) = self.wt.get_mut() {
+            common::sysmem::release_pages(wt);
+        }
+    }
+
+    /// The optimizer update of this rank's shard: `opt`'s moments and `grads` hold the elements of `ranges`
+    /// (see `AdamW::step_ranges`). The transposed copies are not refreshed: the caller gathers the updated
+    /// parameters and then calls `params_mut` (ZeRO-1/2) or `refresh_unit` per unit (ZeRO-3).
+    pub fn adamw_ranges(
+        &mut self,
+        opt: &mut AdamW,
+        grads: &mut [f32],
+        ranges: &[std::ops::Range<usize>],
+        lr: f32,
+        coef: f32,
+    ) {
+        self.packed = OnceLock::new();
+        opt.step_ranges(&mut self.params, grads, ranges, lr, &self.layout, coef);
+    }
+}
+
 /// The bf16 copies of the weight matrices for few-row decoding, each packed in panels.
 struct PackedBf16 {
     lines: Vec<Line>,
