@@ -73,6 +73,14 @@ mod tests {
     }
 }
 
+/// This process's peak resident set size (`VmHWM` of /proc/self/status), where the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Zero `buf` and give its whole memory pages back to the OS (`madvise(MADV_DONTNEED)`): the resident set
 /// shrinks, and the released pages read as zero until written again (the partial pages at either end are zeroed
 /// by writing). For large sharded training buffers (ZeRO); `T` is a plain number type whose all-zero bytes are a

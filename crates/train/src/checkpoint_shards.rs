@@ -423,3 +423,87 @@ pub fn export(out: &Path, model: &mut Model, zero: &Zero<'_>, dtype: SaveDtype) 
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::zero::Shards;
+    use neox::{AdamWConfig, Layout};
+
+    /// A checkpoint written by two ranks (ZeRO-1 shards) loads at one rank (stage 0) and at three ranks (stages 1
+    /// and 3, uneven shards) with the logical parameter and moment vectors bitwise equal to what was saved.
+    #[test]
+    fn shards_written_at_two_ranks_load_bitwise_at_one_and_three() {
+        let mut c = NeoxConfig::preset("pythia-14m").unwrap();
+        c.num_hidden_layers = 2;
+        c.vocab_size = 1000;
+        let units = Layout::new(&c).units();
+        let n = Layout::new(&c).total;
+        let p: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+        let m: Vec<f32> = (0..n).map(|i| i as f32 + 0.25).collect();
+        let v: Vec<f32> = (0..n).map(|i| -(i as f32) - 0.75).collect();
+        let model = Model::from_parts(c.clone(), p.clone()).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("checkpoint-3");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cut = |x: &[f32], s: &Shards| s.owned_ranges().iter().flat_map(|r| x[r.clone()].to_vec()).collect();
+        let single = dist::Single;
+        let mut written = Vec::new();
+        let mut zeros = Vec::new();
+        for r in 0..2 {
+            let sh = Shards::new(&units, 2, r);
+            let mut z = Zero::new(1, sh.clone(), &single, AdamWConfig::default(), 1);
+            (z.opt.m, z.opt.v) = (cut(&m, &sh), cut(&v, &sh));
+            let file = shard_name(r, 2);
+            write_shard(&dir.join(&file), &p, &z, &sh.owned_ranges()).unwrap();
+            let sha = common::sha256_file(&dir.join(&file)).unwrap();
+            let bytes = std::fs::metadata(dir.join(&file)).unwrap().len();
+            written.push(Written { file, sha256: sha, bytes, error: None });
+            zeros.push(z);
+        }
+        let state = TrainerState {
+            format_version: 2,
+            run_id: "t".into(),
+            global_step: 3,
+            total_steps: 9,
+            sampler: data::Sampler::new(10, 1, 0, 1, true).unwrap().state(),
+            adam_step: 3,
+            log_loss_sum: 0.0,
+            log_steps: 0,
+            tokens_seen: 0,
+            log_tokens: 0,
+            nonfinite_in_row: 0,
+            nonfinite_total: 0,
+            elapsed_s: 0.0,
+            elapsed_at_log: 0.0,
+            config: Default::default(),
+            world: 2,
+            zero_stage: 1,
+            global_batch: 8,
+        };
+        finish(&dir, &model, &zeros[0], &state, None, &written).unwrap();
+        checkpoint::verify(&dir).unwrap();
+        for (world, stage) in [(1, 0u8), (3, 1), (3, 3), (2, 2)] {
+            for rank in 0..world {
+                let sh = Shards::new(&units, world, rank);
+                let l = load(&dir, &sh, stage).unwrap();
+                if stage == 3 {
+                    assert_eq!(cut(&l.params, &sh), cut(&p, &sh) as Vec<f32>);
+                } else {
+                    assert!(l.params == p, "world {world} stage {stage}: parameters");
+                }
+                let (em, ev): (Vec<f32>, Vec<f32>) =
+                    if stage == 0 { (m.clone(), v.clone()) } else { (cut(&m, &sh), cut(&v, &sh)) };
+                assert!(l.m == em && l.v == ev, "world {world} rank {rank} stage {stage}: moments");
+                assert_eq!(l.state.global_step, 3);
+            }
+        }
+        // a shard index that leaves a gap is refused, naming the file
+        let ip = dir.join(SHARDS_FILE);
+        let mut index: ShardIndex = serde_json::from_str(&std::fs::read_to_string(&ip).unwrap()).unwrap();
+        index.files[0].ranges[0][0] = 8;
+        std::fs::write(&ip, serde_json::to_string(&index).unwrap()).unwrap();
+        let e = load(&dir, &Shards::new(&units, 1, 0), 0).err().unwrap().to_string();
+        assert!(e.contains("shards.json") && e.contains("gap"), "{e}");
+    }
+}

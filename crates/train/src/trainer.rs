@@ -139,9 +139,12 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     check_dataset_source(&cfg.training_dataset)?;
     let out = cfg.output_dir().to_path_buf();
     io_ctx(std::fs::create_dir_all(&out), || format!("cannot create output directory {}", out.display()))?;
-    let probe = out.join(format!(".dolly-write-probe-{rank}"));
-    io_ctx(common::atomic_write(&probe, b"ok"), || format!("output directory {} is not writable", out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    if rank == 0 {
+        // (the other ranks write only their checkpoint shards, whose failure is reported when it happens)
+        let probe = out.join(".dolly-write-probe");
+        io_ctx(common::atomic_write(&probe, b"ok"), || format!("output directory {} is not writable", out.display()))?;
+        let _ = std::fs::remove_file(&probe);
+    }
     let (plan, run_info) = dist_run::shared_plan(comm, &cfg, &out, say)?;
     let stage = cfg.zero_stage.unwrap_or(0);
     let per_device_mean = cfg.loss_normalization == "per-device-mean";
@@ -606,6 +609,23 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
         }
         info.finished_step = Some(st.global_step);
         rundir::write(&out, &info)?;
+    }
+    // every rank's peak resident memory (what ZeRO saves), recorded by rank 0
+    let mine = common::sysmem::peak_rss_bytes().unwrap_or(0).to_le_bytes();
+    let all = comm.all_gather_bytes(&mine).map_err(dist_err)?;
+    let peaks: Vec<u64> = all.iter().map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8]))).collect();
+    if let Some(m) = metrics.as_mut() {
+        m.write(&json!({"step": st.global_step, "peak_rss_bytes": peaks, "comm_s": comm.stats().seconds}))?;
+    }
+    if world > 1 {
+        let peaks: Vec<String> = peaks.iter().map(|&b| common::human_bytes(b)).collect();
+        let c = comm.stats();
+        say(&format!(
+            "peak memory per rank (VmHWM): {}; collectives: {:.2} s, {} on rank 0",
+            peaks.join(", "),
+            c.seconds,
+            common::human_bytes(c.bytes)
+        ));
     }
     comm.barrier().map_err(dist_err)?;
     let tps = st.tokens_seen as f64 / st.elapsed_s.max(1e-9);
