@@ -146,7 +146,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         a.max_new_tokens
     );
     let tok = DollyTokenizer::resolve(Some(&dir), a.tokenizer.as_deref())?;
-    let mut model = Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?;
+    let mut model = crate::model_arg::load(&dir)?;
     model.set_decode_bf16(a.bf16);
     if tok.vocab_size() > model.config.vocab_size {
         bail!(

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use data::DollyTokenizer;
 use infer::server::{fd_capacity, fds_needed, serve, ServerOptions};
-use neox::{Model, NeoxConfig};
+use neox::NeoxConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,7 +125,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let std_listener = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
     std_listener.set_nonblocking(true)?;
     let tok = DollyTokenizer::resolve(Some(&dir), a.tokenizer.as_deref())?;
-    let mut model = Model::load(&dir).with_context(|| format!("loading model {}", dir.display()))?;
+    let mut model = crate::model_arg::load(&dir)?;
     model.set_decode_bf16(a.bf16);
     let name = opts.model_id.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;

@@ -25,3 +25,13 @@ pub fn resolve(spec: &str) -> anyhow::Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// Load the model in `dir`: a Hugging Face model directory, or a `dolly train` checkpoint (its shards).
+pub fn load(dir: &Path) -> anyhow::Result<neox::Model> {
+    let m = if dir.join(train::checkpoint_shards::SHARDS_FILE).is_file() {
+        train::checkpoint_shards::load_model(dir).map_err(anyhow::Error::msg)
+    } else {
+        neox::Model::load(dir).map_err(anyhow::Error::from)
+    };
+    m.with_context(|| format!("loading model {}", dir.display()))
+}

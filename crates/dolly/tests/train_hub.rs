@@ -88,7 +88,7 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
         .collect()
 }
 

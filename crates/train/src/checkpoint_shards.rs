@@ -237,6 +237,16 @@ pub fn load(dir: &Path, shards: &Shards, stage: u8) -> Result<Loaded> {
     Ok(Loaded { config, params, m, v, state })
 }
 
+/// The model of a checkpoint directory (its weights only), for `dolly generate`/`serve` on a checkpoint.
+pub fn load_model(dir: &Path) -> Result<Model> {
+    let config = NeoxConfig::from_file(&dir.join("config.json"))?;
+    let total = neox::Layout::new(&config).total;
+    let src = Source::open(dir, total)?;
+    let mut params = vec![0f32; total];
+    src.read(0, 0..total, &mut params)?;
+    Ok(Model::from_parts(config, params)?)
+}
+
 /// A shard file mapped, with its ranges and where each starts in the file's tensors.
 struct MappedShard {
     map: memmap2::Mmap,
