@@ -111,6 +111,14 @@ fn sigint_checkpoints_and_the_resume_is_exact() {
     let out = f.dir.path().join("int");
     assert!(train::checkpoint::verify(&out.join("checkpoint-3")).is_ok());
     assert!(out.join("checkpoint-3/tokenizer.json").is_file(), "checkpoints carry the tokenizer");
+    // a checkpoint directory is a model for `dolly generate` (its weights come from the shards)
+    let g = cli::dolly()
+        .arg("generate")
+        .arg(out.join("checkpoint-3"))
+        .args(["Say hi.", "--max-new-tokens", "2", "--greedy"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     ok(&f.run("int", &["--max-steps", "10", "--resume-from-checkpoint", "latest"]));
     assert_eq!(f.losses("int"), f.losses("straight"), "losses after SIGINT + resume differ");
 
