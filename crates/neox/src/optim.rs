@@ -239,23 +239,23 @@ pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
 
 /// Global L2 norm of `grads` (accumulated in f64, in fixed chunk order).
 pub fn grad_norm(grads: &[f32]) -> f64 {
-    let parts: Vec<f64> = grads
-        .par_chunks(CHUNK)
-        .map(|g| {
-            pulp::Arch::new().dispatch(|| {
-                let mut acc = [0f32; 16];
-                let mut it = g.chunks_exact(16);
-                for c in &mut it {
-                    for k in 0..16 {
-                        acc[k] += c[k] * c[k];
-                    }
-                }
-                let tail: f32 = it.remainder().iter().map(|x| x * x).sum();
-                acc.iter().map(|&x| x as f64).sum::<f64>() + tail as f64
-            })
-        })
-        .collect();
+    let parts: Vec<f64> = grads.par_chunks(CHUNK).map(sum_squares).collect();
     parts.iter().sum::<f64>().sqrt()
+}
+
+/// Σ x² of a block: sixteen f32 lanes, then summed in f64 (the partial sums of every gradient norm).
+pub fn sum_squares(g: &[f32]) -> f64 {
+    pulp::Arch::new().dispatch(|| {
+        let mut acc = [0f32; 16];
+        let mut it = g.chunks_exact(16);
+        for c in &mut it {
+            for k in 0..16 {
+                acc[k] += c[k] * c[k];
+            }
+        }
+        let tail: f32 = it.remainder().iter().map(|x| x * x).sum();
+        acc.iter().map(|&x| x as f64).sum::<f64>() + tail as f64
+    })
 }
 
 /// Scale `grads` so their global norm is at most `max_norm` (PyTorch: coef = max_norm / (norm + 1e-6), clamped

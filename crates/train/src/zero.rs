@@ -103,25 +103,13 @@ impl Shards {
             }
             let at = s.first_chunk + (own.start - s.range.start) / GRAIN;
             let n = own.len().div_ceil(GRAIN);
-            out[at..at + n].par_iter_mut().zip(x[own].par_chunks(GRAIN)).for_each(|(o, c)| *o = sum_squares(c));
+            out[at..at + n]
+                .par_iter_mut()
+                .zip(x[own].par_chunks(GRAIN))
+                .for_each(|(o, c)| *o = neox::optim::sum_squares(c));
         }
         out
     }
-}
-
-/// Σ x² in f64 (sixteen f32 lanes, then f64).
-fn sum_squares(c: &[f32]) -> f64 {
-    pulp::Arch::new().dispatch(|| {
-        let mut acc = [0f32; 16];
-        let mut it = c.chunks_exact(16);
-        for b in &mut it {
-            for k in 0..16 {
-                acc[k] += b[k] * b[k];
-            }
-        }
-        let tail: f32 = it.remainder().iter().map(|x| x * x).sum();
-        acc.iter().map(|&x| x as f64).sum::<f64>() + tail as f64
-    })
 }
 
 /// Sum each entry of `v` over ranks (every entry is non-zero on at most one rank, so the sum is exact) and add
