@@ -5,7 +5,7 @@ use super::Cpu;
 use crate::backend::{AttnShape, Backend, Embedding, HeadGrad, Heads, KvShape, LayerNorm, Linear, Pass, Visibility};
 use crate::kernels::attention_train::{attention_bwd, attention_fwd, saved_len};
 use crate::kernels::layernorm::{layernorm_bwd, layernorm_fwd, Norm};
-use crate::kernels::lm_head_loss::{lm_head_xent, Head, XentGrad, XentScratch};
+use crate::kernels::lm_head_loss::{lm_head_xent, Head, HeadWeight, XentGrad, XentScratch};
 use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
 use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_bwd_weight, linear_fwd_t, Dims};
 use crate::kernels::matvec_bf16::linear_panels;
@@ -236,8 +236,14 @@ impl Backend for Cpu {
     ) -> f64 {
         let (c, v) = (head.ic, head.oc);
         let len = c * v;
-        let h = Head { w: self.p(head.w, len), wt: self.t(head.w, len), c, v, bf16: self.compute_bf16 };
-        let grad = grad.map(|g| XentGrad { dx: &mut g.dx[..], dw: &mut g.grads[head.w..head.w + len], scale: g.scale });
+        let w = HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) };
+        let h = Head { w, c, v, bf16: self.compute_bf16, rows: None };
+        let grad = grad.map(|g| XentGrad {
+            dx: &mut g.dx[..],
+            dw: Some(&mut g.grads[head.w..head.w + len]),
+            drows: None,
+            scale: g.scale,
+        });
         lm_head_xent(x, h, targets, grad, scratch)
     }
 
