@@ -6,6 +6,7 @@
 pub mod config;
 pub mod error;
 pub mod layout;
+pub mod lora;
 pub mod pickle;
 mod torch_bin;
 pub mod weights;
@@ -24,6 +25,7 @@ pub mod init;
 mod kernels;
 pub mod model;
 mod model_io;
+mod model_lora;
 pub mod optim;
 
 pub use backend::cpu::Cpu;
@@ -31,5 +33,6 @@ pub use backend::Backend;
 pub use batch_input::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;
 pub use model::{eval_events, training_events, Activations, Model, UnitEvent, UnitHooks};
+pub use model_lora::LoraInit;
 pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use weights::SaveDtype;

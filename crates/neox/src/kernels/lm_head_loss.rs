@@ -36,7 +36,6 @@ pub fn chunk_rows(v: usize) -> usize {
 
 /// The LM head's weight (V,C) as the products read it.
 #[derive(Clone, Copy)]
-#[allow(dead_code)] // `Bf16`: the frozen LoRA base, being wired (issue 14)
 pub enum HeadWeight<'a> {
     /// f32: `w` (V,C) as stored and `wt` its transpose (C,V). In bf16 compute `wt` holds the rounded weight and
     /// `w` is not read (dX is taken from `wt`).

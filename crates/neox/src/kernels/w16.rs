@@ -3,8 +3,6 @@
 //! rows at a time into an f32 scratch (exact: every bf16 value is an f32) and multiplies with the f32 gemm, so
 //! the result is that of the f32 product with the bf16-valued weight. Blocks are fixed by the shape alone, so
 //! results do not depend on the thread count.
-// The frozen LoRA base (issue 14) is being wired to these; until then some are used by tests only.
-#![allow(dead_code)]
 
 use super::matmul::{gemm, par_all, Dims, Mat};
 use super::SendPtr;
