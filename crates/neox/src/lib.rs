@@ -15,6 +15,7 @@ pub use config::NeoxConfig;
 pub use error::{Error, Result};
 pub use layout::{Layout, Unit};
 
+pub mod adapter_io;
 pub mod backend;
 pub mod batch_input;
 mod block;

@@ -169,8 +169,10 @@ pub fn lora_key(layer: usize, t: Target, which: &str) -> String {
     format!("{PREFIX}gpt_neox.layers.{layer}.{}.{which}.weight", t.path())
 }
 
-/// The saved key of the trained rows of `module` (`gpt_neox.embed_in` or `embed_out`): PEFT's trainable-token
-/// layer stores the rows' values under `token_adapter.trainable_tokens_delta`.
+/// The saved key of the trained rows of `module` (`gpt_neox.embed_in`, or `lm_head`: transformers 5's name of
+/// the output matrix that `model.safetensors` calls `embed_out`): PEFT's trainable-token layer stores the rows'
+/// VALUES (not differences, despite the name) under `token_adapter.trainable_tokens_delta`
+/// (docs/adapter-format.md).
 pub fn token_rows_key(module: &str) -> String {
     format!("{PREFIX}{module}.token_adapter.trainable_tokens_delta")
 }
@@ -203,7 +205,7 @@ impl AdapterLayout {
         let k = cfg.token_rows.len();
         let (embed_rows, head_rows) = if k > 0 {
             let e = add(token_rows_key("gpt_neox.embed_in"), vec![k, c.hidden_size]);
-            let h = add(token_rows_key("embed_out"), vec![k, c.hidden_size]);
+            let h = add(token_rows_key("lm_head"), vec![k, c.hidden_size]);
             (Some(e), Some(h))
         } else {
             (None, None)

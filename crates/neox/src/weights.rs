@@ -163,6 +163,11 @@ impl Elem {
     }
 }
 
+/// The element type of a safetensors dtype, or why it cannot load.
+pub(crate) fn elem_of(d: Dtype) -> std::result::Result<Elem, String> {
+    Elem::from_st(d)
+}
+
 /// Little-endian `elem` values in `bytes` to f32 in `out` (exactly as many).
 pub(crate) fn convert(path: &Path, name: &str, elem: Elem, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let esize = if elem == Elem::F32 { 4 } else { 2 };
