@@ -23,11 +23,6 @@ import shutil
 import sys
 import tempfile
 
-# adapter_config.json lists target_modules from a Python set: fix the string hash seed so the order (and
-# therefore the bytes) are the same on every run.
-if os.environ.get("PYTHONHASHSEED") != "0":
-    os.environ["PYTHONHASHSEED"] = "0"
-    os.execv(sys.executable, [sys.executable] + sys.argv)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT looks the base config up; never ask the network
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
@@ -450,6 +445,11 @@ def same_file(a, b):
 
 
 def main():
+    # adapter_config.json lists target_modules from a Python set: fix the string hash seed so the order (and
+    # therefore the bytes) are the same on every run.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=mg.FIXTURES, help="fixture root (default: crates/neox/tests/fixtures)")
     ap.add_argument("--check", action="store_true", help="regenerate into a temp dir and compare")
