@@ -44,8 +44,18 @@ const IGNORED: &[&str] = &[
 ];
 
 /// Fields we read.
-const READ: &[&str] =
-    &["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "trainable_token_indices", "bias", "fan_in_fan_out"];
+const READ: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "target_modules",
+    "trainable_token_indices",
+    "bias",
+    "fan_in_fan_out",
+];
 
 /// A value that turns nothing on: null, false, an empty string, list or object.
 fn is_off(v: &Value) -> bool {
@@ -67,7 +77,10 @@ pub fn read_adapter_config(dir: &Path, model: &NeoxConfig) -> Result<AdapterMeta
     let bad = |key: &str, msg: String| Err(Error::file(&path, format!("`{key}`: {msg}")));
     for (k, val) in &o {
         if !READ.contains(&k.as_str()) && !IGNORED.contains(&k.as_str()) && !is_off(val) {
-            return bad(k, format!("{val} is not supported (dolly implements plain LoRA: this field must be absent or off)"));
+            return bad(
+                k,
+                format!("{val} is not supported (dolly implements plain LoRA: this field must be absent or off)"),
+            );
         }
     }
     match o.get("peft_type").and_then(Value::as_str) {
@@ -108,7 +121,9 @@ pub fn read_adapter_config(dir: &Path, model: &NeoxConfig) -> Result<AdapterMeta
         Some(x) => return bad("use_rslora", format!("{x}: expected true or false")),
     };
     let targets = match o.get("target_modules") {
-        Some(t) => targets_of(t, model.num_hidden_layers).map_err(|m| Error::file(&path, format!("`target_modules`: {m}")))?,
+        Some(t) => {
+            targets_of(t, model.num_hidden_layers).map_err(|m| Error::file(&path, format!("`target_modules`: {m}")))?
+        }
         None => return bad("target_modules", "missing".into()),
     };
     let token_rows = match o.get("trainable_token_indices") {
@@ -128,7 +143,10 @@ fn targets_of(v: &Value, layers: usize) -> std::result::Result<Vec<Target>, Stri
     let entries: Vec<&str> = match v {
         Value::String(s) if s == "all-linear" => return Ok(Target::ALL.to_vec()),
         Value::String(s) => return Err(format!("the pattern {s:?} is not supported: give a list of module names")),
-        Value::Array(a) => a.iter().map(|e| e.as_str().ok_or_else(|| format!("{e} is not a module name"))).collect::<std::result::Result<_, _>>()?,
+        Value::Array(a) => a
+            .iter()
+            .map(|e| e.as_str().ok_or_else(|| format!("{e} is not a module name")))
+            .collect::<std::result::Result<_, _>>()?,
         other => return Err(format!("{other}: expected a list of module names")),
     };
     let mut out = Vec::new();
@@ -145,7 +163,10 @@ fn targets_of(v: &Value, layers: usize) -> std::result::Result<Vec<Target>, Stri
                 out.push(t);
                 matched = true;
             } else if hits > 0 {
-                return Err(format!("`{e}` selects {} in only {hits} of {layers} layers: per-layer adapters are not supported", t.name()));
+                return Err(format!(
+                    "`{e}` selects {} in only {hits} of {layers} layers: per-layer adapters are not supported",
+                    t.name()
+                ));
             }
         }
         if !matched {
@@ -169,7 +190,9 @@ fn token_rows_of(v: &Value) -> std::result::Result<Vec<u32>, String> {
             .collect()
     };
     let Value::Object(o) = v else {
-        return Err("only the form {\"embed_in\": [...], \"lm_head\": [...]} is supported (the rows of both matrices)".into());
+        return Err(
+            "only the form {\"embed_in\": [...], \"lm_head\": [...]} is supported (the rows of both matrices)".into()
+        );
     };
     let mut input = None;
     let mut output = None;
@@ -206,7 +229,8 @@ impl Model {
         let path = dir.join(WEIGHTS_FILE);
         if !path.is_file() {
             let bin = dir.join("adapter_model.bin");
-            let hint = if bin.is_file() { " (adapter_model.bin is not read: save the adapter with safetensors)" } else { "" };
+            let hint =
+                if bin.is_file() { " (adapter_model.bin is not read: save the adapter with safetensors)" } else { "" };
             return Err(Error::file(&path, format!("missing{hint}")));
         }
         let values = read_tensors(&path, &layout)?;
@@ -224,7 +248,9 @@ impl Model {
         let tensors: Vec<(&str, &[usize], &[f32])> =
             layout.params.iter().map(|p| (p.name.as_str(), p.shape.as_slice(), &self.trainable()[p.range()])).collect();
         crate::weights::save_tensors(&dir.join(WEIGHTS_FILE), &tensors, SaveDtype::F32)?;
-        let text = serde_json::to_string_pretty(&adapter_config_json(cfg, base_model)).map_err(|e| Error::invalid(e.to_string()))? + "\n";
+        let text = serde_json::to_string_pretty(&adapter_config_json(cfg, base_model))
+            .map_err(|e| Error::invalid(e.to_string()))?
+            + "\n";
         let cpath = dir.join(CONFIG_FILE);
         common::atomic_write(&cpath, text.as_bytes()).map_err(|e| Error::io(&cpath, e))
     }
@@ -282,10 +308,16 @@ fn read_tensors(path: &Path, layout: &AdapterLayout) -> Result<Vec<f32>> {
     let mut values = vec![0f32; layout.total];
     let mut seen = vec![false; layout.params.len()];
     let head_old = format!("{PREFIX}embed_out.token_adapter.trainable_tokens_delta");
-    for (name, view) in st.iter() {
+    // in name order, so that the first error reported does not depend on hashing
+    let mut all: Vec<_> = st.iter().collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, view) in all {
         let canonical = if name == head_old { crate::lora::token_rows_key("lm_head") } else { name.to_string() };
         let Some(i) = layout.params.iter().position(|p| p.name == canonical) else {
-            let hint = if name.ends_with("base_layer.weight") || name.ends_with("embed_in.weight") || name.ends_with("lm_head.weight") {
+            let hint = if name.ends_with("base_layer.weight")
+                || name.ends_with("embed_in.weight")
+                || name.ends_with("lm_head.weight")
+            {
                 " (full embedding matrices, as PEFT saves after a vocabulary resize or with modules_to_save: save with save_embedding_layers=False; dolly trains token rows only)"
             } else if name.contains("lora_magnitude_vector") {
                 " (DoRA is not supported)"
