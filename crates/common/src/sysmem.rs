@@ -115,6 +115,27 @@ pub fn release_pages<T: Zeroable>(buf: &mut [T]) {
     buf.fill(T::ZERO);
 }
 
+/// Drop the pages of `bytes`, part of a read-only file mapping, from this process's resident set once they have
+/// been read (a model file streamed through a map would otherwise count in full towards the peak RSS). The
+/// contents are unchanged: a later read faults them in from the file again. Only whole pages inside `bytes`
+/// are dropped. Elsewhere than Linux it does nothing.
+pub fn forget_mapped_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = bytes.as_ptr() as usize;
+        let (a, b) = (start.next_multiple_of(PAGE), (start + bytes.len()) / PAGE * PAGE);
+        if b > a {
+            // SAFETY: [a, b) lies inside `bytes`, which the caller says is a read-only file mapping: MADV_DONTNEED
+            // only unmaps its pages, and the next access reads the same bytes from the file. No Rust value
+            // changes. (The result is ignored: failing to drop pages only costs memory.)
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
+}
+
 /// Types whose all-zero bit pattern is a valid value (what `release_pages` may leave behind).
 ///
 /// # Safety

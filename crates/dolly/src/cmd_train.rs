@@ -184,6 +184,35 @@ pub struct TrainArgs {
     #[arg(long, help_heading = "Distributed")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_normalization: Option<String>,
+    /// Train a LoRA adapter of this rank on the frozen base (PEFT semantics; written as adapter_config.json +
+    /// adapter_model.safetensors) instead of every weight. With --bf16 true the base is held in bf16 (2 bytes per
+    /// parameter) [default: a full fine-tune].
+    #[arg(long, help_heading = "LoRA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha: the branch is scaled by alpha / r [default: 32].
+    #[arg(long, help_heading = "LoRA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA branch's input, in [0, 1) [default: 0.05].
+    #[arg(long, help_heading = "LoRA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// all-linear | a comma-separated list of query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    /// [default: all-linear].
+    #[arg(long, help_heading = "LoRA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_target_modules: Option<String>,
+    /// Scale the LoRA branch by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool, help_heading = "LoRA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_rslora: Option<bool>,
+    /// Rows of embed_in and embed_out a LoRA run trains besides the adapter: special (Dolly's three added
+    /// tokens, whose rows Pythia never trained: without them a frozen model can hardly learn to emit `### End`)
+    /// | none | all (both whole matrices) [default: special].
+    #[arg(long, help_heading = "LoRA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_token_rows: Option<String>,
     /// Appended by the deepspeed launcher; checked against the local rank of the environment.
     #[arg(long = "local_rank", alias = "local-rank", help_heading = "Distributed")]
     #[serde(skip)]
@@ -201,6 +230,8 @@ fn check_finite_flags(a: &TrainArgs) -> anyhow::Result<()> {
         ("adam-beta2", a.adam_beta2),
         ("adam-epsilon", a.adam_epsilon),
         ("min-lr", a.min_lr),
+        ("lora-alpha", a.lora_alpha),
+        ("lora-dropout", a.lora_dropout),
     ];
     for (k, v) in floats {
         if let Some(x) = v.filter(|x| !x.is_finite()) {

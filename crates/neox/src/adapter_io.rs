@@ -279,7 +279,8 @@ pub fn adapter_config_json(cfg: &LoraConfig, base_model: &str) -> Value {
         ("layers_to_transform", Value::Null),
         ("lora_alpha", alpha),
         ("lora_bias", json!(false)),
-        ("lora_dropout", json!(cfg.dropout as f64)),
+        // the f32's shortest decimal (0.05, not 0.05000000074505806)
+        ("lora_dropout", json!(cfg.dropout.to_string().parse::<f64>().unwrap_or(0.0))),
         ("modules_to_save", Value::Null),
         ("peft_type", json!("LORA")),
         ("r", json!(cfg.r)),

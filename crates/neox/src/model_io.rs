@@ -5,6 +5,7 @@ use crate::backend::cpu::Cpu;
 use crate::block::LayerParams;
 use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
+use crate::kernels::w16::{bf16_to_f32, f32_to_bf16};
 use crate::layout::Layout;
 use crate::model::Model;
 use crate::weights::{self, SaveDtype};
@@ -51,31 +52,58 @@ impl Model<Cpu> {
         if new_vocab == old_v {
             return Ok(());
         }
+        if self.lora().is_some() {
+            return Err(Error::invalid("resize the vocabulary before attaching a LoRA adapter"));
+        }
         let c = self.config.hidden_size;
         let mut cfg = self.config.clone();
         cfg.vocab_size = new_vocab;
         let layout = Layout::new(&cfg);
-        let mut params = vec![0f32; layout.total];
-        for (new, old) in layout.params.iter().zip(&self.layout.params) {
-            let src = &self.params()[old.range()];
-            let dst = &mut params[new.range()];
-            if new.shape == old.shape {
-                dst.copy_from_slice(src);
-                continue;
+        let keep = old_v.min(new_vocab) * c;
+        // new rows: the mean of the matrix's existing rows (f64 sums of the stored values)
+        let mean_of = |rows: &mut dyn Iterator<Item = f64>| -> Vec<f64> {
+            let mut mean = vec![0f64; c];
+            for (i, x) in rows.enumerate() {
+                mean[i % c] += x;
             }
-            let keep = old_v.min(new_vocab) * c;
-            dst[..keep].copy_from_slice(&src[..keep]);
-            if new_vocab > old_v {
-                let mut mean = vec![0f64; c];
-                for row in src.chunks(c) {
-                    mean.iter_mut().zip(row).for_each(|(m, x)| *m += *x as f64);
+            mean.iter().map(|m| m / old_v as f64).collect()
+        };
+        if let Some(src16) = self.be.base_bits(0, self.layout.total) {
+            let mut w16 = vec![0u16; layout.total];
+            for (new, old) in layout.params.iter().zip(&self.layout.params) {
+                let (src, dst) = (&src16[old.range()], &mut w16[new.range()]);
+                if new.shape == old.shape {
+                    dst.copy_from_slice(src);
+                    continue;
                 }
-                for row in dst[keep..].chunks_mut(c) {
-                    row.iter_mut().zip(&mean).for_each(|(x, m)| *x = (*m / old_v as f64) as f32);
+                dst[..keep].copy_from_slice(&src[..keep]);
+                if new_vocab > old_v {
+                    let mean = mean_of(&mut src.iter().map(|&b| bf16_to_f32(b) as f64));
+                    for row in dst[keep..].chunks_mut(c) {
+                        row.iter_mut().zip(&mean).for_each(|(x, m)| *x = f32_to_bf16(*m as f32));
+                    }
                 }
             }
+            self.be.replace_bf16(w16, &layout);
+        } else {
+            let mut params = vec![0f32; layout.total];
+            for (new, old) in layout.params.iter().zip(&self.layout.params) {
+                let src = &self.params()[old.range()];
+                let dst = &mut params[new.range()];
+                if new.shape == old.shape {
+                    dst.copy_from_slice(src);
+                    continue;
+                }
+                dst[..keep].copy_from_slice(&src[..keep]);
+                if new_vocab > old_v {
+                    let mean = mean_of(&mut src.iter().map(|&x| x as f64));
+                    for row in dst[keep..].chunks_mut(c) {
+                        row.iter_mut().zip(&mean).for_each(|(x, m)| *x = *m as f32);
+                    }
+                }
+            }
+            self.be.replace(params, &layout);
         }
-        self.be.replace(params, &layout);
         self.layers = layout.layers.iter().map(|o| LayerParams::new(&cfg, o)).collect();
         self.config = cfg;
         self.layout = layout;

@@ -384,6 +384,8 @@ fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<(
                     let range = layout.params[*pi].range();
                     convert(&o.path, name, elem, view.data(), dest.slot(range.clone()))?;
                     dest.commit(range);
+                    // read once: the file's pages need not stay in this process's memory
+                    common::sysmem::forget_mapped_pages(view.data());
                 }
             }
         }

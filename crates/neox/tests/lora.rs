@@ -177,3 +177,23 @@ fn adamw_steps_only_the_adapter() {
     let moved = m.trainable().iter().zip(&before).filter(|(a, b)| a != b).count();
     assert!(moved > before.len() / 2, "only {moved} of {} adapter values moved", before.len());
 }
+
+#[test]
+fn a_bf16_base_resizes_as_the_f32_model_does() {
+    for new_vocab in [40, 60] {
+        let (mut f, mut h, _dir) = models(true, 26);
+        f.resize_vocab(new_vocab).unwrap();
+        h.resize_vocab(new_vocab).unwrap();
+        assert!(h.base_bf16() && h.config.vocab_size == new_vocab);
+        let batch = padded_batch(2, 9, new_vocab.min(VOCAB), 18);
+        let mut acts = Activations::new(&f.config, 2, 9, false);
+        let (a, b) =
+            (f.forward_logits(&batch.view(), &mut acts).unwrap(), h.forward_logits(&batch.view(), &mut acts).unwrap());
+        // the grown rows are means: rounded to bf16 in the bf16 base, so compare with a bf16-sized tolerance
+        assert_close(&format!("resized to {new_vocab}"), &b, &a, 2e-2, 1e-2);
+        let merged: Vec<f32> = h.layout.params.iter().flat_map(|p| h.merged_tensor(p)).collect();
+        for (x, y) in merged.iter().zip(f.params()) {
+            assert_eq!(*x, half::bf16::from_f32(*y).to_f32());
+        }
+    }
+}

@@ -168,8 +168,8 @@ pub fn check_finite(model: &Model, what: &str) -> Result<()> {
 
 /// Err naming the first non-finite element of `model` inside `ranges`.
 pub fn check_finite_ranges(model: &Model, ranges: &[std::ops::Range<usize>], what: &str) -> Result<()> {
-    let params = model.params();
-    for p in &model.layout.params {
+    let params = model.trainable();
+    for p in model.trainable_tensors() {
         for r in ranges {
             let (a, b) = (p.offset.max(r.start), (p.offset + p.numel()).min(r.end));
             if let Some(i) = (a < b).then(|| params[a..b].iter().position(|x| !x.is_finite())).flatten() {

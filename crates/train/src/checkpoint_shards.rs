@@ -66,7 +66,8 @@ pub fn save(
     let (comm, shards) = (zero.comm, &zero.shards);
     let (rank, world) = (shards.rank, shards.world);
     let ranges = shards.owned_ranges();
-    let params = model.params();
+    // the trained values: every parameter, or a LoRA run's adapter
+    let params = model.trainable();
     // finite check over what each rank owns, decided together
     let bad = ranges.iter().flat_map(|r| params[r.clone()].iter()).any(|x| !x.is_finite());
     let mut flag = [bad as u64];
@@ -166,6 +167,16 @@ fn finish(
     shards: &[Written],
 ) -> Result<()> {
     model.save_config(dir, SaveDtype::F32)?;
+    let mut names = vec!["config.json", "trainer_state.json", SHARDS_FILE];
+    if let Some(lora) = model.lora() {
+        // a LoRA checkpoint's vectors are the adapter's: its configuration says how to read them
+        let base = crate::lora_run::base_name(&state.config.input_model);
+        let text = serde_json::to_string_pretty(&neox::adapter_io::adapter_config_json(lora, &base))
+            .map_err(|e| TrainError(e.to_string()))?;
+        let ap = dir.join(neox::adapter_io::CONFIG_FILE);
+        io_ctx(common::atomic_write(&ap, text.as_bytes()), || ap.display().to_string())?;
+        names.push(neox::adapter_io::CONFIG_FILE);
+    }
     let st = serde_json::to_string_pretty(state).map_err(|e| TrainError(e.to_string()))?;
     let sp = dir.join("trainer_state.json");
     io_ctx(common::atomic_write(&sp, st.as_bytes()), || sp.display().to_string())?;
@@ -183,7 +194,6 @@ fn finish(
     let ip = dir.join(SHARDS_FILE);
     let text = serde_json::to_string_pretty(&index).map_err(|e| TrainError(e.to_string()))?;
     io_ctx(common::atomic_write(&ip, text.as_bytes()), || ip.display().to_string())?;
-    let mut names = vec!["config.json", "trainer_state.json", SHARDS_FILE];
     if let Some(t) = tok {
         t.save_pretrained(dir, Some(model.config.max_position_embeddings))?;
         names.extend(checkpoint::TOKENIZER_FILES);
@@ -209,13 +219,11 @@ pub struct Loaded {
     pub state: TrainerState,
 }
 
-/// Read checkpoint `dir` (verified by the caller) for a rank of `shards` at ZeRO `stage`.
+/// Read checkpoint `dir` (verified by the caller) for a rank of `shards` at ZeRO `stage`: the vectors of what the
+/// run trains (every parameter, or a LoRA adapter), as many elements as `shards` covers.
 pub fn load(dir: &Path, shards: &Shards, stage: u8) -> Result<Loaded> {
     let config = NeoxConfig::from_file(&dir.join("config.json"))?;
-    let total = neox::Layout::new(&config).total;
-    if total != shards.total() {
-        bail!("{}: the checkpoint's model has {total} parameters, this run's {}", dir.display(), shards.total());
-    }
+    let total = shards.total();
     let whole: Vec<Range<usize>> = std::iter::once(0..total).collect();
     let owned = shards.owned_ranges();
     let p_ranges: &[Range<usize>] = if stage == 3 { &owned } else { &whole };
@@ -240,6 +248,21 @@ pub fn load(dir: &Path, shards: &Shards, stage: u8) -> Result<Loaded> {
 /// The model of a checkpoint directory (its weights only), for `dolly generate`/`serve` on a checkpoint.
 pub fn load_model(dir: &Path) -> Result<Model> {
     let config = NeoxConfig::from_file(&dir.join("config.json"))?;
+    if neox::adapter_io::is_adapter_dir(dir) {
+        // a LoRA checkpoint: its base, resized as the run resized it, with the adapter of the shards
+        let meta = neox::adapter_io::read_adapter_config(dir, &config)?;
+        let Some(base) = meta.base_model else {
+            bail!("{}: adapter_config.json names no base_model_name_or_path", dir.display());
+        };
+        let local = neox::adapter_io::resolve_base(dir, &base);
+        let base_dir = if local.join("config.json").is_file() { local } else { crate::resolve_model(&base)? };
+        let mut model = crate::lora_run::load_base(&base_dir, false, config.vocab_size, &|_| {})?;
+        let total = neox::lora::AdapterLayout::new(&model.config, &model.layout, &meta.lora).total;
+        let mut values = vec![0f32; total];
+        Source::open(dir, total)?.read(0, 0..total, &mut values)?;
+        model.attach_lora(meta.lora, neox::LoraInit::Values(values))?;
+        return Ok(model);
+    }
     let total = neox::Layout::new(&config).total;
     let src = Source::open(dir, total)?;
     let mut params = vec![0f32; total];

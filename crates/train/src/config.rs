@@ -125,6 +125,19 @@ pub struct TrainConfig {
     /// DeepSpeed JSON `train_batch_size`, checked against micro-batch x accumulation x processes at start.
     #[serde(skip)]
     pub deepspeed_train_batch_size: Option<u64>,
+    /// LoRA rank: train a LoRA adapter (PEFT semantics) on the frozen base instead of every weight. None: a full
+    /// fine-tune.
+    pub lora_r: Option<usize>,
+    /// LoRA alpha: the branch is scaled by alpha / r (alpha / sqrt(r) with `use_rslora`).
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA branch's input (training only).
+    pub lora_dropout: f64,
+    /// `all-linear` or a comma-separated list of query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
+    pub lora_target_modules: String,
+    pub use_rslora: bool,
+    /// Rows of embed_in and embed_out a LoRA run trains: `special` (Dolly's three added tokens, whose rows
+    /// Pythia never trained), `none`, or `all` (both whole matrices).
+    pub train_token_rows: String,
 }
 
 impl Default for TrainConfig {
@@ -171,6 +184,12 @@ impl Default for TrainConfig {
             zero_stage: None,
             loss_normalization: "global-token-mean".into(),
             deepspeed_train_batch_size: None,
+            lora_r: None,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_target_modules: "all-linear".into(),
+            use_rslora: false,
+            train_token_rows: "special".into(),
         }
     }
 }
@@ -180,6 +199,7 @@ const MAX_BATCH: usize = 1 << 16;
 const MAX_ACCUM: usize = 1 << 20;
 const MAX_STEPS: u64 = 1 << 40;
 const MAX_EPOCHS: u32 = 1 << 20;
+const MAX_LORA_R: usize = 1 << 16;
 
 /// A resolved configuration and the notes its sources left (what the DeepSpeed JSON applied or did not).
 pub struct Resolved {
@@ -323,6 +343,31 @@ impl TrainConfig {
         if self.training_dataset.trim().is_empty() {
             return Err("training-dataset must not be empty".into());
         }
+        if let Some(r) = self.lora_r {
+            if r == 0 || r > MAX_LORA_R {
+                return Err(format!("lora-r must be between 1 and {MAX_LORA_R}, got {r}"));
+            }
+            if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+                return Err(format!("lora-alpha must be a finite number > 0, got {}", self.lora_alpha));
+            }
+            if !(self.lora_dropout.is_finite() && (0.0..1.0).contains(&self.lora_dropout)) {
+                return Err(format!("lora-dropout must be in [0, 1), got {}", self.lora_dropout));
+            }
+            neox::lora::parse_targets(&self.lora_target_modules).map_err(|e| format!("lora-target-modules: {e}"))?;
+            if self.zero_stage.is_some_and(|z| z > 0) {
+                return Err(format!(
+                    "zero-stage {} with LoRA: the adapter is ~1% of the weights and the frozen base is not sharded; \
+                     use --zero-stage 0 (each process holds the base once)",
+                    self.zero_stage.unwrap_or(0)
+                ));
+            }
+        }
+        if !matches!(self.train_token_rows.as_str(), "special" | "none" | "all") {
+            return Err(format!(
+                "train-token-rows must be `special`, `none` or `all`, got `{}`",
+                self.train_token_rows
+            ));
+        }
         if self.resume_from_checkpoint.as_deref().is_some_and(|r| r.trim().is_empty()) {
             return Err("resume-from-checkpoint must be a checkpoint directory, `latest` or `auto`".into());
         }
@@ -342,6 +387,8 @@ impl TrainConfig {
     /// must find them all unchanged; `epochs` and `max-steps` are not here (a run may be extended).
     pub fn result_settings(&self) -> Vec<(&'static str, String)> {
         let opt = |v: Option<usize>| v.map(|x| x.to_string()).unwrap_or_else(|| "(model default)".into());
+        // the LoRA settings matter only to a LoRA run
+        let lora = |v: String| if self.lora_r.is_some() { v } else { "(no LoRA)".into() };
         let sched = serde_json::to_value(self.lr_scheduler)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -368,6 +415,12 @@ impl TrainConfig {
             ("max-grad-norm", self.max_grad_norm.to_string()),
             ("bf16", self.bf16.unwrap_or(false).to_string()),
             ("max-nonfinite-steps", self.max_nonfinite_steps.to_string()),
+            ("lora-r", self.lora_r.map_or("(full fine-tune)".into(), |r| r.to_string())),
+            ("lora-alpha", lora(self.lora_alpha.to_string())),
+            ("lora-dropout", lora(self.lora_dropout.to_string())),
+            ("lora-target-modules", lora(self.lora_target_modules.clone())),
+            ("use-rslora", lora(self.use_rslora.to_string())),
+            ("train-token-rows", lora(self.train_token_rows.clone())),
         ]
     }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod deepspeed;
 pub mod dist_run;
 pub mod error;
+pub mod lora_run;
 pub mod memory;
 pub mod metrics;
 pub mod model_source;

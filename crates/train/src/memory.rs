@@ -49,6 +49,51 @@ pub fn param_count(c: &NeoxConfig, vocab: usize) -> u128 {
 /// Training memory for micro-batches of up to `batch` rows of `seq` tokens.
 pub fn training(c: &NeoxConfig, vocab: usize, batch: usize, seq: usize, recompute: bool, bf16: bool) -> Estimate {
     let p = param_count(c, vocab);
+    let (h, v) = (cap(c.hidden_size, 24), cap(vocab, 26));
+    let mut parts = vec![
+        ("weights", 4 * p),
+        ("gradients", 4 * p),
+        ("AdamW moments", 8 * p),
+        ("transposed weights", 4 * (p - v * h)),
+        ("activations", activations(c, vocab, batch, seq, recompute, bf16)),
+    ];
+    if bf16 {
+        parts.push(("bf16 copies", 2 * p));
+    }
+    Estimate { parts }
+}
+
+/// Training memory of a LoRA run with `adapter` trainable values: the frozen base held once (bf16: 2 bytes per
+/// parameter and no transposed copy; f32: 4 bytes plus the transposed Linear/head copies), gradients and AdamW
+/// moments of the adapter only, and the same activations as a full fine-tune (the branch's scratch is (N, F)
+/// at most).
+pub fn lora(
+    c: &NeoxConfig,
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    recompute: bool,
+    bf16: bool,
+    adapter: usize,
+) -> Estimate {
+    let p = param_count(c, vocab);
+    let (h, v, f) = (cap(c.hidden_size, 24), cap(vocab, 26), cap(c.intermediate_size, 24));
+    let a = adapter as u128;
+    let n = cap(batch, 20) * cap(seq, 24);
+    let mut parts = vec![
+        ("frozen base", if bf16 { 2 * p } else { 4 * p }),
+        ("transposed weights", if bf16 { 0 } else { 4 * (p - v * h) }),
+        ("adapter", 4 * a),
+        ("gradients", 4 * a),
+        ("AdamW moments", 8 * a),
+        ("activations", activations(c, vocab, batch, seq, recompute, bf16) + 4 * n * f + (4 << 20)),
+    ];
+    parts.retain(|p| p.1 > 0);
+    Estimate { parts }
+}
+
+/// Activation buffers and the LM head's logits chunk, in bytes.
+fn activations(c: &NeoxConfig, vocab: usize, batch: usize, seq: usize, recompute: bool, bf16: bool) -> u128 {
     let (h, f, l) = (cap(c.hidden_size, 24), cap(c.intermediate_size, 24), cap(c.num_hidden_layers, 16));
     let (b, t, heads, v) = (cap(batch, 20), cap(seq, 24), cap(c.num_attention_heads, 24), cap(vocab, 26));
     let n = b * t;
@@ -62,17 +107,7 @@ pub fn training(c: &NeoxConfig, vocab: usize, batch: usize, seq: usize, recomput
     let acts = (l + 1) * n * h + kept * layer + n * h + 5 * n * h + 3 * n * h + 2 * n * f;
     // the fused LM head + cross-entropy works in chunks of at most 256 MiB of logits
     let xent = (n * v * 4).min(256 << 20);
-    let mut parts = vec![
-        ("weights", 4 * p),
-        ("gradients", 4 * p),
-        ("AdamW moments", 8 * p),
-        ("transposed weights", 4 * (p - v * h)),
-        ("activations", 4 * acts + xent),
-    ];
-    if bf16 {
-        parts.push(("bf16 copies", 2 * p));
-    }
-    Estimate { parts }
+    4 * acts + xent
 }
 
 #[cfg(test)]

@@ -22,10 +22,10 @@ use crate::rundir::{self, RunInfo};
 use crate::schedule::Schedule;
 use crate::start::{check_dataset_source, check_resume_compatible, Plan};
 use crate::zero::{self, dist_err, Shards, Zero};
-use crate::{bail, checkpoint_shards, memory};
+use crate::{bail, checkpoint_shards, lora_run, memory};
 use data::{BadRecordPolicy, DollyTokenizer, Example, HubOptions, PrepareOptions, Sampler};
 use dist::Collective;
-use neox::{clip_coef, Activations, AdamWConfig, BatchInput, Layout, Model, NeoxConfig, SaveDtype};
+use neox::{clip_coef, Activations, AdamWConfig, BatchInput, Layout, LoraInit, Model, NeoxConfig, SaveDtype};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -259,27 +259,40 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
     let vocab_rows = mcfg.vocab_size.max(tok.vocab_size());
     let rows = pack_len.unwrap_or(max_length.next_multiple_of(8).min(context.max(8)));
     let batch = cfg.per_device_train_batch_size.max(cfg.per_device_eval_batch_size);
-    let mut est = memory::training(&mcfg, vocab_rows, batch, rows, cfg.gradient_checkpointing, bf16);
-    // the sharded state of this rank (ZeRO), in place of the whole model's weights, gradients and moments
-    let shards = {
-        // the vocabulary the run trains: the checkpoint's, or the tokenizer's (Dolly's resize) when fresh
+    // the vocabulary the run trains: the checkpoint's, or the tokenizer's (Dolly's resize) when fresh
+    let run_cfg = {
         let mut c = mcfg.clone();
         if matches!(plan, Plan::Fresh { .. }) {
             c.vocab_size = tok.vocab_size();
         }
-        Shards::new(&Layout::new(&c).units(), world, rank)
+        c
     };
-    let zmem = zero::memory(stage, &shards, accum);
-    est.parts.retain(|(k, _)| !matches!(*k, "weights" | "gradients" | "AdamW moments" | "transposed weights"));
-    est.parts.splice(
-        0..0,
-        [
-            ("weights", zmem.params as u128),
-            ("gradients", (zmem.grads + zmem.grad_shard + zmem.accum_scratch) as u128),
-            ("AdamW moments", zmem.moments as u128),
-            ("transposed weights", zmem.transposed as u128),
-        ],
-    );
+    // LoRA: the adapter trains, the base is frozen (held in bf16 when the run computes in bf16)
+    let lora = lora_run::lora_config(&cfg, &run_cfg, &tok)?;
+    let units = match &lora {
+        Some(l) => lora_run::adapter_units(&run_cfg, l),
+        None => Layout::new(&run_cfg).units(),
+    };
+    // the sharded state of this rank (ZeRO), in place of the whole model's weights, gradients and moments
+    let shards = Shards::new(&units, world, rank);
+    let recompute = cfg.gradient_checkpointing;
+    let mut est = match &lora {
+        Some(_) => memory::lora(&mcfg, vocab_rows, batch, rows, recompute, bf16, shards.total()),
+        None => memory::training(&mcfg, vocab_rows, batch, rows, recompute, bf16),
+    };
+    if lora.is_none() {
+        let zmem = zero::memory(stage, &shards, accum);
+        est.parts.retain(|(k, _)| !matches!(*k, "weights" | "gradients" | "AdamW moments" | "transposed weights"));
+        est.parts.splice(
+            0..0,
+            [
+                ("weights", zmem.params as u128),
+                ("gradients", (zmem.grads + zmem.grad_shard + zmem.accum_scratch) as u128),
+                ("AdamW moments", zmem.moments as u128),
+                ("transposed weights", zmem.transposed as u128),
+            ],
+        );
+    }
     common::check_fits("this run", est.total_u64()).map_err(|e| {
         TrainError(format!(
             "{e}. Lower --per-device-train-batch-size/--per-device-eval-batch-size or --max-length, keep \
@@ -289,9 +302,28 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
 
     // ---- start-up summary
     let params = memory::param_count(&mcfg, vocab_rows) as u64;
-    let precision =
-        if bf16 { "bf16 mixed precision (bf16 products, f32 master weights; saved in bf16)" } else { "float32" };
+    let precision = match (&lora, bf16) {
+        (None, true) => "bf16 mixed precision (bf16 products, f32 master weights; saved in bf16)",
+        (None, false) => "float32",
+        (Some(_), true) => "bf16 products on a frozen bf16 base, f32 adapter",
+        (Some(_), false) => "float32 (frozen float32 base)",
+    };
     say(&format!("model: {} ({} parameters), {precision}", cfg.input_model, thousands(params)));
+    if let Some(l) = &lora {
+        let share = 100.0 * shards.total() as f64 / params.max(1) as f64;
+        say(&format!(
+            "LoRA: r {}, alpha {} (scale {:.4}{}), dropout {}, targets {}, {} trained token rows: {} trainable \
+             values ({share:.3}% of the model)",
+            l.r,
+            l.alpha,
+            l.scale(),
+            if l.rslora { ", rsLoRA" } else { "" },
+            l.dropout,
+            l.targets.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+            l.token_rows.len(),
+            thousands(shards.total() as u64)
+        ));
+    }
     say(&format!(
         "data: {} records, {} dropped (length >= {max_length}), {} train, {} test",
         prep.report.records, prep.report.dropped, prep.report.train, prep.report.test
@@ -341,21 +373,32 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             zero.opt.step = state.adam_step;
             say(&format!("resuming from {} (step {})", dir.display(), state.global_step));
             let h = fnv(dir.display().to_string().into_bytes(), fnv(state.global_step.to_le_bytes(), FNV0));
-            (Model::from_parts(l.config, l.params)?, h)
+            let model = match &lora {
+                Some(lc) => {
+                    // the frozen base again from the input model, the adapter from the checkpoint
+                    let mut m = lora_run::load_base(&model_dir, bf16, l.config.vocab_size, say)?;
+                    m.attach_lora(lc.clone(), LoraInit::Values(l.params))?;
+                    m
+                }
+                None => Model::from_parts(l.config, l.params)?,
+            };
+            (model, h)
         }
         Plan::Fresh { .. } => {
-            let mut model = Model::load(&model_dir)?;
-            let v = tok.vocab_size();
-            if model.config.vocab_size != v {
-                say(&format!("resizing vocabulary {} -> {v} (Dolly's resize)", model.config.vocab_size));
-                model.resize_vocab(v)?;
-            }
-            let h = if world > 1 { params_hash(model.params()) } else { 0 };
+            let model = match &lora {
+                Some(lc) => {
+                    let mut m = lora_run::load_base(&model_dir, bf16, tok.vocab_size(), say)?;
+                    m.attach_lora(lc.clone(), LoraInit::Seed(cfg.seed))?;
+                    m
+                }
+                None => lora_run::load_base(&model_dir, false, tok.vocab_size(), say)?,
+            };
+            let h = if world > 1 { params_hash(model.trainable()) } else { 0 };
             (model, h)
         }
     };
-    if model.num_params() != zero.shards.total() {
-        bail!("the model has {} parameters, {} were planned for", model.num_params(), zero.shards.total());
+    if model.grad_len() != zero.shards.total() {
+        bail!("the model trains {} values, {} were planned for", model.grad_len(), zero.shards.total());
     }
     zero.shard_model(&mut model);
     tok.check_model_vocab(model.config.vocab_size)?;
@@ -467,6 +510,9 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
                 true if t == 0 => 0.0,
                 true => 1.0 / (t as f32 * mbs.len() as f32),
             };
+            if lora.is_some() {
+                model.set_dropout_seed(Some(lora_run::dropout_seed(cfg.seed, st.global_step + 1, k)));
+            }
             let (s, _) = zero.micro_batch(&mut model, &view(b), &mut acts, &mut grads, scale, i == 0)?;
             slot_loss[k] = if per_device_mean { s / t.max(1) as f64 } else { s };
         }
@@ -543,6 +589,7 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
             replot = true;
         }
         if !test_ex.is_empty() && st.global_step % cfg.eval_steps == 0 {
+            model.set_dropout_seed(None);
             let (s, n) = eval_loss(&mut model, &mut zero, test_ex, cfg.per_device_eval_batch_size, &mut acts)?;
             let el = s / n.max(1) as f64;
             last_eval = Some(el);
@@ -590,18 +637,24 @@ pub fn train_with(cfg: TrainConfig, ctl: &Control<'_>) -> Result<RunSummary> {
 
     // ---- final Hugging Face export (never of non-finite weights), by rank 0, gathered unit by unit under ZeRO-3
     let dtype = if bf16 { SaveDtype::Bf16 } else { SaveDtype::F32 };
-    checkpoint_shards::export(&out, &mut model, &zero, dtype)?;
+    let files: &[&str] = match &lora {
+        // a LoRA run's result is its adapter (PEFT's format), beside the tokenizer
+        Some(_) => {
+            if rank == 0 {
+                lora_run::export(&out, &model, &cfg.input_model)?;
+            }
+            &[neox::adapter_io::CONFIG_FILE, neox::adapter_io::WEIGHTS_FILE]
+        }
+        None => {
+            checkpoint_shards::export(&out, &mut model, &zero, dtype)?;
+            &["config.json", "model.safetensors"]
+        }
+    };
     if rank == 0 {
         tok.save_pretrained(&out, Some(model.config.max_position_embeddings))?;
         if let Some(dbfs) = &cfg.dbfs_output_dir {
             io_ctx(std::fs::create_dir_all(dbfs), || format!("cannot create {}", dbfs.display()))?;
-            for f in [
-                "config.json",
-                "model.safetensors",
-                "tokenizer.json",
-                "tokenizer_config.json",
-                "special_tokens_map.json",
-            ] {
+            for f in files.iter().chain(&["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]) {
                 let bytes = io_ctx(std::fs::read(out.join(f)), || format!("reading {}", out.join(f).display()))?;
                 io_ctx(common::atomic_write(&dbfs.join(f), &bytes), || format!("writing {}", dbfs.join(f).display()))?;
             }

@@ -82,6 +82,14 @@ impl Cpu {
         cpu
     }
 
+    /// Replace a bf16-held base (a resized vocabulary), keeping the modes.
+    pub(crate) fn replace_bf16(&mut self, w16: Vec<u16>, layout: &Layout) {
+        let (decode, compute) = (self.decode_bf16, self.compute_bf16);
+        *self = Cpu::new_bf16(w16, layout);
+        self.decode_bf16 = decode;
+        self.compute_bf16 = compute;
+    }
+
     /// Whether the base is held in bf16 (`new_bf16`).
     pub fn base_bf16(&self) -> bool {
         self.base16.is_some()
