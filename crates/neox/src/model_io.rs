@@ -60,6 +60,7 @@ impl Model<Cpu> {
         cfg.vocab_size = new_vocab;
         let layout = Layout::new(&cfg);
         let keep = old_v.min(new_vocab) * c;
+        debug_assert_eq!(layout.embed_in, 0);
         // new rows: the mean of the matrix's existing rows (f64 sums of the stored values)
         let mean_of = |rows: &mut dyn Iterator<Item = f64>| -> Vec<f64> {
             let mut mean = vec![0f64; c];
@@ -68,18 +69,21 @@ impl Model<Cpu> {
             }
             mean.iter().map(|m| m / old_v as f64).collect()
         };
-        if let Some(src16) = self.be.base_bits(0, self.layout.total) {
-            let mut w16 = vec![0u16; layout.total];
-            for (new, old) in layout.params.iter().zip(&self.layout.params) {
-                let (src, dst) = (&src16[old.range()], &mut w16[new.range()]);
-                if new.shape == old.shape {
-                    dst.copy_from_slice(src);
-                    continue;
-                }
-                dst[..keep].copy_from_slice(&src[..keep]);
-                if new_vocab > old_v {
-                    let mean = mean_of(&mut src.iter().map(|&b| bf16_to_f32(b) as f64));
-                    for row in dst[keep..].chunks_mut(c) {
+        if let Some(mut w16) = self.be.take_bf16() {
+            // in place, so that a big bf16 base (13 GiB at 6.9b) is never held twice: the tensors between the two
+            // embeddings move by the change of embed_in's size, embed_out's kept rows move with them
+            let (old_in, new_in) = (old_v * c, new_vocab * c);
+            let (old_out, new_out) = (self.layout.embed_out, layout.embed_out);
+            if new_vocab < old_v {
+                w16.copy_within(old_in..old_out + new_in, new_in);
+                w16.truncate(layout.total);
+            } else {
+                w16.resize(layout.total, 0);
+                w16.copy_within(old_out..old_out + old_in, new_out);
+                w16.copy_within(old_in..old_out, new_in);
+                for at in [0, new_out] {
+                    let mean = mean_of(&mut w16[at..at + old_in].iter().map(|&b| bf16_to_f32(b) as f64));
+                    for row in w16[at + old_in..at + new_in].chunks_mut(c) {
                         row.iter_mut().zip(&mean).for_each(|(x, m)| *x = f32_to_bf16(*m as f32));
                     }
                 }

@@ -90,6 +90,11 @@ impl Cpu {
         self.compute_bf16 = compute;
     }
 
+    /// Take the bf16 bits out of a bf16-held base (to be resized in place and put back with `replace_bf16`).
+    pub(crate) fn take_bf16(&mut self) -> Option<Vec<u16>> {
+        self.base16.take().map(|b| b.w)
+    }
+
     /// Whether the base is held in bf16 (`new_bf16`).
     pub fn base_bf16(&self) -> bool {
         self.base16.is_some()
