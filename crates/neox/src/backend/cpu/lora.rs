@@ -9,6 +9,7 @@ use crate::kernels::math;
 use crate::kernels::matmul::{gemm, par_all, Mat};
 use crate::kernels::matvec_f32::FEW_ROWS;
 use crate::lora::{AdapterLayout, LoraConfig, Slot};
+use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// The adapter attached to a CPU model.
@@ -81,9 +82,11 @@ impl CpuLora {
             None => &x[..n * ic],
             Some(m) => {
                 buf.resize(n * ic, 0.0);
-                for (row, (d, xr)) in buf.chunks_mut(ic).zip(x.chunks(ic)).take(n).enumerate() {
-                    m.apply(d, xr, row);
-                }
+                buf[..n * ic].par_chunks_mut(ic).zip(x[..n * ic].par_chunks(ic)).enumerate().for_each(
+                    |(row, (d, xr))| {
+                        m.apply(d, xr, row);
+                    },
+                );
                 &buf[..n * ic]
             }
         }
@@ -167,11 +170,14 @@ impl CpuLora {
                     xd_buf.resize(n * ic, 0.0);
                     // SAFETY: xd_buf (N, IC) just sized; du and A as above.
                     unsafe { gemm(Mat::rm(xd_buf.as_mut_ptr(), n, ic, ic), false, du_m, a_m, 1.0, par_all()) };
-                    let mut row_buf = vec![0f32; ic];
-                    for (row, (d, g)) in dinp.chunks_mut(ic).zip(xd_buf.chunks(ic)).take(n).enumerate() {
-                        m.apply(&mut row_buf, g, row);
-                        d.iter_mut().zip(&row_buf).for_each(|(d, g)| *d += g);
-                    }
+                    let rows = dinp[..n * ic].par_chunks_mut(ic).zip(xd_buf[..n * ic].par_chunks(ic));
+                    rows.enumerate().for_each_init(
+                        || vec![0f32; ic],
+                        |row_buf, (row, (d, g))| {
+                            m.apply(row_buf, g, row);
+                            d.iter_mut().zip(row_buf.iter()).for_each(|(d, g)| *d += g);
+                        },
+                    );
                 }
             }
         });
