@@ -167,6 +167,13 @@ pub fn apply(path: &Path, cfg: &mut TrainConfig) -> Result<DeepSpeedReport, Stri
         match z.get("stage") {
             None => {}
             Some(x) => match x.as_u64().filter(|&s| s <= 3) {
+                Some(stage) if stage > 0 && cfg.lora_r.is_some() => {
+                    // the adapter is ~1% of the weights and the frozen base is not sharded
+                    r.not_honoured.push(format!(
+                        "zero_optimization.stage = {stage} (a LoRA run keeps the frozen base whole on each process \
+                         and its adapter state is small: stage 0)"
+                    ));
+                }
                 Some(stage) => {
                     cfg.zero_stage = Some(stage as u8);
                     r.applied.push(format!("zero_optimization.stage = {stage}"));
@@ -226,6 +233,19 @@ mod tests {
         assert_eq!(c.zero_stage, Some(3), "the seed's ZeRO-3 is applied, not reported");
         assert!(r.applied.iter().any(|s| s == "zero_optimization.stage = 3"), "{:?}", r.applied);
         assert!(r.not_honoured.iter().any(|s| s.contains("stage3_max_live_parameters")), "{:?}", r.not_honoured);
+    }
+
+    #[test]
+    fn a_lora_run_keeps_stage_0_under_the_seeds_zero3_json() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ds_z3_bf16_config.json");
+        let mut c = TrainConfig { lora_r: Some(16), ..TrainConfig::default() };
+        let r = apply(&p, &mut c).unwrap();
+        assert_eq!(c.zero_stage, None);
+        assert!(
+            r.not_honoured.iter().any(|s| s.contains("zero_optimization.stage = 3") && s.contains("LoRA")),
+            "{:?}",
+            r.not_honoured
+        );
     }
 
     #[test]
