@@ -41,6 +41,10 @@ pub struct TrainBench {
     /// trains.
     #[arg(long)]
     bf16: bool,
+    /// A LoRA step of this rank (alpha 2r, dropout 0.05, all-linear, Dolly's three token rows) on a frozen base,
+    /// held in bf16 with --bf16, as `dolly train --lora-r` trains.
+    #[arg(long)]
+    lora_r: Option<usize>,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -94,7 +98,18 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     anyhow::ensure!(a.steps > 0 && a.batch_size > 0 && a.seq_len > 1, "steps, batch size and seq len must be > 0");
     let cfg = preset(&a.preset)?;
     let model_cfg = cfg.clone();
-    let mut model = Model::new_random(cfg, 0);
+    // a LoRA step on a frozen base: held in bf16 with --bf16 (as `dolly train --lora-r --bf16 true` holds it)
+    let mut model = match (a.lora_r, a.bf16) {
+        (Some(_), true) => Model::new_random_bf16(cfg, 0),
+        _ => Model::new_random(cfg, 0),
+    };
+    if let Some(r) = a.lora_r {
+        let token_rows = [50277, 50278, 50279].into_iter().filter(|&id| id < model_cfg.vocab_size as u32).collect();
+        let targets = neox::lora::Target::ALL.to_vec();
+        let lora =
+            neox::lora::LoraConfig { r, alpha: 2.0 * r as f64, dropout: 0.05, targets, rslora: false, token_rows };
+        model.attach_lora(lora, neox::LoraInit::Seed(0))?;
+    }
     model.set_compute_bf16(a.bf16);
     let (b, t, v) = (a.batch_size, a.seq_len, model_cfg.vocab_size);
     let mut r = Rng::new(1);
@@ -108,13 +123,16 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let view = || BatchInput { doc_ids: docs.as_deref(), ..batch.view() };
     let mut acts = Activations::new(&model_cfg, b, t, a.gradient_checkpointing);
     let mut grads = model.new_grads();
-    let mut opt = AdamW::new(AdamWConfig::default(), model.num_params());
+    let mut opt = AdamW::new(AdamWConfig::default(), model.grad_len());
     let count = view().target_count();
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for step in 0..a.warmup + a.steps {
         let t0 = Instant::now();
         // the training loop's step: forward/backward, norm, fused clip + AdamW + zero (gradients start at zero)
+        if a.lora_r.is_some() {
+            model.set_dropout_seed(Some(step as u64));
+        }
         let (sum, n) = model.forward_backward(&view(), &mut acts, &mut grads, 1.0 / count as f32)?;
         let coef = clip_coef(model.grad_norm(&grads), 1.0);
         model.adamw_step(&mut opt, &mut grads, 1e-5, coef);
@@ -128,7 +146,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let med = median(&mut times);
     let out = json!({
         "bench": "train", "engine": "dolly", "preset": a.preset, "batch_size": b, "seq_len": t,
-        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16,
+        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16, "lora_r": a.lora_r, "trainable": model.grad_len(),
         "steps": a.steps, "median_step_s": med, "min_step_s": min, "tokens_per_s": (b * t) as f64 / med,
         "loss_first": losses[0], "loss_last": losses[losses.len() - 1], "peak_rss_mb": peak_rss_mb(),
         "activation_mb": acts.bytes() as f64 / (1 << 20) as f64,

@@ -40,6 +40,22 @@ impl Model {
         }
         Model::from_parts(config, params).expect("layout-sized buffer")
     }
+
+    /// `new_random`'s values rounded to bf16 and held as a frozen bf16 base (`Model::load_bf16`'s form), one
+    /// tensor at a time: 2 bytes per parameter and the largest tensor's f32 size besides.
+    pub fn new_random_bf16(config: NeoxConfig, seed: u64) -> Model {
+        let layout = Layout::new(&config);
+        let std = init_std(&config);
+        let mut w16 = vec![0u16; layout.total];
+        let mut scratch = Vec::new();
+        for (k, info) in layout.params.iter().enumerate() {
+            scratch.resize(info.numel(), 0.0);
+            fill(k, info, seed, std, &mut scratch);
+            crate::kernels::w16::narrow(&mut w16[info.range()], &scratch);
+        }
+        let be = crate::backend::cpu::Cpu::new_bf16(w16, &layout);
+        Model::on(config, layout, be)
+    }
 }
 
 /// Write a random model into `dir` (config.json + model.safetensors) one tensor at a time, never holding the
