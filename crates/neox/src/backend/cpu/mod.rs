@@ -110,6 +110,19 @@ impl Cpu {
         self.compute_bf16 = compute;
     }
 
+    /// The bf16 base's bits, taken out (the device is left without parameters until `replace_bf16`).
+    pub(crate) fn take_base_bits(&mut self) -> Option<Vec<u16>> {
+        self.base16.take().map(|b| b.w)
+    }
+
+    /// Hold `w16` (bf16 bits of every parameter of `layout`) as the frozen base; drops the derived formats.
+    pub(crate) fn replace_bf16(&mut self, w16: Vec<u16>, layout: &Layout) {
+        let (decode, compute) = (self.decode_bf16, self.compute_bf16);
+        *self = Cpu::new_bf16(w16, layout);
+        self.decode_bf16 = decode;
+        self.compute_bf16 = compute;
+    }
+
     pub fn set_decode_bf16(&mut self, on: bool) {
         self.decode_bf16 = on;
     }
