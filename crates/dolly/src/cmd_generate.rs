@@ -19,8 +19,16 @@ use std::time::Instant;
 #[derive(Args)]
 pub struct GenerateArgs {
     /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer), or a hub model id like
-    /// EleutherAI/pythia-70m (downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache).
+    /// EleutherAI/pythia-70m (downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache), or a
+    /// LoRA adapter directory (adapter_config.json, as `dolly train --lora-r` writes): then its base is loaded
+    /// from base_model_name_or_path and the adapter attached, as PEFT's AutoPeftModelForCausalLM does.
     pub model: String,
+    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply to MODEL without
+    /// merging: the base is resized to the tokenizer's vocabulary as dolly train does, and each targeted product
+    /// adds the adapter's branch in f32 (with --bf16 the base weights are read as bf16). The tokenizer is the
+    /// adapter directory's tokenizer.json when it has one.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Decode with bfloat16 copies of the weights (f32 activations): about 2x the tokens/s of float32 on a
     /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in). `--bf16` = true.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
@@ -136,8 +144,8 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(out) = &a.output {
         check_output(out, a.input.as_deref())?;
     }
-    let dir = crate::model_arg::resolve(&a.model)?;
-    let ctx = NeoxConfig::from_file(&dir.join("config.json"))?.max_position_embeddings;
+    let src = crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?;
+    let ctx = NeoxConfig::from_file(&src.base.join("config.json"))?.max_position_embeddings;
     ensure!(
         a.max_new_tokens < ctx,
         "--max-new-tokens must be between 1 and {} (the model's context window of {ctx} tokens less one prompt \
@@ -145,8 +153,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         ctx - 1,
         a.max_new_tokens
     );
-    let tok = DollyTokenizer::resolve(Some(&dir), a.tokenizer.as_deref())?;
-    let mut model = crate::model_arg::load(&dir)?;
+    let tok = DollyTokenizer::resolve(Some(src.tokenizer_dir()), a.tokenizer.as_deref())?;
+    crate::adapter_arg::check(&src, &crate::adapter_arg::config_for(&src, tok.vocab_size())?)?;
+    let mut model = crate::adapter_arg::load(&src, tok.vocab_size())?;
     model.set_decode_bf16(a.bf16);
     if tok.vocab_size() > model.config.vocab_size {
         bail!(

@@ -19,8 +19,16 @@ const DEFAULT_MAX_TOKENS: usize = 256;
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model directory (config.json + safetensors; tokenizer.json unless --tokenizer), or a hub model id like
-    /// EleutherAI/pythia-70m (downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache).
+    /// EleutherAI/pythia-70m (downloaded into the Hugging Face cache; HF_HUB_OFFLINE=1 uses only the cache), or a
+    /// LoRA adapter directory (adapter_config.json, as `dolly train --lora-r` writes): then its base is loaded
+    /// from base_model_name_or_path and the adapter attached, as PEFT's AutoPeftModelForCausalLM does.
     pub model: String,
+    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to apply to MODEL without
+    /// merging: the base is resized to the tokenizer's vocabulary as dolly train does, and each targeted product
+    /// adds the adapter's branch in f32 (with --bf16 the base weights are read as bf16). The tokenizer is the
+    /// adapter directory's tokenizer.json when it has one.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Decode with bfloat16 copies of the weights (f32 activations): about 2x the tokens/s of float32 on a
     /// memory-bound CPU, at bf16 weight precision (the dtype Dolly itself generates in). `--bf16` = true.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
@@ -35,7 +43,8 @@ pub struct ServeArgs {
     /// tokenizer.json to use instead of the model directory's.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Model id clients must send (default: the hub id, or the model directory's name).
+    /// Model id clients must send (default: the adapter directory's name with an adapter, else the hub id or
+    /// the model directory's name).
     #[arg(long)]
     pub model_name: Option<String>,
     /// Most requests decoded together in one batch (1..=1024; its KV cache must fit in memory).
@@ -113,19 +122,23 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(a.idle_timeout_s),
     };
     opts.validate_flags().map_err(anyhow::Error::msg)?;
-    let dir = crate::model_arg::resolve(&a.model)?;
-    let cfg = NeoxConfig::from_file(&dir.join("config.json"))?;
+    let src = crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?;
+    let cfg = NeoxConfig::from_file(&src.base.join("config.json"))?;
     if a.default_max_tokens.is_none() {
         opts.default_max_tokens = DEFAULT_MAX_TOKENS.min(opts.kv_slots_for(&cfg).saturating_sub(1)).max(1);
     }
     opts.validate_for_model(&cfg, if a.bf16 { 2 } else { 4 }).map_err(anyhow::Error::msg)?;
-    opts.model_id = a.model_name.clone().unwrap_or_else(|| default_name(&a.model, &dir));
+    opts.model_id = a.model_name.clone().unwrap_or_else(|| match &src.adapter {
+        Some(ad) => crate::adapter_arg::name_of(ad),
+        None => default_name(&a.model, &src.base),
+    });
     // a busy port is reported before the weights load
     let addr = format!("{}:{}", a.host, a.port);
     let std_listener = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
     std_listener.set_nonblocking(true)?;
-    let tok = DollyTokenizer::resolve(Some(&dir), a.tokenizer.as_deref())?;
-    let mut model = crate::model_arg::load(&dir)?;
+    let tok = DollyTokenizer::resolve(Some(src.tokenizer_dir()), a.tokenizer.as_deref())?;
+    crate::adapter_arg::check(&src, &crate::adapter_arg::config_for(&src, tok.vocab_size())?)?;
+    let mut model = crate::adapter_arg::load(&src, tok.vocab_size())?;
     model.set_decode_bf16(a.bf16);
     let name = opts.model_id.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;

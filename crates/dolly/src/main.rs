@@ -3,9 +3,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod adapter_arg;
 mod cmd_bench;
 mod cmd_data;
 mod cmd_generate;
+mod cmd_merge;
 mod cmd_model;
 mod cmd_serve;
 mod cmd_train;
@@ -48,6 +50,8 @@ enum Command {
     Generate(cmd_generate::GenerateArgs),
     /// Serve a Dolly model over an OpenAI-compatible HTTP API.
     Serve(cmd_serve::ServeArgs),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
+    Merge(cmd_merge::MergeArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (index 15 in both its v2 and v3 option enums).
@@ -74,6 +78,7 @@ fn main() {
         Command::Train(a) => cmd_train::run(*a, cli.threads),
         Command::Generate(a) => cmd_generate::run(a),
         Command::Serve(a) => cmd_serve::run(a),
+        Command::Merge(a) => cmd_merge::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -34,6 +34,18 @@ fn lora_output_is_a_peft_adapter_and_resume_is_bit_identical() {
     assert_eq!(meta.lora.token_rows, vec![50277, 50278, 50279]);
     let want = f.losses("straight");
     assert_eq!(want.len(), 8 + 1, "8 train rows + 1 eval row");
+    // the output directory and the last checkpoint answer the same (the adapter of step 8 either way)
+    let answer = |model: &std::path::Path| {
+        let o = cli::dolly()
+            .arg("generate")
+            .arg(model)
+            .args(["Say hi.", "--greedy", "--max-new-tokens", "6"])
+            .output()
+            .unwrap();
+        cli::stderr_ok(&o);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(answer(&out), answer(&out.join("checkpoint-8")));
 
     // kill -9 at step 6 (after checkpoint-5), resume from latest
     let mut child = f

@@ -138,8 +138,11 @@ impl Model<Cpu> {
     pub fn merged_tensor(&self, info: &ParamInfo) -> Vec<f32> {
         let c = self.config.hidden_size;
         let cols = info.shape.last().copied().unwrap_or(1);
-        let mut w: Vec<f32> =
-            (0..info.numel() / cols.max(1)).flat_map(|r| self.be.base_row(info.offset, r, cols)).collect();
+        // sized up front: collecting the rows would grow the buffer by doubling (up to ~2x a big embedding)
+        let mut w: Vec<f32> = Vec::with_capacity(info.numel());
+        for r in 0..info.numel() / cols.max(1) {
+            w.extend(self.be.base_row(info.offset, r, cols));
+        }
         let Some((cfg, layout, p)) = self.be.lora() else { return w };
         if let Some(s) = layout.slot(info.offset) {
             let (r, scale) = (cfg.r, cfg.scale());

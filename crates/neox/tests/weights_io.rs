@@ -259,3 +259,25 @@ fn vocab_resize_shrinks_and_grows_as_documented() {
     assert_eq!(&m.params()[e + 31 * c..e + 32 * c], &mean[..]);
     assert!(m.resize_vocab(0).is_err());
 }
+
+/// A base held in bf16 resizes like the f32 path on the same (bf16) values, each new row rounded to bf16 once:
+/// the reference is the f32 resize above (itself checked against the definition), rounded.
+#[test]
+fn vocab_resize_of_a_bf16_base_is_the_f32_resize_rounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    tiny().save(tmp.path(), SaveDtype::Bf16).unwrap();
+    let round = |x: f32| half::bf16::from_f32(x).to_f32();
+    for v in [30, 40, 45] {
+        let mut want = Model::load(tmp.path()).unwrap();
+        let mut got = Model::load_bf16(tmp.path()).unwrap();
+        want.resize_vocab(v).unwrap();
+        got.resize_vocab(v).unwrap();
+        assert!(got.base_bf16());
+        assert_eq!(got.config.vocab_size, v);
+        assert_eq!(got.layout.total, want.layout.total);
+        for p in &want.layout.params {
+            let w: Vec<f32> = want.params()[p.range()].iter().map(|&x| round(x)).collect();
+            assert_eq!(got.merged_tensor(p), w, "vocab {v}: {}", p.name);
+        }
+    }
+}
