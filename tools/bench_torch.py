@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
 """PyTorch reference for dolly's CPU benchmarks, run side by side with the dolly binary.
 
-Developer tool only (CI never runs Python). fp32, CPU, SDPA attention, a pythia-70m-shaped random-init
-GPT-NeoX (vocab 50304, hidden 512, 6 layers, 8 heads, intermediate 2048, rotary 0.25, parallel residual).
+Developer tool only (CI never runs Python). CPU, SDPA attention, a random-init Pythia-shaped GPT-NeoX
+(`--preset 70m`: vocab 50304, hidden 512, 6 layers, 8 heads, intermediate 2048; `--preset 410m`: hidden 1024,
+24 layers, 16 heads, intermediate 4096; rotary 0.25, parallel residual).
 
-    python tools/bench_torch.py                       # both modes, PyTorch + target/release/dolly if present
+    python tools/bench_torch.py                       # train + generate, PyTorch + target/release/dolly if present
     python tools/bench_torch.py --mode train --steps 3 --dolly none
+    python tools/bench_torch.py --mode train --dtype autocast
+    python tools/bench_torch.py --mode lora --preset 410m
 
 train:    batch 4 x seq 256 random ids, labels = ids, AdamW lr 1e-5; one step = forward + backward +
           clip_grad_norm_(1.0) + optimizer.step + zero_grad; `--warmup` steps untimed, then `--steps` timed;
-          reports median_step_s.
+          reports median_step_s. `--dtype fp32` (default), `autocast` (fp32 weights and optimizer,
+          torch.autocast("cpu", bfloat16) around forward + loss), `bf16` (model.to(bfloat16): weights, grads and
+          AdamW state in bf16). dolly gets `--bf16` (bf16 operands, f32 accumulation and master weights) for both
+          bf16 modes.
+lora:     the same step with PEFT: LoRA r=16, alpha 32, dropout `--lora-dropout`, target "all-linear" (the four
+          Linear layers of every block) on a bf16 base (model.to(bfloat16); PEFT keeps the adapter in f32), plus
+          PEFT trainable_token_indices rows 50277-50279 of embed_in and lm_head (`--no-token-rows` to drop them);
+          AdamW lr 1e-4 and clipping on the trainable tensors only. dolly gets DOLLY_LORA_FLAGS.
 generate: batch 1, 32 random prompt tokens, greedy 128 new tokens (min_new_tokens = max_new_tokens);
           tokens_per_s = new tokens / generate() time, median of `--runs`; ttft_s = median time of
           generate(max_new_tokens=1).
@@ -30,8 +40,18 @@ import sys
 import tempfile
 import time
 
-PRESET = dict(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-              intermediate_size=2048, rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True)
+_COMMON = dict(vocab_size=50304, rotary_pct=0.25, max_position_embeddings=2048, use_parallel_residual=True)
+PRESETS = {
+    "70m": dict(_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "410m": dict(_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+PRESET = PRESETS["70m"]  # replaced by --preset in main()
+TOKEN_ROWS = [50277, 50278, 50279]  # Dolly's special tokens: the rows a dolly LoRA also trains
+
+# dolly's LoRA flags for `bench train` (issue 14). Placeholder until the binary has them: a dolly build without
+# them answers "unexpected argument" and the table shows PyTorch alone. Keep them equal to the PyTorch side.
+DOLLY_LORA_FLAGS = ["--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "{dropout}",
+                    "--lora-target-modules", "all-linear", "--train-token-rows", "{rows}", "--bf16"]
 
 
 # ----------------------------------------------------------------------------------------------------- PyTorch side
@@ -64,18 +84,47 @@ def build_model(seed):
     return torch, model
 
 
+def lora_model(torch, model, args):
+    """PEFT LoRA on a bf16 base: the bench's `--mode lora` model and its trainable tensors."""
+    from peft import LoraConfig, get_peft_model
+
+    model = model.to(torch.bfloat16)
+    rows = {"embed_in": TOKEN_ROWS, "lm_head": TOKEN_ROWS} if args.token_rows else None
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, target_modules="all-linear",
+                     task_type="CAUSAL_LM", trainable_token_indices=rows)
+    model = get_peft_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in params)  # PEFT's autocast_adapter_dtype
+    return model, params
+
+
 def worker_train(args):
+    import contextlib
+
     torch, model = build_model(args.seed)
+    extra = {}
+    if args.worker == "lora":
+        model, params = lora_model(torch, model, args)
+        lr = 1e-4
+        extra = {"trainable_params": sum(p.numel() for p in params), "lora_r": 16, "lora_alpha": 32,
+                 "lora_dropout": args.lora_dropout, "token_rows": args.token_rows, "base_dtype": "bfloat16"}
+    else:
+        if args.dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        params, lr = list(model.parameters()), 1e-5
+        extra = {"dtype": args.dtype}
+    autocast = args.worker == "train" and args.dtype == "autocast"
     model.train()
     g = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(0, PRESET["vocab_size"], (args.batch_size, args.seq_len), generator=g)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     times, losses = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
@@ -85,7 +134,9 @@ def worker_train(args):
     tokens = args.batch_size * args.seq_len
     med = statistics.median(times)
     return {
-        "mode": "train",
+        "mode": args.worker,
+        "preset": args.preset,
+        **extra,
         "median_step_s": med,
         "min_step_s": min(times),
         "step_times_s": times,
@@ -137,10 +188,14 @@ def worker_main(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    res = worker_train(args) if args.worker == "train" else worker_generate(args)
+    res = worker_generate(args) if args.worker == "generate" else worker_train(args)
     import transformers
 
     res.update(threads=torch.get_num_threads(), torch=torch.__version__, transformers=transformers.__version__)
+    if args.worker == "lora":
+        import peft
+
+        res["peft"] = peft.__version__
     print(json.dumps(res))
 
 
@@ -189,7 +244,8 @@ def run_torch(mode, args):
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--runs", str(args.runs),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--seed", str(args.seed),
-           "--torch-dtype", args.torch_dtype]
+           "--torch-dtype", args.torch_dtype, "--preset", args.preset, "--dtype", args.dtype,
+           "--lora-dropout", str(args.lora_dropout)] + ([] if args.token_rows else ["--no-token-rows"])
     rc, out, err, rss, wall = run_child(cmd, args.timeout)
     res = last_json(out)
     if rc != 0 or res is None:
@@ -210,20 +266,29 @@ def resolve_dolly(path):
 
 
 def run_dolly(mode, exe, args):
-    if mode == "train":
-        sub = ["bench", "train", "--preset", "pythia-70m", "--batch-size", str(args.batch_size),
+    preset = f"pythia-{args.preset}"
+    if mode in ("train", "lora"):
+        sub = ["bench", "train", "--preset", preset, "--batch-size", str(args.batch_size),
                "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--json"]
+        if mode == "train" and args.dtype in ("autocast", "bf16"):
+            sub.append("--bf16")
+        if mode == "lora":
+            rows = "special" if args.token_rows else "none"
+            sub += [f.format(dropout=args.lora_dropout, rows=rows) for f in DOLLY_LORA_FLAGS]
         parity = ["--warmup", str(args.warmup)]
     else:
-        sub = ["bench", "generate", "--preset", "pythia-70m", "--prompt-len", str(args.prompt_len),
+        sub = ["bench", "generate", "--preset", preset, "--prompt-len", str(args.prompt_len),
                "--new-tokens", str(args.new_tokens), "--json"] + (["--bf16"] if args.dolly_bf16 else [])
         parity = ["--runs", str(args.runs)]
     # Same warmup / run count as the PyTorch side; retried without them if this dolly build lacks the flags.
     cmd = [exe, "--threads", str(args.threads)] + sub + parity
     rc, out, err, rss, wall = run_child(cmd, args.timeout)
-    if rc == 2 and "unexpected argument" in err:
+    if rc == 2 and "unexpected argument" in err and "--warmup" in err:
         cmd = cmd[: len(cmd) - len(parity)]
         rc, out, err, rss, wall = run_child(cmd, args.timeout)
+    if rc == 2 and "unexpected argument" in err:
+        return {"error": f"this dolly binary lacks a flag of: {' '.join(sub)} ({err.strip()[-300:]})",
+                "cmd": " ".join(cmd)}
     res = last_json(out)
     if rc != 0 or res is None:
         return {"error": f"dolly {mode} failed (rc={rc}): {(err or out).strip()[-2000:]}", "cmd": " ".join(cmd)}
@@ -259,7 +324,13 @@ def combine(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["train", "generate", "all"], default="all")
+    ap.add_argument("--mode", choices=["train", "generate", "lora", "all"], default="all",
+                    help="all = train + generate")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="70m")
+    ap.add_argument("--dtype", choices=["fp32", "autocast", "bf16"], default="fp32", help="train mode precision")
+    ap.add_argument("--lora-dropout", type=float, default=0.05)
+    ap.add_argument("--no-token-rows", dest="token_rows", action="store_false",
+                    help="lora mode: do not train the special token rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed train steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -279,8 +350,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate PyTorch and dolly this many times per mode and report per-metric medians "
                          "(the shared VM's speed drifts by tens of percent over minutes; alternating cancels it)")
-    ap.add_argument("--worker", choices=["train", "generate"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["train", "generate", "lora"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PRESET
+    PRESET = PRESETS[args.preset]
 
     if args.worker:
         worker_main(args)
@@ -304,24 +377,25 @@ def main():
                 d = run_dolly(mode, exe, args)
                 runs.setdefault(("dolly", mode), []).append(d)
                 print(f"[bench] dolly {mode}: {json.dumps(d)}", file=sys.stderr, flush=True)
-                key = "median_step_s" if mode == "train" else "tokens_per_s"
+                key = "tokens_per_s" if mode == "generate" else "median_step_s"
                 round_ratios.append((mode, rnd + 1, ratio(d.get(key), t.get(key))))
     results = {k: combine(v) for k, v in runs.items()}
 
     # -------- table
     rows = []
-    if "train" in modes:
-        rows.append(("train median step (s)", "train", "median_step_s", ".3f", "time"))
-        rows.append(("train peak RSS (MB)", "train", "peak_rss_mb", ".0f", "mem"))
+    for m in ("train", "lora"):
+        if m in modes:
+            rows.append((f"{m} median step (s)", m, "median_step_s", ".3f", "time"))
+            rows.append((f"{m} peak RSS (MB)", m, "peak_rss_mb", ".0f", "mem"))
     if "generate" in modes:
         rows.append(("generate tokens/s", "generate", "tokens_per_s", ".2f", "rate"))
         rows.append(("generate TTFT (s)", "generate", "ttft_s", ".3f", "time"))
         rows.append(("generate peak RSS (MB)", "generate", "peak_rss_mb", ".0f", "mem"))
-    print(f"\nthreads={args.threads}  train: batch {args.batch_size} x seq {args.seq_len}, {args.warmup} warmup + "
+    print(f"\npreset {args.preset}  train dtype {args.dtype}  threads={args.threads}  train: batch {args.batch_size} x seq {args.seq_len}, {args.warmup} warmup + "
           f"{args.steps} timed steps  generate: prompt {args.prompt_len}, {args.new_tokens} new tokens, "
           f"median of {args.runs}")
     print(f"{'metric':<26}{'pytorch':>12}{'dolly':>12}{'dolly/pytorch':>15}")
-    summary = {"threads": args.threads}
+    summary = {"threads": args.threads, "preset": args.preset, "train_dtype": args.dtype}
     for label, mode, key, spec, _kind in rows:
         t = results.get(("torch", mode), {}).get(key)
         d = results.get(("dolly", mode), {}).get(key) if exe else None

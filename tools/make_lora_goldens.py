@@ -165,7 +165,7 @@ def saved_key(param_name):
     return param_name.replace(".default.", ".").removesuffix(".default")
 
 
-def lora_config(r, use_rslora, inference_mode=False):
+def lora_config(r, use_rslora):
     return LoraConfig(
         r=r,
         lora_alpha=ALPHA,
@@ -176,7 +176,6 @@ def lora_config(r, use_rslora, inference_mode=False):
         # transformers 5 names the output module `lm_head` (saved as embed_out.weight in model.safetensors);
         # PEFT refuses the name `embed_out` ("Target modules {'embed_out'} not found").
         trainable_token_indices={"embed_in": SPECIAL, "lm_head": SPECIAL},
-        inference_mode=inference_mode,
     )
 
 
@@ -203,9 +202,8 @@ def write_adapter(name, r, use_rslora, seed, base_params, report):
                 p.add_(torch.randn(p.shape, generator=g) * INIT_STD)
             else:
                 raise AssertionError(f"unexpected trainable parameter {n}")
-    for m in pm.modules():
-        if hasattr(m, "scaling") and isinstance(m.scaling, dict) and "default" in m.scaling:
-            assert m.scaling["default"] == scaling
+    scalings = [m.scaling["default"] for m in pm.modules() if isinstance(getattr(m, "scaling", None), dict)]
+    assert len(scalings) == LAYERS * len(TARGETS) and all(x == scaling for x in scalings), scalings
     d = os.path.join(FIXTURE, name)
     pm.save_pretrained(d)
     sd = get_peft_model_state_dict(pm)
