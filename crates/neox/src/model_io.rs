@@ -15,13 +15,19 @@ impl Model<Cpu> {
     /// Load `config.json` + weights (safetensors, or `pytorch_model.bin` read without executing its pickle) from
     /// an HF model directory. The weights' headers are checked against config.json before anything is allocated.
     pub fn load(dir: &Path) -> Result<Self> {
+        let config = Self::read_config(dir)?;
+        let params = weights::load_params(dir, &config)?;
+        Self::from_parts(config, params)
+    }
+
+    /// `dir/config.json`, with sizes whose parameter count fits in memory addresses.
+    pub(crate) fn read_config(dir: &Path) -> Result<NeoxConfig> {
         let cpath = dir.join("config.json");
         let config = NeoxConfig::from_file(&cpath)?;
         if weights::checked_param_count(&config).is_none() {
             return Err(Error::file(&cpath, "the parameter count these sizes give does not fit in memory addresses"));
         }
-        let params = weights::load_params(dir, &config)?;
-        Self::from_parts(config, params)
+        Ok(config)
     }
 
     /// Write `config.json` and `model.safetensors` into `dir` (created if missing), each atomically.

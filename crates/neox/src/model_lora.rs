@@ -3,7 +3,6 @@
 //! frozen base loaded straight into bf16, and merged tensors for export.
 
 use crate::backend::cpu::Cpu;
-use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
 use crate::layout::{Layout, ParamInfo};
 use crate::lora::{AdapterLayout, LoraConfig};
@@ -24,11 +23,7 @@ impl Model<Cpu> {
     /// Load a model whose weights are held as bf16 bits (2 bytes per parameter, no f32 copy of any matrix): the
     /// frozen base of a LoRA run. f32 and f16 files are rounded to bf16 as they are read.
     pub fn load_bf16(dir: &Path) -> Result<Self> {
-        let cpath = dir.join("config.json");
-        let config = NeoxConfig::from_file(&cpath)?;
-        if weights::checked_param_count(&config).is_none() {
-            return Err(Error::file(&cpath, "the parameter count these sizes give does not fit in memory addresses"));
-        }
+        let config = Self::read_config(dir)?;
         let w16 = weights::load_params_bf16(dir, &config)?;
         let layout = Layout::new(&config);
         let be = Cpu::new_bf16(w16, &layout);

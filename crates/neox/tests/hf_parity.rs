@@ -4,79 +4,16 @@
 //! padding. Tolerance `|a-b| <= 1e-4 + 1e-4|b|`; token ids exact.
 
 mod common;
-use common::assert_close;
-use neox::{clip_grad_norm, Activations, AdamW, AdamWConfig, BatchInput, Model};
-use safetensors::{Dtype, SafeTensors};
+use common::{assert_close, Golden, Inputs};
+use neox::{clip_grad_norm, Activations, AdamW, AdamWConfig, Model};
 use std::path::PathBuf;
 
 const ATOL: f32 = 1e-4;
 const RTOL: f32 = 1e-4;
 
-struct Golden {
-    bytes: Vec<u8>,
-}
-
-impl Golden {
-    fn load(name: &str) -> (Model, Golden) {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-        let model = Model::load(&dir).unwrap();
-        let bytes = std::fs::read(dir.join("golden.safetensors")).unwrap();
-        (model, Golden { bytes })
-    }
-    fn st(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.bytes).unwrap()
-    }
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-    fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
-        let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
-        (v, t.shape().to_vec())
-    }
-}
-
-struct Inputs {
-    b: usize,
-    t: usize,
-    ids: Vec<u32>,
-    labels: Vec<i32>,
-    mask: Vec<u8>,
-    pos: Vec<u32>,
-}
-
-impl Inputs {
-    fn from(g: &Golden) -> Self {
-        let (ids, shape) = g.i64("input_ids");
-        let (labels, _) = g.i64("labels");
-        let (mask, _) = g.i64("attention_mask");
-        let (b, t) = (shape[0], shape[1]);
-        Inputs {
-            b,
-            t,
-            ids: ids.iter().map(|&x| x as u32).collect(),
-            labels: labels.iter().map(|&x| x as i32).collect(),
-            mask: mask.iter().map(|&x| x as u8).collect(),
-            // A plain HF forward uses positions 0..T-1 whatever the mask.
-            pos: (0..b * t).map(|i| (i % t) as u32).collect(),
-        }
-    }
-    fn view(&self) -> BatchInput<'_> {
-        BatchInput {
-            batch_size: self.b,
-            seq_len: self.t,
-            input_ids: &self.ids,
-            labels: Some(&self.labels),
-            attention_mask: &self.mask,
-            position_ids: &self.pos,
-            doc_ids: None,
-        }
-    }
+fn load(name: &str) -> (Model, Golden) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    (Model::load(&dir).unwrap(), Golden::read(&dir.join("golden.safetensors")))
 }
 
 const MODELS: [&str; 2] = ["tiny-parallel", "tiny-sequential"];
@@ -84,7 +21,7 @@ const MODELS: [&str; 2] = ["tiny-parallel", "tiny-sequential"];
 #[test]
 fn logits_and_loss_match_hf() {
     for name in MODELS {
-        let (m, g) = Golden::load(name);
+        let (m, g) = load(name);
         let inp = Inputs::from(&g);
         let mut acts = Activations::new(&m.config, inp.b, inp.t, false);
         let logits = m.forward_logits(&inp.view(), &mut acts).unwrap();
@@ -118,7 +55,7 @@ fn golden_grads(m: &Model, g: &Golden) -> Vec<f32> {
 #[test]
 fn every_gradient_matches_hf_with_and_without_checkpointing() {
     for name in MODELS {
-        let (m, g) = Golden::load(name);
+        let (m, g) = load(name);
         let inp = Inputs::from(&g);
         let want = golden_grads(&m, &g);
         for recompute in [false, true] {
@@ -136,7 +73,7 @@ fn every_gradient_matches_hf_with_and_without_checkpointing() {
 #[test]
 fn adamw_and_clipping_match_torch() {
     for name in MODELS {
-        let (m, g) = Golden::load(name);
+        let (m, g) = load(name);
         let grads = golden_grads(&m, &g);
         for (key, wd, clip) in [("adamw_wd0", 0.0, false), ("adamw_wd01", 0.1, false), ("adamw_clip", 0.0, true)] {
             let mut params = m.params().to_vec();
@@ -167,7 +104,7 @@ fn adamw_and_clipping_match_torch() {
 #[test]
 fn greedy_generation_matches_hf_exactly() {
     for name in MODELS {
-        let (m, g) = Golden::load(name);
+        let (m, g) = load(name);
         let (prompt, _) = g.i64("gen_prompt_single");
         let (want, _) = g.i64("gen_single");
         let prompt: Vec<u32> = prompt.iter().map(|&x| x as u32).collect();

@@ -6,9 +6,9 @@
 //! both as f32 and held in bf16 (the same values). Tolerance `|a-b| <= 1e-4 + 1e-4|b|` as in `hf_parity.rs`.
 
 mod common;
-use common::assert_close;
-use neox::{clip_coef, Activations, AdamW, AdamWConfig, BatchInput, Model};
-use safetensors::{Dtype, SafeTensors};
+use common::{assert_close, Golden, Inputs};
+use neox::{clip_coef, Activations, AdamW, AdamWConfig, Model};
+use safetensors::SafeTensors;
 use std::path::PathBuf;
 
 const ATOL: f32 = 1e-4;
@@ -18,62 +18,8 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora-tiny")
 }
 
-struct Golden(Vec<u8>);
-
-impl Golden {
-    fn load() -> Golden {
-        Golden(std::fs::read(fixture().join("golden.safetensors")).unwrap())
-    }
-    fn f32(&self, name: &str) -> Vec<f32> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-    fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        (t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(), t.shape().to_vec())
-    }
-}
-
-struct Inputs {
-    b: usize,
-    t: usize,
-    ids: Vec<u32>,
-    labels: Vec<i32>,
-    mask: Vec<u8>,
-    pos: Vec<u32>,
-}
-
-impl Inputs {
-    fn from(g: &Golden) -> Self {
-        let (ids, shape) = g.i64("input_ids");
-        let (labels, _) = g.i64("labels");
-        let (mask, _) = g.i64("attention_mask");
-        let (b, t) = (shape[0], shape[1]);
-        Inputs {
-            b,
-            t,
-            ids: ids.iter().map(|&x| x as u32).collect(),
-            labels: labels.iter().map(|&x| x as i32).collect(),
-            mask: mask.iter().map(|&x| x as u8).collect(),
-            // a plain HF forward uses positions 0..T-1 whatever the mask
-            pos: (0..b * t).map(|i| (i % t) as u32).collect(),
-        }
-    }
-    fn view(&self) -> BatchInput<'_> {
-        BatchInput {
-            batch_size: self.b,
-            seq_len: self.t,
-            input_ids: &self.ids,
-            labels: Some(&self.labels),
-            attention_mask: &self.mask,
-            position_ids: &self.pos,
-            doc_ids: None,
-        }
-    }
+fn golden() -> Golden {
+    Golden::read(&fixture().join("golden.safetensors"))
 }
 
 /// The fixture's base, as f32 and held in bf16.
@@ -102,7 +48,7 @@ fn check_logits(what: &str, m: &Model, g: &Golden, prefix: &str) {
 
 #[test]
 fn peft_adapters_give_peft_logits_loss_and_gradients() {
-    let g = Golden::load();
+    let g = golden();
     let inp = Inputs::from(&g);
     for (adapter, prefix) in [("adapter", ""), ("adapter-rslora", "rslora.")] {
         for (base, mut m) in bases() {
@@ -136,7 +82,7 @@ fn peft_adapters_give_peft_logits_loss_and_gradients() {
 
 #[test]
 fn the_base_alone_gives_the_base_logits() {
-    let g = Golden::load();
+    let g = golden();
     for (base, m) in bases() {
         check_logits(base, &m, &g, "base_");
     }
@@ -144,7 +90,7 @@ fn the_base_alone_gives_the_base_logits() {
 
 #[test]
 fn merged_tensors_give_peft_merged_logits() {
-    let g = Golden::load();
+    let g = golden();
     for (base, mut m) in bases() {
         m.load_adapter(&fixture().join("adapter")).unwrap();
         let merged: Vec<f32> = m.layout.params.iter().flat_map(|p| m.merged_tensor(p)).collect();
@@ -155,7 +101,7 @@ fn merged_tensors_give_peft_merged_logits() {
 
 #[test]
 fn five_adamw_steps_follow_the_torch_trajectory() {
-    let g = Golden::load();
+    let g = golden();
     let inp = Inputs::from(&g);
     let (want_loss, want_norm) = (g.f32("traj.loss"), g.f32("traj.grad_norm"));
     for (base, mut m) in bases() {

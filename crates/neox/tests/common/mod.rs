@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use common::Rng;
-use neox::{Model, NeoxConfig, OwnedBatch};
+use neox::{BatchInput, Model, NeoxConfig, OwnedBatch};
+use safetensors::{Dtype, SafeTensors};
 
 pub fn tiny_config(parallel: bool, vocab: usize) -> NeoxConfig {
     let mut c = NeoxConfig::new_pythia(vocab, 16, 2, 2, 64);
@@ -57,5 +58,71 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (a, b)) in got.iter().zip(want).enumerate() {
         assert!((a - b).abs() <= atol + rtol * b.abs(), "{what}[{i}]: got {a}, want {b} (atol {atol}, rtol {rtol})");
+    }
+}
+
+/// A golden file written by a tools/ script (safetensors of f32 and i64 tensors).
+pub struct Golden {
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    pub fn read(path: &std::path::Path) -> Golden {
+        Golden { bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
+    }
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).unwrap()
+    }
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+    pub fn i64(&self, name: &str) -> (Vec<i64>, Vec<usize>) {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.dtype(), Dtype::I64, "{name}");
+        let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        (v, t.shape().to_vec())
+    }
+}
+
+/// A golden's batch: `input_ids`, `labels`, `attention_mask` (B,T), positions 0..T-1 as a plain HF forward uses
+/// them whatever the mask.
+pub struct Inputs {
+    pub b: usize,
+    pub t: usize,
+    pub ids: Vec<u32>,
+    pub labels: Vec<i32>,
+    pub mask: Vec<u8>,
+    pub pos: Vec<u32>,
+}
+
+impl Inputs {
+    pub fn from(g: &Golden) -> Self {
+        let (ids, shape) = g.i64("input_ids");
+        let (labels, _) = g.i64("labels");
+        let (mask, _) = g.i64("attention_mask");
+        let (b, t) = (shape[0], shape[1]);
+        Inputs {
+            b,
+            t,
+            ids: ids.iter().map(|&x| x as u32).collect(),
+            labels: labels.iter().map(|&x| x as i32).collect(),
+            mask: mask.iter().map(|&x| x as u8).collect(),
+            pos: (0..b * t).map(|i| (i % t) as u32).collect(),
+        }
+    }
+    pub fn view(&self) -> BatchInput<'_> {
+        BatchInput {
+            batch_size: self.b,
+            seq_len: self.t,
+            input_ids: &self.ids,
+            labels: Some(&self.labels),
+            attention_mask: &self.mask,
+            position_ids: &self.pos,
+            doc_ids: None,
+        }
     }
 }
