@@ -13,6 +13,7 @@ pub(crate) mod attention_decode;
 #[cfg(test)]
 mod attention_ref;
 pub(crate) mod attention_train;
+pub(crate) mod gemm_bf16;
 pub(crate) mod layernorm;
 pub(crate) mod lm_head_loss;
 pub(crate) mod math;
