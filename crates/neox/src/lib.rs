@@ -6,6 +6,7 @@
 pub mod config;
 pub mod error;
 pub mod layout;
+pub mod lora;
 pub mod pickle;
 mod torch_bin;
 pub mod weights;
@@ -14,6 +15,7 @@ pub use config::NeoxConfig;
 pub use error::{Error, Result};
 pub use layout::{Layout, Unit};
 
+pub mod adapter_io;
 pub mod backend;
 pub mod batch_input;
 mod block;
@@ -25,6 +27,7 @@ pub mod kernel_bench;
 mod kernels;
 pub mod model;
 mod model_io;
+mod model_lora;
 pub mod optim;
 
 pub use backend::cpu::Cpu;
@@ -32,5 +35,6 @@ pub use backend::Backend;
 pub use batch_input::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;
 pub use model::{eval_events, training_events, Activations, Model, UnitEvent, UnitHooks};
+pub use model_lora::LoraInit;
 pub use optim::{clip_coef, clip_grad_norm, grad_norm, AdamW, AdamWConfig};
 pub use weights::SaveDtype;

@@ -265,12 +265,17 @@ impl<B: Backend> Model<B> {
 
     /// A zeroed gradient buffer (layout order).
     pub fn new_grads(&self) -> B::Buf {
-        self.be.zeros(self.layout.total)
+        self.be.zeros(self.grad_len())
+    }
+
+    /// Elements of a gradient buffer: every parameter, or an attached adapter's only (LoRA).
+    pub fn grad_len(&self) -> usize {
+        self.be.grad_len(self.layout.total)
     }
 
     /// Zero a gradient buffer.
     pub fn zero_grads(&self, grads: &mut B::Buf) {
-        self.be.zero(grads, self.layout.total)
+        self.be.zero(grads, self.grad_len())
     }
 
     /// Global L2 norm of a gradient buffer.
@@ -386,11 +391,11 @@ impl<B: Backend> Model<B> {
 
     fn check_grads(&self, batch: &BatchInput<'_>, acts: &Activations<B>, grads: &B::Buf) -> Result<()> {
         self.check_capacity(batch, acts)?;
-        if B::len(grads) != self.layout.total {
+        if B::len(grads) != self.grad_len() {
             return Err(Error::invalid(format!(
                 "gradient buffer has {} entries, expected {}",
                 B::len(grads),
-                self.layout.total
+                self.grad_len()
             )));
         }
         Ok(())

@@ -5,7 +5,7 @@
 
 use crate::kernels::transpose::transpose_block;
 use crate::kernels::SendPtr;
-use crate::layout::Layout;
+use crate::layout::{Layout, ParamInfo};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,24 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+/// The tensors of a flat buffer (names, ranges, weight-decay flags) the optimizer walks: the model's layout, or
+/// an adapter's.
+pub trait Tensors {
+    fn tensors(&self) -> &[ParamInfo];
+}
+
+impl Tensors for Layout {
+    fn tensors(&self) -> &[ParamInfo] {
+        &self.params
+    }
+}
+
+impl Tensors for crate::lora::AdapterLayout {
+    fn tensors(&self) -> &[ParamInfo] {
+        &self.params
     }
 }
 
@@ -41,14 +59,21 @@ impl AdamW {
 
     /// One update of `params` with `grads` at learning rate `lr`. Tensors whose `decay` flag is false in
     /// `layout` get no weight decay.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, layout: &Layout) {
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32, layout: &impl Tensors) {
         self.update(params, GradSource::Read(grads), lr, layout, 1.0, None);
     }
 
     /// The fused end of a training step: the update with gradients scaled by `coef` (the clip coefficient,
     /// applied as `torch.nn.utils.clip_grad_norm_` would have applied it to the gradients) and the gradients
     /// zeroed for the next step — one pass over the buffers instead of three.
-    pub fn step_scaled_and_zero(&mut self, params: &mut [f32], grads: &mut [f32], lr: f32, layout: &Layout, coef: f32) {
+    pub fn step_scaled_and_zero(
+        &mut self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        lr: f32,
+        layout: &impl Tensors,
+        coef: f32,
+    ) {
         self.update(params, GradSource::ReadAndZero(grads), lr, layout, coef, None);
     }
 
@@ -63,7 +88,7 @@ impl AdamW {
         params: &mut [f32],
         grads: &mut [f32],
         lr: f32,
-        layout: &Layout,
+        layout: &impl Tensors,
         coef: f32,
         into: Transposed<'_>,
     ) {
@@ -82,7 +107,7 @@ impl AdamW {
         grads: &mut [f32],
         ranges: &[std::ops::Range<usize>],
         lr: f32,
-        layout: &Layout,
+        layout: &impl Tensors,
         coef: f32,
     ) {
         let held: usize = ranges.iter().map(|r| r.len()).sum();
@@ -94,7 +119,7 @@ impl AdamW {
         let scaled = coef < 1.0;
         let mut local = 0usize;
         for r in ranges {
-            for info in &layout.params {
+            for info in layout.tensors() {
                 let t = info.range();
                 let (a, b) = (t.start.max(r.start), t.end.min(r.end));
                 if a >= b {
@@ -121,7 +146,7 @@ impl AdamW {
         params: &mut [f32],
         grads: GradSource<'_>,
         lr: f32,
-        layout: &Layout,
+        layout: &impl Tensors,
         coef: f32,
         transposed: Option<Transposed<'_>>,
     ) {
@@ -143,7 +168,7 @@ impl AdamW {
             Some(Transposed { wt, mats, round_bf16 }) => (Some(SendPtr(wt.as_mut_ptr())), mats, round_bf16),
             None => (None, &[][..], false),
         };
-        for info in &layout.params {
+        for info in layout.tensors() {
             let r = info.range();
             let decay = if info.decay { (1.0 - lr as f64 * c.weight_decay as f64) as f32 } else { 1.0 };
             // a listed matrix goes in blocks of whole rows, each written transposed right after its update

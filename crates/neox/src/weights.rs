@@ -163,6 +163,11 @@ impl Elem {
     }
 }
 
+/// The element type of a safetensors dtype, or why it cannot load.
+pub(crate) fn elem_of(d: Dtype) -> std::result::Result<Elem, String> {
+    Elem::from_st(d)
+}
+
 /// Little-endian `elem` values in `bytes` to f32 in `out` (exactly as many).
 pub(crate) fn convert(path: &Path, name: &str, elem: Elem, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let esize = if elem == Elem::F32 { 4 } else { 2 };
@@ -241,6 +246,61 @@ fn safetensors_of(o: &Opened) -> Result<SafeTensors<'_>> {
 /// checked against this machine's memory before the buffer is allocated; the layout itself is built only once
 /// the files hold at least as many tensors as config.json's layer count needs.
 pub fn load_params(dir: &Path, config: &NeoxConfig) -> Result<Vec<f32>> {
+    let mut dest = F32Dest(Vec::new());
+    load_into(dir, config, &mut dest)?;
+    Ok(dest.0)
+}
+
+/// `load_params` into bfloat16 bits (round to nearest even; a bf16 file's values come through unchanged):
+/// 2 bytes per parameter and no f32 copy of the model (one tensor at a time is widened on the way).
+pub fn load_params_bf16(dir: &Path, config: &NeoxConfig) -> Result<Vec<u16>> {
+    let mut dest = Bf16Dest { w: Vec::new(), scratch: Vec::new() };
+    load_into(dir, config, &mut dest)?;
+    Ok(dest.w)
+}
+
+/// Where the loader puts the parameters: a buffer of `total` elements allocated once every header is checked,
+/// then each tensor's f32 values written into `slot(range)` and handed over by `commit(range)`.
+trait Dest {
+    const BYTES: u64;
+    fn alloc(&mut self, total: usize);
+    fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32];
+    fn commit(&mut self, range: std::ops::Range<usize>);
+}
+
+struct F32Dest(Vec<f32>);
+
+impl Dest for F32Dest {
+    const BYTES: u64 = 4;
+    fn alloc(&mut self, total: usize) {
+        self.0 = vec![0f32; total];
+    }
+    fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32] {
+        &mut self.0[range]
+    }
+    fn commit(&mut self, _: std::ops::Range<usize>) {}
+}
+
+struct Bf16Dest {
+    w: Vec<u16>,
+    scratch: Vec<f32>,
+}
+
+impl Dest for Bf16Dest {
+    const BYTES: u64 = 2;
+    fn alloc(&mut self, total: usize) {
+        self.w = vec![0u16; total];
+    }
+    fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32] {
+        self.scratch.resize(range.len(), 0.0);
+        &mut self.scratch[..]
+    }
+    fn commit(&mut self, range: std::ops::Range<usize>) {
+        crate::kernels::w16::narrow(&mut self.w[range], &self.scratch);
+    }
+}
+
+fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<()> {
     let wf = weight_files(dir)?;
     let mut opened = Vec::new();
     for path in &wf.files {
@@ -303,15 +363,17 @@ pub fn load_params(dir: &Path, config: &NeoxConfig) -> Result<Vec<f32>> {
             return Err(Error::tensor(&wf.files[0], &p.name, format!("missing (looked in: {shown})")));
         }
     }
-    let bytes = (layout.total as u64).saturating_mul(4);
+    let bytes = (layout.total as u64).saturating_mul(D::BYTES);
     common::check_fits(&format!("loading the model {}", dir.display()), bytes).map_err(Error::invalid)?;
-    let mut params = vec![0f32; layout.total];
+    dest.alloc(layout.total);
     for (fi, o) in opened.iter().enumerate() {
         let mine = plan.iter().filter(|p| p.0 == fi);
         match &o.torch {
             Some(a) => {
                 for (_, name, pi, ti) in mine {
-                    a.read_into(&o.path, &o.mmap, name, &a.tensors[*ti].1, &mut params[layout.params[*pi].range()])?;
+                    let range = layout.params[*pi].range();
+                    a.read_into(&o.path, &o.mmap, name, &a.tensors[*ti].1, dest.slot(range.clone()))?;
+                    dest.commit(range);
                 }
             }
             None => {
@@ -319,12 +381,14 @@ pub fn load_params(dir: &Path, config: &NeoxConfig) -> Result<Vec<f32>> {
                 for (_, name, pi, _) in mine {
                     let view = st.tensor(name).map_err(|e| Error::tensor(&o.path, name, e.to_string()))?;
                     let elem = Elem::from_st(view.dtype()).map_err(|m| Error::tensor(&o.path, name, m))?;
-                    convert(&o.path, name, elem, view.data(), &mut params[layout.params[*pi].range()])?;
+                    let range = layout.params[*pi].range();
+                    convert(&o.path, name, elem, view.data(), dest.slot(range.clone()))?;
+                    dest.commit(range);
                 }
             }
         }
     }
-    Ok(params)
+    Ok(())
 }
 
 /// Write `params` as `model.safetensors` in HF layout (names from `layout`), atomically.

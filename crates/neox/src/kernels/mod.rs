@@ -23,6 +23,7 @@ pub(crate) mod matvec_f32;
 pub(crate) mod pool;
 pub(crate) mod rotary;
 pub(crate) mod transpose;
+pub(crate) mod w16;
 
 /// Elements below which an elementwise or per-row kernel runs on the calling thread: a rayon region entered from
 /// outside the pool costs more than such a kernel (a decode step has dozens of one-row calls; see

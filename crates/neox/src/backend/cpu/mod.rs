@@ -9,10 +9,15 @@
 //!
 //! Ops dispatch to the kernels in `crate::kernels` (`ops.rs`); the KV cache is `kv.rs`.
 
+mod frozen;
 mod kv;
+mod lora;
 mod ops;
 
 pub use kv::CpuKv;
+
+use frozen::Base16;
+use lora::CpuLora;
 
 use crate::kernels::math::round_bf16_slice;
 use crate::kernels::matvec_bf16::{pack_bf16, packed_lines, Line};
@@ -37,6 +42,10 @@ pub struct Cpu {
     packed: OnceLock<PackedBf16>,
     /// bf16 mixed precision for training: product operands are bf16 values, everything else f32.
     compute_bf16: bool,
+    /// A frozen base held in bf16 instead of `params` (which is then empty): LoRA on big models.
+    base16: Option<Base16>,
+    /// An attached LoRA adapter: the base is frozen, gradients and the optimizer cover the adapter only.
+    lora: Option<CpuLora>,
 }
 
 impl Cpu {
@@ -61,7 +70,26 @@ impl Cpu {
             decode_bf16: false,
             packed: OnceLock::new(),
             compute_bf16: false,
+            base16: None,
+            lora: None,
         }
+    }
+
+    /// A CPU device holding a frozen base as bf16 bits (`w16`, layout order): no f32 copy of any matrix.
+    pub fn new_bf16(w16: Vec<u16>, layout: &Layout) -> Self {
+        let mut cpu = Cpu::new(Vec::new(), layout);
+        cpu.base16 = Some(Base16::new(w16, layout));
+        cpu
+    }
+
+    /// Whether the base is held in bf16 (`new_bf16`).
+    pub fn base_bf16(&self) -> bool {
+        self.base16.is_some()
+    }
+
+    /// The bf16 bits of the base tensor at `off` (a bf16 base only).
+    pub(crate) fn base_bits(&self, off: usize, len: usize) -> Option<&[u16]> {
+        self.base16.as_ref().map(|b| b.bits(off, len))
     }
 
     pub fn params(&self) -> &[f32] {
@@ -104,8 +132,10 @@ impl Cpu {
     /// Build now what decoding builds lazily: the bf16 panels (when decoding in bf16) and the transposed weights
     /// that prompts longer than the few-row path use (otherwise a server's first long prompt pays for building them).
     pub fn prepare_decode(&self) {
-        let _ = self.packed();
-        let _ = self.wt();
+        if self.base16.is_none() {
+            let _ = self.packed();
+            let _ = self.wt();
+        }
     }
 
     fn invalidate(&mut self) {
@@ -115,8 +145,12 @@ impl Cpu {
         }
     }
 
+    /// The f32 values of the tensor at `off`; with a bf16 base only its 1-D tensors are f32.
     fn p(&self, off: usize, len: usize) -> &[f32] {
-        &self.params[off..off + len]
+        match &self.base16 {
+            Some(b) => b.vector(off, len),
+            None => &self.params[off..off + len],
+        }
     }
 
     /// The transposed (IC, OC) copy of the weight at `off`.
@@ -143,7 +177,7 @@ impl Cpu {
 
     /// The bf16 panels, when decoding in bf16 (built on first use after a change).
     fn packed(&self) -> Option<&PackedBf16> {
-        if !self.decode_bf16 {
+        if !self.decode_bf16 || self.base16.is_some() {
             return None;
         }
         Some(self.packed.get_or_init(|| {
@@ -171,6 +205,49 @@ impl Cpu {
         let into = Transposed { wt: &mut wt, mats: &self.mats, round_bf16: self.compute_bf16 };
         opt.step_scaled_zero_transposed(&mut self.params, grads, lr, &self.layout, coef, into);
         self.wt = OnceLock::from(wt);
+    }
+}
+
+/// LoRA: an adapter attached to a frozen base.
+impl Cpu {
+    /// Attach an adapter with these values (`layout` order); the base is frozen from now on.
+    pub(crate) fn attach_lora(
+        &mut self,
+        cfg: crate::lora::LoraConfig,
+        layout: crate::lora::AdapterLayout,
+        params: Vec<f32>,
+    ) {
+        assert_eq!(params.len(), layout.total, "adapter size");
+        let scale = cfg.scale();
+        self.lora = Some(CpuLora { layout, cfg, params, scale, seed: None });
+    }
+
+    /// Remove the adapter (the base is trainable again).
+    pub(crate) fn detach_lora(&mut self) {
+        self.lora = None;
+    }
+
+    pub(crate) fn lora(&self) -> Option<(&crate::lora::LoraConfig, &crate::lora::AdapterLayout, &[f32])> {
+        self.lora.as_ref().map(|l| (&l.cfg, &l.layout, &l.params[..]))
+    }
+
+    pub(crate) fn lora_params_mut(&mut self) -> Option<&mut [f32]> {
+        self.lora.as_mut().map(|l| &mut l.params[..])
+    }
+
+    /// `Some(seed)`: the LoRA branches of training products drop inputs with this micro-batch's mask.
+    pub(crate) fn set_dropout_seed(&mut self, seed: Option<u64>) {
+        if let Some(l) = self.lora.as_mut() {
+            l.seed = seed;
+        }
+    }
+
+    /// Row `row` (of `c` values) of the base matrix at `off`, as f32.
+    pub(crate) fn base_row(&self, off: usize, row: usize, c: usize) -> Vec<f32> {
+        match &self.base16 {
+            Some(b) => b.bits(off + row * c, c).iter().map(|&x| crate::kernels::w16::bf16_to_f32(x)).collect(),
+            None => self.params[off + row * c..off + (row + 1) * c].to_vec(),
+        }
     }
 }
 

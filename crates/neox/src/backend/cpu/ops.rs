@@ -5,12 +5,13 @@ use super::Cpu;
 use crate::backend::{AttnShape, Backend, Embedding, HeadGrad, Heads, KvShape, LayerNorm, Linear, Pass, Visibility};
 use crate::kernels::attention_train::{attention_bwd, attention_fwd, saved_len};
 use crate::kernels::layernorm::{layernorm_bwd, layernorm_fwd, Norm};
-use crate::kernels::lm_head_loss::{lm_head_xent, Head, XentGrad, XentScratch};
+use crate::kernels::lm_head_loss::{lm_head_xent, Head, HeadWeight, TokenRows, XentGrad, XentScratch};
 use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
 use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_bwd_weight, linear_fwd_t, Dims};
 use crate::kernels::matvec_bf16::linear_panels;
 use crate::kernels::matvec_f32::{linear_rows, FEW_ROWS};
 use crate::kernels::rotary::{rope_apply, rope_table, RopeTable};
+use crate::kernels::w16::{bf16_to_f32, linear_bwd_input_w16, linear_fwd_w16};
 use crate::kernels::{pool, SendPtr, SMALL};
 use crate::optim::{self, AdamW};
 use rayon::prelude::*;
@@ -79,18 +80,39 @@ impl Backend for Cpu {
     }
 
     fn embed(&self, x: &mut Vec<f32>, ids: &[u32], e: Embedding) {
-        let table = self.p(e.w, e.v * e.c);
-        for (row, &id) in x[..ids.len() * e.c].chunks_mut(e.c).zip(ids) {
-            row.copy_from_slice(&table[id as usize * e.c..(id as usize + 1) * e.c]);
+        let c = e.c;
+        for (row, &id) in x[..ids.len() * c].chunks_mut(c).zip(ids) {
+            let at = id as usize * c;
+            // a trained token row (LoRA) replaces the base row
+            let trained = self.lora.as_ref().and_then(|l| Some((l, l.token_row(id)?, l.layout.embed_rows?)));
+            match (trained, &self.base16) {
+                (Some((l, k, o)), _) => row.copy_from_slice(&l.params[o + k * c..o + (k + 1) * c]),
+                (None, Some(b)) => row.iter_mut().zip(b.bits(e.w + at, c)).for_each(|(d, &s)| *d = bf16_to_f32(s)),
+                (None, None) => row.copy_from_slice(&self.params[e.w + at..e.w + at + c]),
+            }
         }
     }
 
     fn embed_bwd(&self, grads: &mut Vec<f32>, dx: &Vec<f32>, ids: &[u32], e: Embedding) {
         // sequential scatter-add: deterministic, duplicate ids add up in order
-        let dt = &mut grads[e.w..e.w + e.v * e.c];
-        for (row, &id) in dx[..ids.len() * e.c].chunks(e.c).zip(ids) {
-            let dst = &mut dt[id as usize * e.c..(id as usize + 1) * e.c];
-            dst.iter_mut().zip(row).for_each(|(d, s)| *d += s);
+        let c = e.c;
+        let add = |dst: &mut [f32], row: &[f32]| dst.iter_mut().zip(row).for_each(|(d, s)| *d += s);
+        match &self.lora {
+            // a frozen base: only the trained token rows get gradients
+            Some(l) => {
+                let Some(o) = l.layout.embed_rows else { return };
+                for (row, &id) in dx[..ids.len() * c].chunks(c).zip(ids) {
+                    if let Some(k) = l.token_row(id) {
+                        add(&mut grads[o + k * c..o + (k + 1) * c], row);
+                    }
+                }
+            }
+            None => {
+                let dt = &mut grads[e.w..e.w + e.v * c];
+                for (row, &id) in dx[..ids.len() * c].chunks(c).zip(ids) {
+                    add(&mut dt[id as usize * c..(id as usize + 1) * c], row);
+                }
+            }
         }
     }
 
@@ -112,6 +134,13 @@ impl Backend for Cpu {
     ) {
         let (inp, stats) = saved;
         let (mean, rstd) = stats.split_at(stats.len() / 2);
+        if self.lora.is_some() {
+            // a frozen base: the parameter gradients are computed into scratch and dropped
+            let mut scratch = vec![0f32; 2 * ln.c];
+            let (dw, db) = scratch.split_at_mut(ln.c);
+            layernorm_bwd(dinp, (dw, db), dout, inp, (mean, rstd), self.p(ln.w, ln.c), n);
+            return;
+        }
         let dparams = two_mut(grads, (ln.w, ln.c), (ln.b, ln.c));
         layernorm_bwd(dinp, dparams, dout, inp, (mean, rstd), self.p(ln.w, ln.c), n);
     }
@@ -121,14 +150,33 @@ impl Backend for Cpu {
         let bias = lin.b.map(|b| self.p(b, lin.oc));
         let len = lin.ic * lin.oc;
         // few-row inference reads each weight once for all rows (memory-bound); everything else goes to gemm
-        // on the transposed copy, which training's backward also reads
-        if pass == Pass::Decode && n <= FEW_ROWS {
+        // on the transposed copy, which training's backward also reads; a bf16 base has its own products
+        if let Some(w16) = self.base_bits(lin.w, len) {
+            linear_fwd_w16(out, inp, w16, bias, d, accumulate)
+        } else if pass == Pass::Decode && n <= FEW_ROWS {
             match self.packed() {
                 Some(p) => linear_panels(out, inp, p.matrix(lin.w), bias, d, accumulate),
                 None => linear_rows(out, inp, self.p(lin.w, len), bias, d, accumulate),
             }
         } else {
             linear_fwd_t(out, inp, self.t(lin.w, len), bias, d, accumulate)
+        }
+        if let Some((l, slot)) = self.lora.as_ref().and_then(|l| Some((l, l.layout.slot(lin.w)?))) {
+            l.forward(slot, out, inp, n, pass);
+        }
+        // the LM head as a plain product (full logits, decoding): trained token rows replace their columns
+        if let Some((l, at)) = self.lora.as_ref().and_then(|l| Some((l, l.layout.head_rows?))) {
+            if lin.w == self.layout.embed_out {
+                // (the head's product never accumulates)
+                debug_assert!(!accumulate);
+                let (c, v) = (lin.ic, lin.oc);
+                for (k, &id) in l.cfg.token_rows.iter().enumerate() {
+                    let wk = &l.params[at + k * c..at + (k + 1) * c];
+                    for (o, x) in out.chunks_mut(v).zip(inp.chunks(c)).take(n) {
+                        o[id as usize] = crate::kernels::math::dot(x, wk);
+                    }
+                }
+            }
         }
     }
 
@@ -143,11 +191,20 @@ impl Backend for Cpu {
     ) {
         let d = Dims { n, ic: lin.ic, oc: lin.oc };
         let len = lin.ic * lin.oc;
-        // dX = dY · W: from the f32 weights, or in bf16 compute from the rounded transposed copy
-        if self.compute_bf16 {
+        // dX = dY · W: from the f32 weights, in bf16 compute from the rounded transposed copy, or from a bf16 base
+        if let Some(w16) = self.base_bits(lin.w, len) {
+            linear_bwd_input_w16(dinp, dout, w16, d)
+        } else if self.compute_bf16 {
             linear_bwd_input_t(dinp, dout, self.t(lin.w, len), d)
         } else {
             linear_bwd_input(dinp, dout, self.p(lin.w, len), d, false)
+        }
+        if let Some(l) = &self.lora {
+            // a frozen base: no weight or bias gradient; the LoRA branch's own backward when it targets this layer
+            if let Some(slot) = l.layout.slot(lin.w) {
+                l.backward(slot, grads, dinp, dout, inp, n);
+            }
+            return;
         }
         match lin.b {
             Some(b) => {
@@ -236,8 +293,25 @@ impl Backend for Cpu {
     ) -> f64 {
         let (c, v) = (head.ic, head.oc);
         let len = c * v;
-        let h = Head { w: self.p(head.w, len), wt: self.t(head.w, len), c, v, bf16: self.compute_bf16 };
-        let grad = grad.map(|g| XentGrad { dx: &mut g.dx[..], dw: &mut g.grads[head.w..head.w + len], scale: g.scale });
+        let w = match self.base_bits(head.w, len) {
+            Some(w16) => HeadWeight::Bf16(w16),
+            None => HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) },
+        };
+        // with an adapter the head is frozen; its trained token rows replace their logits
+        let lora = self.lora.as_ref();
+        let rows_at = lora.and_then(|l| Some((l, l.layout.head_rows?)));
+        let k = lora.map_or(0, |l| l.cfg.token_rows.len());
+        let rows = rows_at.map(|(l, o)| TokenRows { ids: &l.cfg.token_rows, w: &l.params[o..o + k * c] });
+        let h = Head { w, c, v, bf16: self.compute_bf16, rows };
+        let grad = grad.map(|g| {
+            let grads = &mut g.grads[..];
+            let (dw, drows) = match rows_at {
+                Some((_, o)) => (None, Some(&mut grads[o..o + k * c])),
+                None if lora.is_some() => (None, None),
+                None => (Some(&mut grads[head.w..head.w + len]), None),
+            };
+            XentGrad { dx: &mut g.dx[..], dw, drows, scale: g.scale }
+        });
         lm_head_xent(x, h, targets, grad, scratch)
     }
 
@@ -266,7 +340,15 @@ impl Backend for Cpu {
     }
 
     fn adamw_step(&mut self, opt: &mut AdamW, grads: &mut Vec<f32>, lr: f32, coef: f32) {
-        self.fused_adamw(opt, grads, lr, coef)
+        match self.lora.as_mut() {
+            // the adapter is all that trains; the base's derived formats stay as they are
+            Some(l) => opt.step_scaled_and_zero(&mut l.params, grads, lr, &l.layout, coef),
+            None => self.fused_adamw(opt, grads, lr, coef),
+        }
+    }
+
+    fn grad_len(&self, params: usize) -> usize {
+        self.lora.as_ref().map_or(params, |l| l.layout.total)
     }
 
     fn norm(&self, x: &Vec<f32>) -> f64 {
