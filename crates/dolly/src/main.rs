@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd_bench;
+mod cmd_bench_gemm;
 mod cmd_data;
 mod cmd_generate;
 mod cmd_model;

@@ -3,6 +3,7 @@
 //! most `chunk × V` logits exist at once. Returns the loss SUM and leaves normalisation (÷ target count, which
 //! may span micro-batches and ranks) to the caller via `scale`.
 
+use super::gemm_bf16::{self, Data, Weight};
 use super::math;
 use super::matmul::{gemm, par_all, Dims, Mat};
 use super::w16::{linear_bwd_input_w16, linear_fwd_w16};
@@ -44,6 +45,25 @@ pub enum HeadWeight<'a> {
     Bf16(&'a [u16]),
 }
 
+impl<'a> HeadWeight<'a> {
+    /// The weight as the bf16 kernel's forward reads it: the transposed copy, or the bf16 rows.
+    fn kernel_t(self) -> Weight<'a> {
+        match self {
+            HeadWeight::F32 { wt, .. } => Weight::Transposed(wt),
+            HeadWeight::Bf16(w16) => Weight::Rows(Data::Bf16(w16)),
+        }
+    }
+
+    /// The weight as the bf16 kernel's dX reads it: rows (f32 masters, rounded while packing, when present).
+    fn kernel_rows(self, len: usize) -> Weight<'a> {
+        match self {
+            HeadWeight::F32 { w, .. } if w.len() >= len => Weight::Rows(Data::F32(w)),
+            HeadWeight::F32 { wt, .. } => Weight::Transposed(wt),
+            HeadWeight::Bf16(w16) => Weight::Rows(Data::Bf16(w16)),
+        }
+    }
+}
+
 /// Rows of the head replaced by trained f32 values: the logits of token `ids[k]` are x · `w` row k (`w` is
 /// (k,C)), whatever the head holds for that id (LoRA's trainable token rows).
 #[derive(Clone, Copy)]
@@ -53,13 +73,15 @@ pub struct TokenRows<'a> {
 }
 
 /// The LM head. `bf16`: the operands of the head's products are bf16 values (x arrives rounded, the logit
-/// gradients are rounded here before the products; trained token rows stay f32).
+/// gradients are rounded here before the products; trained token rows stay f32). `kernel` (with `bf16`): the
+/// three products run on the AVX512_BF16 kernel (`gemm_bf16`, which rounds the operands itself).
 #[derive(Clone, Copy)]
 pub struct Head<'a> {
     pub w: HeadWeight<'a>,
     pub c: usize,
     pub v: usize,
     pub bf16: bool,
+    pub kernel: bool,
     pub rows: Option<TokenRows<'a>>,
 }
 
@@ -71,7 +93,8 @@ pub fn lm_head_xent(
     mut grad: Option<XentGrad<'_>>,
     s: &mut XentScratch,
 ) -> f64 {
-    let Head { w, c, v, bf16, rows } = head;
+    let Head { w, c, v, bf16, kernel, rows } = head;
+    let kernel = kernel && bf16;
     match w {
         HeadWeight::F32 { w, wt } => assert!((bf16 || w.len() >= v * c) && wt.len() >= v * c),
         HeadWeight::Bf16(w16) => assert!(w16.len() >= v * c),
@@ -94,6 +117,9 @@ pub fn lm_head_xent(
         }
         // logits (R,V) = X (R,C) · wᵀ
         match w {
+            _ if kernel => {
+                gemm_bf16::linear_fwd(&mut s.logits[..r * v], &s.x[..r * c], w.kernel_t(), None, dims(r), false)
+            }
             // SAFETY: buffers sized above; wt asserted (C,V).
             HeadWeight::F32 { wt, .. } => unsafe {
                 let dst = Mat::rm(s.logits.as_mut_ptr(), r, v, v);
@@ -144,12 +170,19 @@ pub fn lm_head_xent(
                     }
                 }
             }
-            if bf16 {
+            if bf16 && !kernel {
                 math::round_bf16_slice(&mut s.logits[..r * v]);
             }
             let lg = Mat::rm(s.logits.as_ptr(), r, v, v);
             // dX (R,C) = dlogits (R,V) · w (V,C); in bf16, w is read from wt (C,V): w[j][k] = wt[k * V + j]
             match w {
+                _ if kernel => gemm_bf16::linear_bwd_input(
+                    &mut s.dx[..r * c],
+                    &s.logits[..r * v],
+                    w.kernel_rows(v * c),
+                    dims(r),
+                    false,
+                ),
                 // SAFETY: as above; w or wt asserted (V,C).
                 HeadWeight::F32 { w, wt } => unsafe {
                     let w_view = if bf16 { Mat::cm(wt.as_ptr(), v, c, v) } else { Mat::rm(w.as_ptr(), v, c, c) };
@@ -157,7 +190,9 @@ pub fn lm_head_xent(
                 },
                 HeadWeight::Bf16(w16) => linear_bwd_input_w16(&mut s.dx[..r * c], &s.logits[..r * v], w16, dims(r)),
             }
-            if let Some(dw) = g.dw.as_deref_mut() {
+            if let Some(dw) = g.dw.as_deref_mut().filter(|_| kernel) {
+                gemm_bf16::linear_bwd_weight(dw, &s.logits[..r * v], &s.x[..r * c], dims(r));
+            } else if let Some(dw) = g.dw.as_deref_mut() {
                 assert!(dw.len() >= v * c);
                 // dW (V,C) += dlogitsᵀ (V,R) · X (R,C), computed as dWᵀ (C,V) += Xᵀ (C,R) · dlogits (R,V) with dW
                 // addressed column-major (no transposed packing of the big operand)

@@ -9,6 +9,7 @@
 //!
 //! Ops dispatch to the kernels in `crate::kernels` (`ops.rs`); the KV cache is `kv.rs`.
 
+mod bf16;
 mod frozen;
 mod kv;
 mod lora;
@@ -42,6 +43,9 @@ pub struct Cpu {
     packed: OnceLock<PackedBf16>,
     /// bf16 mixed precision for training: product operands are bf16 values, everything else f32.
     compute_bf16: bool,
+    /// In bf16 compute, the training products go to the AVX512_BF16 kernel (`kernels::gemm_bf16`) where the CPU
+    /// has it; off: the f32 gemm on the bf16 values (the same definition; tests compare the two).
+    bf16_kernel: bool,
     /// A frozen base held in bf16 instead of `params` (which is then empty): LoRA on big models.
     base16: Option<Base16>,
     /// An attached LoRA adapter: the base is frozen, gradients and the optimizer cover the adapter only.
@@ -70,6 +74,7 @@ impl Cpu {
             decode_bf16: false,
             packed: OnceLock::new(),
             compute_bf16: false,
+            bf16_kernel: true,
             base16: None,
             lora: None,
         }
@@ -104,10 +109,11 @@ impl Cpu {
 
     /// Replace every parameter (a resized vocabulary); drops the derived formats and their spare buffer.
     pub fn replace(&mut self, params: Vec<f32>, layout: &Layout) {
-        let (decode, compute) = (self.decode_bf16, self.compute_bf16);
+        let (decode, compute, kernel) = (self.decode_bf16, self.compute_bf16, self.bf16_kernel);
         *self = Cpu::new(params, layout);
         self.decode_bf16 = decode;
         self.compute_bf16 = compute;
+        self.bf16_kernel = kernel;
     }
 
     pub fn set_decode_bf16(&mut self, on: bool) {
@@ -127,6 +133,28 @@ impl Cpu {
 
     pub fn compute_bf16(&self) -> bool {
         self.compute_bf16
+    }
+
+    /// Whether bf16 compute may use the AVX512_BF16 product kernel (default on; off forces the f32 gemm on the
+    /// bf16 values, for comparisons).
+    pub fn set_bf16_kernel(&mut self, on: bool) {
+        self.bf16_kernel = on;
+    }
+
+    /// Whether the training products run on the AVX512_BF16 kernel: bf16 compute, the kernel allowed, and
+    /// the CPU has it.
+    pub(crate) fn bf16_products(&self) -> bool {
+        self.compute_bf16 && self.bf16_kernel && crate::kernels::gemm_bf16::available()
+    }
+
+    /// The path the training products take: "avx512bf16" (the bf16 kernel) or "f32" (the f32 gemm, on
+    /// bf16 values in bf16 compute).
+    pub fn product_path(&self) -> &'static str {
+        if self.bf16_products() {
+            "avx512bf16"
+        } else {
+            "f32"
+        }
     }
 
     /// Build now what decoding builds lazily: the bf16 panels (when decoding in bf16) and the transposed weights
