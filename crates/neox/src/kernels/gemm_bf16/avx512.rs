@@ -2,7 +2,8 @@
 //! panels of NR = 16·NV columns (`pack.rs`) and shared; then each task packs its own MC rows of A (MR-row panels,
 //! into a per-thread buffer that stays in L2) and runs the MR x NR micro-kernel over its group of B panels. The
 //! kernel keeps MR·NV zmm accumulators in registers and, per k-pair, loads NV vectors of B and broadcasts one
-//! k-pair word of A per row.
+//! k-pair word of A per row. A panel whose rows hold k contiguously (x, dY, the logit gradients) is stored
+//! lane-major (each row's run of k converted in place, no transposition); others pair-major (`pack.rs`).
 //!
 //! Deterministic: an output element is written by one task per k-block, k-blocks run in order, and its sum
 //! within a block runs over k-pairs in order, so the bits do not depend on the thread count or on how m and n
@@ -84,8 +85,9 @@ pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operan
                     let panels = (i_hi - i_lo).div_ceil(MR);
                     with_scratch(|ab| {
                         grow(ab, panels * kc * MR);
+                        let mut lane_major = [false; MC / MR];
                         for (ip, d) in ab[..panels * kc * MR].chunks_mut(kc * MR).enumerate() {
-                            pack_a(d, &a, pc, kc, i_lo + ip * MR);
+                            lane_major[ip] = pack_a(d, &a, pc, kc, i_lo + ip * MR);
                         }
                         for jp in tj * group..nb.min((tj + 1) * group) {
                             let j0 = jc + jp * NR;
@@ -99,7 +101,12 @@ pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operan
                                 // features are the caller's contract.
                                 unsafe {
                                     let ct = cp.get().add(i0 * ldc + j0);
-                                    kernel(kc, ap.as_ptr(), bp.as_ptr(), ct, ldc, mr, nr, load)
+                                    let (ap, bp) = (ap.as_ptr(), bp.as_ptr());
+                                    if lane_major[ip] {
+                                        kernel::<true>(kc, ap, bp, ct, ldc, mr, nr, load)
+                                    } else {
+                                        kernel::<false>(kc, ap, bp, ct, ldc, mr, nr, load)
+                                    }
                                 }
                             }
                         }
@@ -122,9 +129,18 @@ fn pack_b(dst: &mut [u32], b: &Operand<'_>, p0: usize, kp: usize, j0: usize) {
     pack_op(dst, b.data, (b.rs, b.cs), (b.rows, b.cols), (p0, kp), (j0, NR))
 }
 
-/// One A panel: rows `i0..i0 + MR`, k-pairs `p0..p0 + kp` (lanes = rows: sk = cs, sx = rs).
-fn pack_a(dst: &mut [u32], a: &Operand<'_>, p0: usize, kp: usize, i0: usize) {
-    pack_op(dst, a.data, (a.cs, a.rs), (a.cols, a.rows), (p0, kp), (i0, MR))
+/// One A panel: rows `i0..i0 + MR`, k-pairs `p0..p0 + kp` (lanes = rows: sk = cs, sx = rs). Returns whether
+/// it is lane-major (`dst[l·kp + p]`: a whole panel with k contiguous, each row's run converted in place)
+/// rather than pair-major (`dst[p·MR + l]`, as `pack.rs` describes).
+fn pack_a(dst: &mut [u32], a: &Operand<'_>, p0: usize, kp: usize, i0: usize) -> bool {
+    if a.cs == 1 && i0 + MR <= a.rows && 2 * (p0 + kp) <= a.cols {
+        // SAFETY: only reached from `gemm`, whose caller guarantees the CPU features; the panel lies inside the
+        // checked operand and dst holds kp·MR words (asserted inside).
+        unsafe { pack_avx512::rows(dst, a.data, a.rs, p0, kp, i0, MR) };
+        return true;
+    }
+    pack_op(dst, a.data, (a.cs, a.rs), (a.cols, a.rows), (p0, kp), (i0, MR));
+    false
 }
 
 /// `pack::panel` of either element kind: strides and sizes as (along k, along the lanes). Whole panels with a
@@ -161,8 +177,9 @@ fn packed<E: Elem>(dst: &mut [u32], m: Src<'_, E>, p0: usize, kp: usize, x0: usi
     unsafe { go(dst, m, p0, kp, x0, w) }
 }
 
-/// C tile (mr x nr, row stride ldc) = or += A panel (MR rows, kc k-pairs) · B panel (kc k-pairs, NR columns).
-/// Rows past `mr` are computed (their A lanes are zero) but not stored; columns past `nr` are masked.
+/// C tile (mr x nr, row stride ldc) = or += A panel (MR rows, kc k-pairs; lane-major when `LANES`, else
+/// pair-major) · B panel (kc k-pairs, NR columns). Rows past `mr` are computed (their A lanes are zero) but not
+/// stored; columns past `nr` are masked.
 ///
 /// # Safety
 /// AVX512_BF16 + AVX-512 F available; `a` holds kc·MR words, `b` kc·NR words; C's tile is valid for reads and
@@ -171,7 +188,18 @@ fn packed<E: Elem>(dst: &mut [u32], m: Src<'_, E>, p0: usize, kp: usize, x0: usi
 #[allow(clippy::needless_range_loop)] // indices over const-sized register arrays read clearest
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
-unsafe fn kernel(kc: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize, mr: usize, nr: usize, load: bool) {
+unsafe fn kernel<const LANES: bool>(
+    kc: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    load: bool,
+) {
+    // word (row i, pair p) of the A panel at a + i·row + p·pair
+    let (row, pair) = if LANES { (kc, 1) } else { (1, MR) };
     let mut masks = [0 as __mmask16; NV];
     for v in 0..NV {
         let cols = nr.saturating_sub(16 * v).min(16);
@@ -194,10 +222,10 @@ unsafe fn kernel(kc: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usiz
         for v in 0..NV {
             bv[v] = _mm512_loadu_si512(bp.add(16 * v) as *const __m512i);
         }
-        let ap = a.add(p * MR);
+        let ap = a.add(p * pair);
         for i in 0..MR {
             // the k-pair (2p, 2p+1) of row i in every lane
-            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i * row) as i32));
             for v in 0..NV {
                 acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, std::mem::transmute::<__m512i, __m512bh>(bv[v]));
             }

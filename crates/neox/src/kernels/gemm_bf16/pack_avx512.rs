@@ -42,6 +42,51 @@ pub(super) unsafe fn panel(
     true
 }
 
+/// A whole A panel with k contiguous (sk = 1) in the lane-major layout the kernel also reads:
+/// `dst[l·kp + p]` = the k-pair p of row l (no transposition: each row's run of k converts in place).
+///
+/// # Safety
+/// As `panel`, with `sk = 1`.
+#[inline]
+#[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
+pub(super) unsafe fn rows(dst: &mut [u32], src: Data<'_>, sx: usize, p0: usize, kp: usize, x0: usize, w: usize) {
+    assert!(dst.len() >= kp * w);
+    let d = dst.as_mut_ptr();
+    match src {
+        Data::F32(s) => rows_of::<false>(d, s.as_ptr().add(x0 * sx) as *const u8, sx, p0, kp, w),
+        Data::Bf16(s) => rows_of::<true>(d, s.as_ptr().add(x0 * sx) as *const u8, sx, p0, kp, w),
+    }
+}
+
+/// `rows` for one element kind: 16 pairs (32 k) per step, the last step masked.
+#[inline(always)]
+unsafe fn rows_of<const BITS: bool>(d: *mut u32, s: *const u8, sx: usize, p0: usize, kp: usize, w: usize) {
+    let es = if BITS { 2 } else { 4 };
+    for l in 0..w {
+        let out = d.add(l * kp);
+        for pb in (0..kp).step_by(16) {
+            let c = 16.min(kp - pb);
+            let m32 = if c == 16 { u32::MAX } else { (1u32 << (2 * c)) - 1 };
+            let run = s.add((l * sx + 2 * (p0 + pb)) * es);
+            let words = pairs16::<BITS>(run, m32);
+            let m16 = if c == 16 { u16::MAX } else { (1u16 << c) - 1 };
+            _mm512_mask_storeu_epi32(out.add(pb) as *mut i32, m16, words);
+        }
+    }
+}
+
+/// The 2·16 elements at `p` (those in mask `m32`, the rest zero) as 16 k-pair words.
+#[inline(always)]
+unsafe fn pairs16<const BITS: bool>(p: *const u8, m32: u32) -> __m512i {
+    if BITS {
+        _mm512_maskz_loadu_epi16(m32, p as *const i16)
+    } else {
+        let lo = _mm512_maskz_loadu_ps(m32 as u16, p as *const f32);
+        let hi = _mm512_maskz_loadu_ps((m32 >> 16) as u16, p.wrapping_add(64) as *const f32);
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+}
+
 /// 16 f32 (or 16 bf16 bits) at `p` as 16 bf16 in a 256-bit vector.
 #[inline(always)]
 unsafe fn bf16x16<const BITS: bool>(p: *const u8) -> __m256i {
@@ -108,13 +153,7 @@ unsafe fn k_contiguous<const BITS: bool>(d: *mut u32, s: *const u8, sx: usize, p
             let lanes = 64.min(w - chunk);
             for (l, row) in tile[..lanes].iter_mut().enumerate() {
                 let run = s.add(((chunk + l) * sx + 2 * (p0 + pb)) * es);
-                let words = if BITS {
-                    _mm512_maskz_loadu_epi16(m32, run as *const i16)
-                } else {
-                    let lo = _mm512_maskz_loadu_ps(m32 as u16, run as *const f32);
-                    let hi = _mm512_maskz_loadu_ps((m32 >> 16) as u16, run.wrapping_add(64) as *const f32);
-                    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
-                };
+                let words = pairs16::<BITS>(run, m32);
                 _mm512_storeu_si512(row.as_mut_ptr() as *mut __m512i, words);
             }
             if lanes.is_multiple_of(16) {
