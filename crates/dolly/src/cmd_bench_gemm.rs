@@ -1,6 +1,7 @@
 //! `dolly bench gemm`: GFLOP/s of the three Linear products of training (forward x·Wᵀ, dX = dY·W,
 //! dW += dYᵀ·X) on the bf16 product path against the f32 gemm, at the Linear shapes of Pythia presets
-//! (hidden -> 3·hidden, hidden -> 4·hidden, 4·hidden -> hidden), in alternating rounds.
+//! (hidden -> 3·hidden, hidden -> 4·hidden, 4·hidden -> hidden, and with `--head` the LM head hidden -> vocab),
+//! in alternating rounds.
 
 use crate::cmd_model::preset;
 use clap::Args;
@@ -18,6 +19,9 @@ pub struct GemmBench {
     /// Timed rounds (each: bf16 then f32, after one untimed round).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// Also time the LM head's products (hidden -> vocab; the step's largest).
+    #[arg(long)]
+    head: bool,
     /// Print one JSON object per shape instead of sentences.
     #[arg(long)]
     json: bool,
@@ -36,7 +40,8 @@ pub fn run(a: GemmBench) -> anyhow::Result<()> {
     for name in &a.presets {
         let cfg = preset(name)?;
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        for (ic, oc) in [(h, 3 * h), (h, f), (f, h)] {
+        let head = a.head.then_some((h, cfg.vocab_size));
+        for (ic, oc) in [(h, 3 * h), (h, f), (f, h)].into_iter().chain(head) {
             let d = Dims { n: a.rows, ic, oc };
             let times = linear_products(d, a.rounds);
             if a.json {

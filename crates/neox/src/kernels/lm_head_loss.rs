@@ -39,26 +39,18 @@ pub fn chunk_rows(v: usize) -> usize {
 #[derive(Clone, Copy)]
 pub enum HeadWeight<'a> {
     /// f32: `w` (V,C) as stored and `wt` its transpose (C,V). In bf16 compute `wt` holds the rounded weight and
-    /// `w` is not read (dX is taken from `wt`).
+    /// `w` is not read (dX is taken from `wt`); on the bf16 kernel (`Head::kernel`) only `w` is read (`wt` may
+    /// be empty).
     F32 { w: &'a [f32], wt: &'a [f32] },
     /// Raw bf16 bits (V,C): a frozen head stored at 2 bytes per weight (products in `kernels::w16`).
     Bf16(&'a [u16]),
 }
 
 impl<'a> HeadWeight<'a> {
-    /// The weight as the bf16 kernel's forward reads it: the transposed copy, or the bf16 rows.
-    fn kernel_t(self) -> Weight<'a> {
+    /// The weight as the bf16 kernel reads it: the (V,C) rows, f32 (rounded while packing) or bf16.
+    fn kernel(self) -> Weight<'a> {
         match self {
-            HeadWeight::F32 { wt, .. } => Weight::Transposed(wt),
-            HeadWeight::Bf16(w16) => Weight::Rows(Data::Bf16(w16)),
-        }
-    }
-
-    /// The weight as the bf16 kernel's dX reads it: rows (f32 masters, rounded while packing, when present).
-    fn kernel_rows(self, len: usize) -> Weight<'a> {
-        match self {
-            HeadWeight::F32 { w, .. } if w.len() >= len => Weight::Rows(Data::F32(w)),
-            HeadWeight::F32 { wt, .. } => Weight::Transposed(wt),
+            HeadWeight::F32 { w, .. } => Weight::Rows(Data::F32(w)),
             HeadWeight::Bf16(w16) => Weight::Rows(Data::Bf16(w16)),
         }
     }
@@ -96,6 +88,7 @@ pub fn lm_head_xent(
     let Head { w, c, v, bf16, kernel, rows } = head;
     let kernel = kernel && bf16;
     match w {
+        HeadWeight::F32 { w, .. } if kernel => assert!(w.len() >= v * c),
         HeadWeight::F32 { w, wt } => assert!((bf16 || w.len() >= v * c) && wt.len() >= v * c),
         HeadWeight::Bf16(w16) => assert!(w16.len() >= v * c),
     }
@@ -118,7 +111,7 @@ pub fn lm_head_xent(
         // logits (R,V) = X (R,C) · wᵀ
         match w {
             _ if kernel => {
-                gemm_bf16::linear_fwd(&mut s.logits[..r * v], &s.x[..r * c], w.kernel_t(), None, dims(r), false)
+                gemm_bf16::linear_fwd(&mut s.logits[..r * v], &s.x[..r * c], w.kernel(), None, dims(r), false)
             }
             // SAFETY: buffers sized above; wt asserted (C,V).
             HeadWeight::F32 { wt, .. } => unsafe {
@@ -176,13 +169,9 @@ pub fn lm_head_xent(
             let lg = Mat::rm(s.logits.as_ptr(), r, v, v);
             // dX (R,C) = dlogits (R,V) · w (V,C); in bf16, w is read from wt (C,V): w[j][k] = wt[k * V + j]
             match w {
-                _ if kernel => gemm_bf16::linear_bwd_input(
-                    &mut s.dx[..r * c],
-                    &s.logits[..r * v],
-                    w.kernel_rows(v * c),
-                    dims(r),
-                    false,
-                ),
+                _ if kernel => {
+                    gemm_bf16::linear_bwd_input(&mut s.dx[..r * c], &s.logits[..r * v], w.kernel(), dims(r), false)
+                }
                 // SAFETY: as above; w or wt asserted (V,C).
                 HeadWeight::F32 { w, wt } => unsafe {
                     let w_view = if bf16 { Mat::cm(wt.as_ptr(), v, c, v) } else { Mat::rm(w.as_ptr(), v, c, c) };

@@ -3,7 +3,8 @@
 //! - `wt`: the Linear/head weights transposed (IC, OC) at the same offsets. `gemm` runs faster on x·Wᵀ
 //!   with Wᵀ row-major than when it transposes while packing (docs/benchmarks.md#training-step-tuning). The fused AdamW writes it while each updated
 //!   block is in cache, so a training step never rebuilds it; `params_mut` invalidates it. In bf16 compute it
-//!   holds the rounded (bf16-valued) weights.
+//!   holds the rounded (bf16-valued) weights; on the AVX512_BF16 kernel (`bf16.rs`) training does not use it
+//!   (the kernel packs the master weights directly), so it is not kept (4 bytes per parameter less).
 //! - `packed`: bf16 copies of the same matrices in panels (`kernels::matvec_bf16`), for few-row decoding in
 //!   bf16, built on first use.
 //!
@@ -226,6 +227,12 @@ impl Cpu {
 
     /// The training step's optimizer update on every parameter, refreshing `wt` in the same pass.
     fn fused_adamw(&mut self, opt: &mut AdamW, grads: &mut [f32], lr: f32, coef: f32) {
+        if self.bf16_products() {
+            // the bf16 kernel reads the master weights themselves: no transposed copy to keep (one built for
+            // decoding goes stale)
+            self.invalidate();
+            return opt.step_scaled_and_zero(&mut self.params, grads, lr, &self.layout, coef);
+        }
         self.packed = OnceLock::new();
         let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
         let mut wt = self.wt.take().unwrap_or(spare);
@@ -291,6 +298,11 @@ impl Cpu {
     /// Rebuild the transposed copies of the weight matrices inside `range` (after `unit_mut`); the rest of `wt`
     /// is left as it is (a ZeRO-3 rank keeps only the units it is using).
     pub fn refresh_unit(&mut self, range: std::ops::Range<usize>) {
+        if self.bf16_products() {
+            // no transposed copies in use (see `fused_adamw`): drop one that would go stale
+            self.wt = OnceLock::new();
+            return;
+        }
         if self.wt.get().is_none() {
             let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
             let mut wt = spare;

@@ -301,6 +301,8 @@ impl Backend for Cpu {
         let len = c * v;
         let w = match self.base_bits(head.w, len) {
             Some(w16) => HeadWeight::Bf16(w16),
+            // (the bf16 kernel reads only `w`)
+            None if self.bf16_products() => HeadWeight::F32 { w: self.p(head.w, len), wt: &[] },
             None => HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) },
         };
         // with an adapter the head is frozen; its trained token rows replace their logits
