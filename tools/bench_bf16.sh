@@ -7,7 +7,7 @@ set -u
 OLD=$1; NEW=$2; ROUNDS=${3:-3}; PRESET=${4:-pythia-70m}
 run() {
   local round=$1 name=$2 bin=$3; shift 3
-  echo "== round $round $name"
+  echo "== round $round $name load $(cut -d" " -f1 /proc/loadavg)"
   "$bin" bench train --preset "$PRESET" --batch-size 4 --seq-len 256 --steps 5 --warmup 1 --json "$@"
 }
 for round in $(seq 1 "$ROUNDS"); do
