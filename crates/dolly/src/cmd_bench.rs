@@ -15,15 +15,17 @@ pub enum BenchCommand {
     Train(TrainBench),
     /// Batch greedy decoding with the KV cache.
     Generate(GenBench),
+    /// The Linear products alone: the bf16 product path against the f32 gemm at Pythia training shapes.
+    Gemm(crate::cmd_bench_gemm::GemmBench),
 }
 
 #[derive(Args)]
 pub struct TrainBench {
     #[arg(long, default_value = "pythia-70m")]
     preset: String,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, alias = "batch", default_value_t = 4)]
     batch_size: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, alias = "seq", default_value_t = 256)]
     seq_len: usize,
     /// Timed steps (after `--warmup` untimed ones).
     #[arg(long, default_value_t = 5)]
@@ -45,6 +47,9 @@ pub struct TrainBench {
     /// held in bf16 with --bf16, as `dolly train --lora-r` trains.
     #[arg(long)]
     lora_r: Option<usize>,
+    /// With `--bf16`: multiply on the f32 gemm even where the CPU has AVX512_BF16 (the path other CPUs take).
+    #[arg(long)]
+    no_bf16_kernel: bool,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -91,6 +96,7 @@ pub fn run(c: BenchCommand) -> anyhow::Result<()> {
     match c {
         BenchCommand::Train(a) => train(a),
         BenchCommand::Generate(a) => generate(a),
+        BenchCommand::Gemm(a) => crate::cmd_bench_gemm::run(a),
     }
 }
 
@@ -111,6 +117,9 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
         model.attach_lora(lora, neox::LoraInit::Seed(0))?;
     }
     model.set_compute_bf16(a.bf16);
+    model.backend_mut().set_bf16_kernel(!a.no_bf16_kernel);
+    // which products ran: the AVX512_BF16 kernel, or the f32 gemm (on bf16 values with --bf16)
+    let products = model.backend().product_path();
     let (b, t, v) = (a.batch_size, a.seq_len, model_cfg.vocab_size);
     let mut r = Rng::new(1);
     let ids: Vec<u32> = (0..b * t).map(|_| r.below(v as u64) as u32).collect();
@@ -146,7 +155,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let med = median(&mut times);
     let out = json!({
         "bench": "train", "engine": "dolly", "preset": a.preset, "batch_size": b, "seq_len": t,
-        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16, "lora_r": a.lora_r, "trainable": model.grad_len(),
+        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16, "lora_r": a.lora_r, "trainable": model.grad_len(), "products": products,
         "steps": a.steps, "median_step_s": med, "min_step_s": min, "tokens_per_s": (b * t) as f64 / med,
         "loss_first": losses[0], "loss_last": losses[losses.len() - 1], "peak_rss_mb": peak_rss_mb(),
         "activation_mb": acts.bytes() as f64 / (1 << 20) as f64,
@@ -155,10 +164,15 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "train step {} b{}x{}: median {:.3} s/step, {:.0} tokens/s, activations {:.0} MiB, peak RSS {:.0} MiB",
+            "train step {} b{}x{}{}: median {:.3} s/step, {:.0} tokens/s, activations {:.0} MiB, peak RSS {:.0} MiB",
             a.preset,
             b,
             t,
+            match (a.bf16, products) {
+                (false, _) => " f32".to_string(),
+                (true, "avx512bf16") => " bf16 (products on the avx512bf16 kernel)".to_string(),
+                (true, p) => format!(" bf16 (products on the {p} gemm)"),
+            },
             med,
             (b * t) as f64 / med,
             acts.bytes() as f64 / (1 << 20) as f64,

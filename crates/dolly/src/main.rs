@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod adapter_arg;
 mod cmd_bench;
+mod cmd_bench_gemm;
 mod cmd_data;
 mod cmd_generate;
 mod cmd_merge;

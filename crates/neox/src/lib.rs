@@ -23,6 +23,7 @@ pub mod decode;
 pub mod generate;
 pub mod host;
 pub mod init;
+pub mod kernel_bench;
 mod kernels;
 pub mod model;
 mod model_io;

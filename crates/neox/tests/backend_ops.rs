@@ -55,12 +55,20 @@ fn cpu(s: &Shape, seed: u64, tweak: fn(&mut Cpu)) -> Dev<Cpu> {
     Dev { cfg, layout, params, be }
 }
 
-/// Every backend configuration under test: the CPU in f32, with bf16 decode panels, and in bf16 compute.
+/// Every backend configuration under test: the CPU in f32, with bf16 decode panels, and in bf16 compute (its
+/// products on the AVX512_BF16 kernel where this CPU has it, and on the f32 gemm).
 fn backends(s: &Shape, seed: u64) -> Vec<(&'static str, Dev<Cpu>)> {
     vec![
         ("cpu f32", cpu(s, seed, |_| {})),
         ("cpu bf16-decode", cpu(s, seed, |b| b.set_decode_bf16(true))),
         ("cpu bf16-compute", cpu(s, seed, |b| b.set_compute_bf16(true))),
+        (
+            "cpu f32-products bf16-compute",
+            cpu(s, seed, |b| {
+                b.set_compute_bf16(true);
+                b.set_bf16_kernel(false)
+            }),
+        ),
     ]
 }
 
@@ -175,8 +183,11 @@ fn op_linear<B: Backend>(name: &str, d: &Dev<B>, r: &mut Rng, n: usize) -> Resul
 fn op_linear_bwd<B: Backend>(name: &str, d: &Dev<B>, r: &mut Rng, n: usize) -> Result<(), String> {
     for (lname, lin) in linears(d) {
         let (ic, oc) = (lin.ic, lin.oc);
-        let x = randn(r, n * ic, 1.0);
-        let dout = randn(r, n * oc, 1.0);
+        // in bf16 compute the block hands the backward bf16 values (rounded activations and gradients)
+        let rounded =
+            |v: Vec<f32>| if name.ends_with("bf16-compute") { v.iter().map(|&x| bf16(x)).collect() } else { v };
+        let x = rounded(randn(r, n * ic, 1.0));
+        let dout = rounded(randn(r, n * oc, 1.0));
         let w = weights_read(name, &d.params[lin.w..lin.w + ic * oc], Pass::Train, n);
         let g0 = randn(r, d.layout.total, 1.0);
         let mut grads = d.be.upload(&g0);

@@ -119,3 +119,62 @@ fn fused_step_rounds_the_cache_and_masters_keep_tiny_updates() {
     assert_eq!(l_fused.to_bits(), l_fresh.to_bits());
     assert_eq!(g_fused, g_fresh);
 }
+
+/// The AVX512_BF16 kernel and the f32 gemm compute the same bf16-operand products (they differ only in the
+/// order of the f32 sums, ~1e-7 relative): the loss agrees to 1e-5 relative and the gradients to 1e-4 in norm
+/// (here they differ by ~1e-7). The gradient bound leaves room for an activation sitting on a bf16 rounding
+/// boundary to round the other way after a last-bit difference (each flip moves that element by 2⁻⁸ relative;
+/// flips are rare, about 1e-7 / 2⁻⁸ of the elements), and is still far below the distance between bf16 and f32
+/// compute (~5e-3 here), so a kernel that skipped or misplaced the rounding would fail. On a CPU without the
+/// kernel both runs take the f32 path and agree exactly.
+#[test]
+fn bf16_kernel_equals_the_f32_products_on_bf16_values() {
+    let batch = padded_batch(2, 12, 300, 4);
+    let b = batch.view();
+    for parallel in [true, false] {
+        let mut m = model(parallel);
+        let (_, gf) = loss_and_grads(&m, &b, false);
+        m.set_compute_bf16(true);
+        let (lk, gk) = loss_and_grads(&m, &b, false);
+        m.backend_mut().set_bf16_kernel(false);
+        assert_eq!(m.backend().product_path(), "f32");
+        let (l32, g32) = loss_and_grads(&m, &b, false);
+        assert!(((lk - l32) / l32).abs() < 1e-5, "parallel={parallel}: loss {lk} vs f32 products {l32}");
+        let dist = |a: &[f32], b: &[f32]| {
+            let d: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+            d.sqrt() / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt()
+        };
+        let (same, to_f32) = (dist(&gk, &g32), dist(&g32, &gf));
+        assert!(
+            same < 1e-4 && same < to_f32 / 20.0,
+            "parallel={parallel}: kernel vs f32 products {same:e}, bf16 vs f32 {to_f32:e}"
+        );
+    }
+}
+
+/// ZeRO-3's unit cycle (release a unit's pages, write the gathered values back, refresh its derived formats)
+/// leaves bf16 training bitwise unchanged, on the kernel (which keeps no transposed copy and reads the refreshed
+/// master weights) and on the f32 products (which rebuild the rounded transposed copy per unit), and so does a
+/// fused optimizer step followed by the cycle.
+#[test]
+fn unit_release_and_refresh_keep_bf16_training_exact() {
+    let batch = padded_batch(2, 12, 300, 4);
+    let b = batch.view();
+    for kernel in [true, false] {
+        let mut m = model(true);
+        m.set_compute_bf16(true);
+        m.backend_mut().set_bf16_kernel(kernel);
+        let mut opt = AdamW::new(AdamWConfig::default(), m.num_params());
+        let (_, mut g) = loss_and_grads(&m, &b, false);
+        m.adamw_step(&mut opt, &mut g, 1e-3, 1.0);
+        let (l0, g0) = loss_and_grads(&m, &b, false);
+        for u in m.units() {
+            let saved = m.params()[u.range.clone()].to_vec();
+            m.backend_mut().release_unit(u.range.clone(), 0..0);
+            m.backend_mut().unit_mut(u.range.clone()).copy_from_slice(&saved);
+            m.backend_mut().refresh_unit(u.range);
+        }
+        let (l1, g1) = loss_and_grads(&m, &b, false);
+        assert_eq!((l0.to_bits(), &g0), (l1.to_bits(), &g1), "kernel={kernel}");
+    }
+}

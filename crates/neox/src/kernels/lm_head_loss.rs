@@ -3,6 +3,7 @@
 //! most `chunk × V` logits exist at once. Returns the loss SUM and leaves normalisation (÷ target count, which
 //! may span micro-batches and ranks) to the caller via `scale`.
 
+use super::gemm_bf16::{self, Data, Weight};
 use super::math;
 use super::matmul::{gemm, par_all, Dims, Mat};
 use super::w16::{linear_bwd_input_w16, linear_fwd_w16};
@@ -38,10 +39,21 @@ pub fn chunk_rows(v: usize) -> usize {
 #[derive(Clone, Copy)]
 pub enum HeadWeight<'a> {
     /// f32: `w` (V,C) as stored and `wt` its transpose (C,V). In bf16 compute `wt` holds the rounded weight and
-    /// `w` is not read (dX is taken from `wt`).
+    /// `w` is not read (dX is taken from `wt`); on the bf16 kernel (`Head::kernel`) only `w` is read (`wt` may
+    /// be empty).
     F32 { w: &'a [f32], wt: &'a [f32] },
     /// Raw bf16 bits (V,C): a frozen head stored at 2 bytes per weight (products in `kernels::w16`).
     Bf16(&'a [u16]),
+}
+
+impl<'a> HeadWeight<'a> {
+    /// The weight as the bf16 kernel reads it: the (V,C) rows, f32 (rounded while packing) or bf16.
+    fn kernel(self) -> Weight<'a> {
+        match self {
+            HeadWeight::F32 { w, .. } => Weight::Rows(Data::F32(w)),
+            HeadWeight::Bf16(w16) => Weight::Rows(Data::Bf16(w16)),
+        }
+    }
 }
 
 /// Rows of the head replaced by trained f32 values: the logits of token `ids[k]` are x · `w` row k (`w` is
@@ -53,13 +65,15 @@ pub struct TokenRows<'a> {
 }
 
 /// The LM head. `bf16`: the operands of the head's products are bf16 values (x arrives rounded, the logit
-/// gradients are rounded here before the products; trained token rows stay f32).
+/// gradients are rounded here before the products; trained token rows stay f32). `kernel` (with `bf16`): the
+/// three products run on the AVX512_BF16 kernel (`gemm_bf16`, which rounds the operands itself).
 #[derive(Clone, Copy)]
 pub struct Head<'a> {
     pub w: HeadWeight<'a>,
     pub c: usize,
     pub v: usize,
     pub bf16: bool,
+    pub kernel: bool,
     pub rows: Option<TokenRows<'a>>,
 }
 
@@ -71,8 +85,10 @@ pub fn lm_head_xent(
     mut grad: Option<XentGrad<'_>>,
     s: &mut XentScratch,
 ) -> f64 {
-    let Head { w, c, v, bf16, rows } = head;
+    let Head { w, c, v, bf16, kernel, rows } = head;
+    let kernel = kernel && bf16;
     match w {
+        HeadWeight::F32 { w, .. } if kernel => assert!(w.len() >= v * c),
         HeadWeight::F32 { w, wt } => assert!((bf16 || w.len() >= v * c) && wt.len() >= v * c),
         HeadWeight::Bf16(w16) => assert!(w16.len() >= v * c),
     }
@@ -94,6 +110,9 @@ pub fn lm_head_xent(
         }
         // logits (R,V) = X (R,C) · wᵀ
         match w {
+            _ if kernel => {
+                gemm_bf16::linear_fwd(&mut s.logits[..r * v], &s.x[..r * c], w.kernel(), None, dims(r), false)
+            }
             // SAFETY: buffers sized above; wt asserted (C,V).
             HeadWeight::F32 { wt, .. } => unsafe {
                 let dst = Mat::rm(s.logits.as_mut_ptr(), r, v, v);
@@ -144,12 +163,15 @@ pub fn lm_head_xent(
                     }
                 }
             }
-            if bf16 {
+            if bf16 && !kernel {
                 math::round_bf16_slice(&mut s.logits[..r * v]);
             }
             let lg = Mat::rm(s.logits.as_ptr(), r, v, v);
             // dX (R,C) = dlogits (R,V) · w (V,C); in bf16, w is read from wt (C,V): w[j][k] = wt[k * V + j]
             match w {
+                _ if kernel => {
+                    gemm_bf16::linear_bwd_input(&mut s.dx[..r * c], &s.logits[..r * v], w.kernel(), dims(r), false)
+                }
                 // SAFETY: as above; w or wt asserted (V,C).
                 HeadWeight::F32 { w, wt } => unsafe {
                     let w_view = if bf16 { Mat::cm(wt.as_ptr(), v, c, v) } else { Mat::rm(w.as_ptr(), v, c, c) };
@@ -157,7 +179,9 @@ pub fn lm_head_xent(
                 },
                 HeadWeight::Bf16(w16) => linear_bwd_input_w16(&mut s.dx[..r * c], &s.logits[..r * v], w16, dims(r)),
             }
-            if let Some(dw) = g.dw.as_deref_mut() {
+            if let Some(dw) = g.dw.as_deref_mut().filter(|_| kernel) {
+                gemm_bf16::linear_bwd_weight(dw, &s.logits[..r * v], &s.x[..r * c], dims(r));
+            } else if let Some(dw) = g.dw.as_deref_mut() {
                 assert!(dw.len() >= v * c);
                 // dW (V,C) += dlogitsᵀ (V,R) · X (R,C), computed as dWᵀ (C,V) += Xᵀ (C,R) · dlogits (R,V) with dW
                 // addressed column-major (no transposed packing of the big operand)

@@ -104,7 +104,7 @@ fn linear_fwd_into(
     }
 }
 
-fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
+pub(crate) fn add_bias_rows(out: &mut [f32], b: &[f32], accumulate: bool) {
     let oc = b.len();
     out.par_chunks_mut(oc * 16).for_each(|rows| {
         rows.chunks_mut(oc).for_each(|r| {

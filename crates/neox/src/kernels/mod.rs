@@ -1,10 +1,12 @@
-//! CPU kernels for the GPT-NeoX engine: everything but matrix multiplication is written here (fused, vectorisable
-//! loops dispatched to AVX2/AVX-512 at run time through `pulp`); matmul goes to the `gemm` crate. No allocation
+//! CPU kernels for the GPT-NeoX engine: everything but f32 matrix multiplication is written here (fused,
+//! vectorisable loops dispatched to AVX2/AVX-512 at run time through `pulp`, and our own bf16 gemm on
+//! AVX512_BF16); f32 matmul goes to the `gemm` crate. No allocation
 //! on the hot path beyond what callers pass in. Shapes: N rows (= B*T), C channels, etc. per function.
 
 //!
 //! Files are named by what they compute: `attention_train` (causal attention over a batch, forward and backward),
-//! `attention_decode` (a query against the KV cache), `matmul` (gemm-backed Linear products), `matvec_f32` and
+//! `attention_decode` (a query against the KV cache), `matmul` (gemm-backed Linear products), `gemm_bf16` (bf16
+//! products with f32 sums: the `vdpbf16ps` kernel or a widening path), `w16` (frozen bf16 weights), `matvec_f32` and
 //! `matvec_bf16` (few-row Linear on f32 rows or bf16 panels), `lm_head_loss` (fused head + cross-entropy),
 //! `layernorm`, `rotary`, `math` (exp/erf/GELU/reductions), `transpose`, `pool` (the decode task pool).
 
@@ -13,6 +15,7 @@ pub(crate) mod attention_decode;
 #[cfg(test)]
 mod attention_ref;
 pub(crate) mod attention_train;
+pub(crate) mod gemm_bf16;
 pub(crate) mod layernorm;
 pub(crate) mod lm_head_loss;
 pub(crate) mod math;

@@ -3,12 +3,14 @@
 //! - `wt`: the Linear/head weights transposed (IC, OC) at the same offsets. `gemm` runs faster on x·Wᵀ
 //!   with Wᵀ row-major than when it transposes while packing (docs/benchmarks.md#training-step-tuning). The fused AdamW writes it while each updated
 //!   block is in cache, so a training step never rebuilds it; `params_mut` invalidates it. In bf16 compute it
-//!   holds the rounded (bf16-valued) weights.
+//!   holds the rounded (bf16-valued) weights; on the AVX512_BF16 kernel (`bf16.rs`) training does not use it
+//!   (the kernel packs the master weights directly), so it is not kept (4 bytes per parameter less).
 //! - `packed`: bf16 copies of the same matrices in panels (`kernels::matvec_bf16`), for few-row decoding in
 //!   bf16, built on first use.
 //!
 //! Ops dispatch to the kernels in `crate::kernels` (`ops.rs`); the KV cache is `kv.rs`.
 
+mod bf16;
 mod frozen;
 mod kv;
 mod lora;
@@ -42,6 +44,9 @@ pub struct Cpu {
     packed: OnceLock<PackedBf16>,
     /// bf16 mixed precision for training: product operands are bf16 values, everything else f32.
     compute_bf16: bool,
+    /// In bf16 compute, the training products go to the AVX512_BF16 kernel (`kernels::gemm_bf16`) where the CPU
+    /// has it; off: the f32 gemm on the bf16 values (the same definition; tests compare the two).
+    bf16_kernel: bool,
     /// A frozen base held in bf16 instead of `params` (which is then empty): LoRA on big models.
     base16: Option<Base16>,
     /// An attached LoRA adapter: the base is frozen, gradients and the optimizer cover the adapter only.
@@ -70,6 +75,7 @@ impl Cpu {
             decode_bf16: false,
             packed: OnceLock::new(),
             compute_bf16: false,
+            bf16_kernel: true,
             base16: None,
             lora: None,
         }
@@ -117,10 +123,11 @@ impl Cpu {
 
     /// Replace every parameter (a resized vocabulary); drops the derived formats and their spare buffer.
     pub fn replace(&mut self, params: Vec<f32>, layout: &Layout) {
-        let (decode, compute) = (self.decode_bf16, self.compute_bf16);
+        let (decode, compute, kernel) = (self.decode_bf16, self.compute_bf16, self.bf16_kernel);
         *self = Cpu::new(params, layout);
         self.decode_bf16 = decode;
         self.compute_bf16 = compute;
+        self.bf16_kernel = kernel;
     }
 
     pub fn set_decode_bf16(&mut self, on: bool) {
@@ -140,6 +147,28 @@ impl Cpu {
 
     pub fn compute_bf16(&self) -> bool {
         self.compute_bf16
+    }
+
+    /// Whether bf16 compute may use the AVX512_BF16 product kernel (default on; off forces the f32 gemm on the
+    /// bf16 values, for comparisons).
+    pub fn set_bf16_kernel(&mut self, on: bool) {
+        self.bf16_kernel = on;
+    }
+
+    /// Whether the training products run on the AVX512_BF16 kernel: bf16 compute, the kernel allowed, and
+    /// the CPU has it.
+    pub(crate) fn bf16_products(&self) -> bool {
+        self.compute_bf16 && self.bf16_kernel && crate::kernels::gemm_bf16::available()
+    }
+
+    /// The path the training products take: "avx512bf16" (the bf16 kernel) or "f32" (the f32 gemm, on
+    /// bf16 values in bf16 compute).
+    pub fn product_path(&self) -> &'static str {
+        if self.bf16_products() {
+            "avx512bf16"
+        } else {
+            "f32"
+        }
     }
 
     /// Build now what decoding builds lazily: the bf16 panels (when decoding in bf16) and the transposed weights
@@ -211,6 +240,12 @@ impl Cpu {
 
     /// The training step's optimizer update on every parameter, refreshing `wt` in the same pass.
     fn fused_adamw(&mut self, opt: &mut AdamW, grads: &mut [f32], lr: f32, coef: f32) {
+        if self.bf16_products() {
+            // the bf16 kernel reads the master weights themselves: no transposed copy to keep (one built for
+            // decoding goes stale)
+            self.invalidate();
+            return opt.step_scaled_and_zero(&mut self.params, grads, lr, &self.layout, coef);
+        }
         self.packed = OnceLock::new();
         let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
         let mut wt = self.wt.take().unwrap_or(spare);
@@ -276,6 +311,11 @@ impl Cpu {
     /// Rebuild the transposed copies of the weight matrices inside `range` (after `unit_mut`); the rest of `wt`
     /// is left as it is (a ZeRO-3 rank keeps only the units it is using).
     pub fn refresh_unit(&mut self, range: std::ops::Range<usize>) {
+        if self.bf16_products() {
+            // no transposed copies in use (see `fused_adamw`): drop one that would go stale
+            self.wt = OnceLock::new();
+            return;
+        }
         if self.wt.get().is_none() {
             let spare = std::mem::take(self.spare.get_mut().unwrap_or_else(|e| e.into_inner()));
             let mut wt = spare;

@@ -7,7 +7,7 @@ use crate::kernels::attention_train::{attention_bwd, attention_fwd, saved_len};
 use crate::kernels::layernorm::{layernorm_bwd, layernorm_fwd, Norm};
 use crate::kernels::lm_head_loss::{lm_head_xent, Head, HeadWeight, TokenRows, XentGrad, XentScratch};
 use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
-use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_bwd_weight, linear_fwd_t, Dims};
+use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_fwd_t, Dims};
 use crate::kernels::matvec_bf16::linear_panels;
 use crate::kernels::matvec_f32::{linear_rows, FEW_ROWS};
 use crate::kernels::rotary::{rope_apply, rope_table, RopeTable};
@@ -150,8 +150,11 @@ impl Backend for Cpu {
         let bias = lin.b.map(|b| self.p(b, lin.oc));
         let len = lin.ic * lin.oc;
         // few-row inference reads each weight once for all rows (memory-bound); everything else goes to gemm
-        // on the transposed copy, which training's backward also reads; a bf16 base has its own products
-        if let Some(w16) = self.base_bits(lin.w, len) {
+        // on the transposed copy, which training's backward also reads; a bf16 base has its own products;
+        // bf16 compute trains on the bf16 kernel where the CPU has one
+        if pass == Pass::Train && self.bf16_products() {
+            self.linear_fwd_bf16(out, inp, lin, d, accumulate)
+        } else if let Some(w16) = self.base_bits(lin.w, len) {
             linear_fwd_w16(out, inp, w16, bias, d, accumulate)
         } else if pass == Pass::Decode && n <= FEW_ROWS {
             match self.packed() {
@@ -191,8 +194,11 @@ impl Backend for Cpu {
     ) {
         let d = Dims { n, ic: lin.ic, oc: lin.oc };
         let len = lin.ic * lin.oc;
-        // dX = dY · W: from the f32 weights, in bf16 compute from the rounded transposed copy, or from a bf16 base
-        if let Some(w16) = self.base_bits(lin.w, len) {
+        // dX = dY · W: from the f32 weights, in bf16 compute from the rounded transposed copy (or on the bf16
+        // kernel), or from a bf16 base
+        if self.bf16_products() {
+            self.linear_bwd_input_bf16(dinp, dout, lin, d)
+        } else if let Some(w16) = self.base_bits(lin.w, len) {
             linear_bwd_input_w16(dinp, dout, w16, d)
         } else if self.compute_bf16 {
             linear_bwd_input_t(dinp, dout, self.t(lin.w, len), d)
@@ -209,9 +215,9 @@ impl Backend for Cpu {
         match lin.b {
             Some(b) => {
                 let (dw, db) = two_mut(grads, (lin.w, len), (b, lin.oc));
-                linear_bwd_weight(dw, Some(db), dout, inp, d)
+                self.linear_bwd_weight_any(dw, Some(db), dout, inp, d)
             }
-            None => linear_bwd_weight(&mut grads[lin.w..lin.w + len], None, dout, inp, d),
+            None => self.linear_bwd_weight_any(&mut grads[lin.w..lin.w + len], None, dout, inp, d),
         }
     }
 
@@ -295,6 +301,8 @@ impl Backend for Cpu {
         let len = c * v;
         let w = match self.base_bits(head.w, len) {
             Some(w16) => HeadWeight::Bf16(w16),
+            // (the bf16 kernel reads only `w`)
+            None if self.bf16_products() => HeadWeight::F32 { w: self.p(head.w, len), wt: &[] },
             None => HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) },
         };
         // with an adapter the head is frozen; its trained token rows replace their logits
@@ -302,7 +310,7 @@ impl Backend for Cpu {
         let rows_at = lora.and_then(|l| Some((l, l.layout.head_rows?)));
         let k = lora.map_or(0, |l| l.cfg.token_rows.len());
         let rows = rows_at.map(|(l, o)| TokenRows { ids: &l.cfg.token_rows, w: &l.params[o..o + k * c] });
-        let h = Head { w, c, v, bf16: self.compute_bf16, rows };
+        let h = Head { w, c, v, bf16: self.compute_bf16, kernel: self.bf16_products(), rows };
         let grad = grad.map(|g| {
             let grads = &mut g.grads[..];
             let (dw, drows) = match rows_at {
