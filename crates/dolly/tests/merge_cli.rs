@@ -12,8 +12,6 @@ use neox::lora::{LoraConfig, Target};
 use neox::{LoraInit, Model, NeoxConfig, SaveDtype};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -350,15 +348,7 @@ fn serve_with_an_adapter_reports_it_and_answers() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr: SocketAddr = loop {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
-        if let Some(a) = line.trim().split("http://").nth(1) {
-            break a.parse().unwrap();
-        }
-    };
+    let (addr, _err) = test_support::http::listening_addr(&mut child);
     let models = test_support::http::get(addr, "/v1/models").json();
     assert_eq!(models["data"][0]["id"], "adapter", "{models}");
     let body = serde_json::json!({"model": "adapter", "prompt": "Name a fruit.", "max_tokens": 4, "temperature": 0});

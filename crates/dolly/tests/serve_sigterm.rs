@@ -4,8 +4,7 @@
 //! shared 20B tokenizer. No timing assertions.
 
 use neox::{Model, NeoxConfig, SaveDtype};
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use test_support::http::Conn;
@@ -35,15 +34,7 @@ fn sigterm_drains_in_flight_stream_then_exits() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr: SocketAddr = loop {
-        line.clear();
-        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
-        if let Some(a) = line.trim().split("http://").nth(1) {
-            break a.parse().unwrap_or_else(|e| panic!("listening address {a:?}: {e}"));
-        }
-    };
+    let (addr, mut err) = test_support::http::listening_addr(&mut child);
     let body = r#"{"prompt": "Count to ten.", "max_tokens": 48, "temperature": 0, "stream": true}"#;
     let mut c = Conn::open(addr, "POST", "/v1/completions", Some(body.as_bytes()));
     assert_eq!(c.status, 200, "{}", c.head);

@@ -249,3 +249,18 @@ pub fn wait_health(addr: SocketAddr, what: &str, cond: impl Fn(&serde_json::Valu
     }
     panic!("timed out waiting for: {what}; last /health: {last}");
 }
+
+/// The address a `dolly serve` child (spawned with stderr piped) listens on, from its "... http://ADDR" start-up
+/// line; the stderr reader is handed back for the rest of its log. Panics if the server exits first.
+pub fn listening_addr(child: &mut std::process::Child) -> (SocketAddr, BufReader<std::process::ChildStderr>) {
+    let mut err = BufReader::new(child.stderr.take().expect("the server's stderr is piped"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before listening");
+        if let Some(a) = line.trim().split("http://").nth(1) {
+            let addr = a.parse().unwrap_or_else(|e| panic!("listening address {a:?}: {e}"));
+            return (addr, err);
+        }
+    }
+}
