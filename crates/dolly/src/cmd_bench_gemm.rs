@@ -16,7 +16,8 @@ pub struct GemmBench {
     /// Rows of every product (batch x sequence).
     #[arg(long, default_value_t = 1024)]
     rows: usize,
-    /// Timed rounds (each: bf16 then f32, after one untimed round).
+    /// Timed rounds (each: bf16 then f32, then the AVX512_BF16 kernel where bf16 runs on AMX; after one untimed
+    /// round).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Also time the LM head's products (hidden -> vocab; the step's largest).
@@ -49,7 +50,8 @@ pub fn run(a: GemmBench) -> anyhow::Result<()> {
                     .iter()
                     .map(|t| {
                         json!({"product": t.product, "bf16_s": t.bf16_s, "f32_s": t.f32_s,
-                        "bf16_gflops": t.flops / t.bf16_s / 1e9, "f32_gflops": t.flops / t.f32_s / 1e9})
+                        "bf16_gflops": t.flops / t.bf16_s / 1e9, "f32_gflops": t.flops / t.f32_s / 1e9,
+                        "avx512bf16_s": t.avx512_s, "avx512bf16_gflops": t.avx512_s.map(|s| t.flops / s / 1e9)})
                     })
                     .collect();
                 let out = json!({"bench": "gemm", "preset": name, "rows": a.rows, "ic": ic, "oc": oc,
@@ -57,8 +59,11 @@ pub fn run(a: GemmBench) -> anyhow::Result<()> {
                 println!("{out}");
             } else {
                 for t in &times {
+                    let vnni = t.avx512_s.map_or(String::new(), |s| {
+                        format!(", avx512bf16 {:6.1} GFLOP/s ({:.2}x)", t.flops / s / 1e9, s / t.bf16_s)
+                    });
                     println!(
-                        "{name} {:>4} x {ic:>4}->{oc:<5} {:>3}: bf16 {:6.1} GFLOP/s, f32 {:6.1} GFLOP/s ({:.2}x)",
+                        "{name} {:>4} x {ic:>4}->{oc:<5} {:>3}: bf16 {:6.1} GFLOP/s, f32 {:6.1} GFLOP/s ({:.2}x){vnni}",
                         a.rows,
                         t.product,
                         t.flops / t.bf16_s / 1e9,

@@ -14,17 +14,26 @@ pub struct ProductTiming {
     pub product: &'static str,
     pub bf16_s: f64,
     pub f32_s: f64,
+    /// Where the bf16 path is AMX: the same product on the AVX512_BF16 (`vdpbf16ps`) kernel, in the same rounds.
+    pub avx512_s: Option<f64>,
     /// Floating-point operations of one product (2·N·IC·OC).
     pub flops: f64,
 }
 
-/// The product path the bf16 kernel takes on this CPU: "avx512bf16" or "f32" (widened to the f32 gemm).
+/// The product path the bf16 kernel takes on this CPU: "amx-bf16", "avx512bf16" or "f32" (widened to the f32
+/// gemm).
 pub fn bf16_path() -> &'static str {
     gemm_bf16::path_name()
 }
 
+/// Allows or forbids the AMX path of the bf16 products for the whole process (on by default where the CPU has it).
+pub fn set_amx(on: bool) {
+    gemm_bf16::set_amx(on)
+}
+
 /// Times the three products of a Linear layer of `d` (random bf16-valued operands), `rounds` alternating rounds
-/// of bf16 then f32 after one untimed round of each; returns the median per product and path.
+/// of bf16 then f32 (then bf16 on the AVX512_BF16 kernel where the bf16 path is AMX) after one untimed round of
+/// each; returns the median per product and path.
 pub fn linear_products(d: Dims, rounds: usize) -> Vec<ProductTiming> {
     let Dims { n, ic, oc } = d;
     let mut r = common::Rng::new(1);
@@ -33,9 +42,14 @@ pub fn linear_products(d: Dims, rounds: usize) -> Vec<ProductTiming> {
     let mut wt = vec![0f32; ic * oc];
     crate::kernels::transpose::transpose(&mut wt, &w, oc, ic);
     let (mut out, mut dx, mut dw) = (vec![0f32; n * oc], vec![0f32; n * ic], vec![0f32; oc * ic]);
-    let mut times = [[vec![], vec![]], [vec![], vec![]], [vec![], vec![]]];
+    let amx = gemm_bf16::path_name() == "amx-bf16";
+    let mut times = [[vec![], vec![], vec![]], [vec![], vec![], vec![]], [vec![], vec![], vec![]]];
+    // (bf16 path?, AMX allowed?)
+    let paths: &[(bool, bool)] =
+        if amx { &[(true, true), (false, true), (true, false)] } else { &[(true, true), (false, true)] };
     for round in 0..=rounds {
-        for (path, bf16) in [true, false].into_iter().enumerate() {
+        for (path, &(bf16, allow_amx)) in paths.iter().enumerate() {
+            gemm_bf16::set_amx(allow_amx);
             let time = |f: &mut dyn FnMut()| {
                 let t0 = Instant::now();
                 f();
@@ -61,6 +75,7 @@ pub fn linear_products(d: Dims, rounds: usize) -> Vec<ProductTiming> {
                 }
             }
         }
+        gemm_bf16::set_amx(true);
         // dW accumulates: keep it from growing without bound over many rounds
         dw.fill(0.0);
     }
@@ -72,6 +87,9 @@ pub fn linear_products(d: Dims, rounds: usize) -> Vec<ProductTiming> {
     ["fwd", "dx", "dw"]
         .into_iter()
         .zip(times.iter_mut())
-        .map(|(product, [b, f])| ProductTiming { product, bf16_s: median(b), f32_s: median(f), flops })
+        .map(|(product, [b, f, v])| {
+            let avx512_s = (!v.is_empty()).then(|| median(v));
+            ProductTiming { product, bf16_s: median(b), f32_s: median(f), avx512_s, flops }
+        })
         .collect()
 }

@@ -38,7 +38,7 @@ thread_local! {
 
 /// This thread's scratch, taken out for `f` and put back after (a nested use on the same thread, through
 /// rayon's work stealing, gets a fresh buffer instead of a double borrow).
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<u32>) -> R) -> R {
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut Vec<u32>) -> R) -> R {
     let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let r = f(&mut v);
     SCRATCH.with(|s| *s.borrow_mut() = v);
@@ -118,7 +118,7 @@ pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operan
 }
 
 /// Make `v` at least `len` long (grown once, never re-zeroed: packing writes every word it hands out).
-fn grow(v: &mut Vec<u32>, len: usize) {
+pub(super) fn grow(v: &mut Vec<u32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0);
     }

@@ -10,11 +10,15 @@
 //!   k and n, parallel over rayon. `vdpbf16ps` treats denormal inputs as zero and flushes denormal results,
 //!   and it rounds after each of the two products it adds (not one fused rounding), so it is not bitwise the
 //!   widen-then-FMA result (tests bound the difference).
+//! - `amx` (CPUs with AMX-TILE and AMX-BF16: Sapphire Rapids and later), taken before `avx512` where present:
+//!   the same blocking with a 32 x 32 tile micro-kernel (`tdpbf16ps`, the same numerics as `vdpbf16ps`).
 //! - `portable` (every other CPU): blocks of the operands widened to f32 and the f32 `gemm` crate.
 //!
 //! Both are deterministic: no split-k, each output sums its k-blocks in order on one thread, so the same inputs
 //! and thread count give the same bits.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod linear;
@@ -27,6 +31,7 @@ mod tests;
 
 pub(crate) use linear::{linear_bwd_input, linear_bwd_weight, linear_fwd, Weight};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// The elements of an operand: f32 values (rounded to bf16 when read) or bf16 bits.
@@ -95,9 +100,32 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// The name of the product path `gemm` takes on this CPU: "avx512bf16" or "f32" (widening to the f32 gemm).
+/// Whether `gemm` may take the AMX path where the CPU has it (on by default; benchmarks turn it off to compare).
+static AMX_ALLOWED: AtomicBool = AtomicBool::new(true);
+
+/// Allows or forbids the AMX path for the whole process (`dolly bench gemm --no-amx`).
+pub(crate) fn set_amx(on: bool) {
+    AMX_ALLOWED.store(on, Ordering::Relaxed);
+}
+
+/// Whether `gemm` takes the AMX path: the CPU has it, the OS granted it, and it is allowed.
+fn use_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        AMX_ALLOWED.load(Ordering::Relaxed) && amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The name of the product path `gemm` takes on this CPU: "amx-bf16", "avx512bf16" or "f32" (widening to the
+/// f32 gemm).
 pub(crate) fn path_name() -> &'static str {
-    if available() {
+    if use_amx() {
+        "amx-bf16"
+    } else if available() {
         "avx512bf16"
     } else {
         "f32"
@@ -108,6 +136,11 @@ pub(crate) fn path_name() -> &'static str {
 /// sums: the AVX512_BF16 kernel where the CPU has it, the widening f32 path otherwise.
 pub(crate) fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Operand<'_>) {
     check(c, ldc, &a, &b);
+    #[cfg(target_arch = "x86_64")]
+    if use_amx() {
+        // SAFETY: the CPU has AMX and the OS granted the tile state (just checked); shapes checked above.
+        return unsafe { amx::gemm(c, ldc, accumulate, a, b) };
+    }
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has the features the kernel is compiled for (just checked); shapes checked above.
@@ -167,5 +200,30 @@ fn avx512_gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: O
     // SAFETY: the features were just checked.
     unsafe {
         avx512::gemm(c, ldc, accumulate, a, b)
+    }
+}
+
+/// Tests: whether the AMX path can run here.
+#[cfg(test)]
+fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Tests: the AMX path itself (only called when `amx_available()`).
+#[cfg(test)]
+fn amx_gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Operand<'_>) {
+    check(c, ldc, &a, &b);
+    assert!(amx_available());
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the features were just checked.
+    unsafe {
+        amx::gemm(c, ldc, accumulate, a, b)
     }
 }

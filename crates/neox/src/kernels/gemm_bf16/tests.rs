@@ -64,6 +64,9 @@ fn paths() -> Vec<(&'static str, Path)> {
     if avx512_available() {
         p.push(("avx512bf16", super::avx512_gemm));
     }
+    if super::amx_available() {
+        p.push(("amx-bf16", super::amx_gemm));
+    }
     p
 }
 
@@ -113,9 +116,19 @@ fn check_one(path: (&str, Path), a: &Stored, ab: bool, b: &Stored, bb: bool, acc
 fn matches_f64_sums_of_rounded_operands() {
     let mut r = Rng::new(3);
     // (m, k, n) ragged: 1 row, k odd, k past a k-block (512 pairs) and odd, m past a task's rows (128), n past
-    // an n-block (3072 columns), shapes that only touch edge tiles, and whole tiles (the vector packers)
-    let shapes =
-        [(1, 1, 1), (1, 7, 50), (9, 3, 49), (17, 257, 95), (200, 31, 40), (5, 2, 3100), (24, 300, 96), (3, 2051, 17)];
+    // an n-block (3072 columns), shapes that only touch edge tiles, and whole tiles (the vector packers; AMX's
+    // 32 x 32 tiles stored straight to C, over three k-blocks)
+    let shapes = [
+        (1, 1, 1),
+        (1, 7, 50),
+        (9, 3, 49),
+        (17, 257, 95),
+        (200, 31, 40),
+        (5, 2, 3100),
+        (24, 300, 96),
+        (3, 2051, 17),
+        (64, 2100, 64),
+    ];
     let mut off = 0;
     for (si, &(m, k, n)) in shapes.iter().enumerate() {
         for la in 0..3 {
@@ -152,6 +165,16 @@ fn every_layout_kind_and_accumulate_on_one_shape() {
                 }
             }
         }
+    }
+}
+
+/// Where Linux reports AMX-BF16, the AMX path is granted and tested (not silently skipped).
+#[test]
+fn amx_path_runs_where_the_cpu_has_it() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if cpuinfo.contains(" amx_bf16") && cpuinfo.contains(" amx_tile") {
+        assert!(super::amx_available(), "the CPU has AMX but the AMX path is not available");
+        assert!(paths().iter().any(|p| p.0 == "amx-bf16"));
     }
 }
 
