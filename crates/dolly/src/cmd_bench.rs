@@ -170,8 +170,8 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
             t,
             match (a.bf16, products) {
                 (false, _) => " f32".to_string(),
-                (true, "avx512bf16") => " bf16 (products on the avx512bf16 kernel)".to_string(),
-                (true, p) => format!(" bf16 (products on the {p} gemm)"),
+                (true, "f32") => " bf16 (products on the f32 gemm)".to_string(),
+                (true, p) => format!(" bf16 (products on the {p} kernel)"),
             },
             med,
             (b * t) as f64 / med,

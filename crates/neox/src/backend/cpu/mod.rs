@@ -149,7 +149,7 @@ impl Cpu {
         self.compute_bf16
     }
 
-    /// Whether bf16 compute may use the AVX512_BF16 product kernel (default on; off forces the f32 gemm on the
+    /// Whether bf16 compute may use the bf16 product kernels (AMX or AVX512_BF16; default on; off forces the f32 gemm on the
     /// bf16 values, for comparisons).
     pub fn set_bf16_kernel(&mut self, on: bool) {
         self.bf16_kernel = on;
@@ -161,11 +161,11 @@ impl Cpu {
         self.compute_bf16 && self.bf16_kernel && crate::kernels::gemm_bf16::available()
     }
 
-    /// The path the training products take: "avx512bf16" (the bf16 kernel) or "f32" (the f32 gemm, on
-    /// bf16 values in bf16 compute).
+    /// The path the training products take: "amx-bf16" or "avx512bf16" (the bf16 kernels) or "f32" (the f32
+    /// gemm, on bf16 values in bf16 compute).
     pub fn product_path(&self) -> &'static str {
         if self.bf16_products() {
-            "avx512bf16"
+            crate::kernels::gemm_bf16::path_name()
         } else {
             "f32"
         }
