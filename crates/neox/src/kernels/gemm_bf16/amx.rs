@@ -102,13 +102,7 @@ unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
 /// `available()` is true.
 pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Operand<'_>) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
-        }
+    if super::empty_product(c, ldc, accumulate, m, n, k) {
         return;
     }
     let kp = k.div_ceil(2);

@@ -149,6 +149,18 @@ pub(crate) fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, 
     portable::gemm(c, ldc, accumulate, a, b)
 }
 
+/// Every path's degenerate shapes: nothing to do when m or n is 0, and C = 0 (or C unchanged when accumulating)
+/// when k is 0. True when the product is done.
+fn empty_product(c: &mut [f32], ldc: usize, accumulate: bool, m: usize, n: usize, k: usize) -> bool {
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 && !accumulate {
+        c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
+    }
+    k == 0
+}
+
 /// Shapes agree and every view stays inside its buffer.
 fn check(c: &[f32], ldc: usize, a: &Operand<'_>, b: &Operand<'_>) {
     assert_eq!(a.cols, b.rows, "gemm_bf16: inner dimensions");

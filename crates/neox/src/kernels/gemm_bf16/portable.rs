@@ -12,13 +12,7 @@ const KB: usize = 256;
 /// `super::gemm` on any CPU (shapes already checked).
 pub(super) fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Operand<'_>) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].fill(0.0));
-        }
+    if super::empty_product(c, ldc, accumulate, m, n, k) {
         return;
     }
     let (mut ab, mut bb) = (vec![0f32; m * KB.min(k)], vec![0f32; KB.min(k) * n]);
