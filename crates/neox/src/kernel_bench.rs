@@ -93,3 +93,87 @@ pub fn linear_products(d: Dims, rounds: usize) -> Vec<ProductTiming> {
         })
         .collect()
 }
+
+/// Median seconds of one LoRA-branch product: the fused `rank_r` kernel against the `gemm` crate plus a separate
+/// dropout pass (what the branch ran before the kernel), in the same rounds.
+#[derive(Clone, Debug)]
+pub struct RankTiming {
+    /// "u=drop(x)·Aᵀ", "dAᵀ=drop(x)ᵀ·du", "dx+=drop(du·A)".
+    pub product: &'static str,
+    pub fused_s: f64,
+    pub gemm_s: f64,
+    /// 2·N·IC·r.
+    pub flops: f64,
+}
+
+/// Times the three LoRA products that read or write an (N, IC) matrix through the dropout mask (p = 0.05) at
+/// rank `r`, `rounds` alternating rounds of the fused kernel then gemm + mask pass after one untimed round.
+pub fn lora_products(n: usize, ic: usize, r: usize, rounds: usize) -> Vec<RankTiming> {
+    use crate::kernels::dropout::Mask;
+    use crate::kernels::matmul::{gemm, par_all, Mat};
+    use crate::kernels::rank_r::{rank_cols, rank_rows, rank_update};
+    use rayon::prelude::*;
+    let mut rng = common::Rng::new(2);
+    let mut v = |len: usize| (0..len).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+    let (x, a, du) = (v(n * ic), v(r * ic), v(n * r));
+    let (mut u, mut dat, mut dx, mut xd) = (vec![0f32; n * r], vec![0f32; ic * r], v(n * ic), vec![0f32; n * ic]);
+    let mask = Mask::new(3, 1, 0.05);
+    let dropped = |dst: &mut [f32], src: &[f32], add: bool| {
+        dst.par_chunks_mut(ic).zip(src.par_chunks(ic)).enumerate().for_each(|(row, (d, s))| match add {
+            true => mask.add(d, s, row, 0),
+            false => mask.apply(d, s, row, 0),
+        })
+    };
+    let mut times = [[vec![], vec![]], [vec![], vec![]], [vec![], vec![]]];
+    for round in 0..=rounds {
+        for fused in [true, false] {
+            let time = |f: &mut dyn FnMut()| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            };
+            // SAFETY (gemm calls): every view is inside the buffers sized above; destinations are distinct.
+            let t = [
+                time(&mut || match fused {
+                    true => rank_rows(&mut u, false, 1.0, (&x, ic), Some(&mask), (n, ic), &a, r),
+                    false => unsafe {
+                        dropped(&mut xd, &x, false);
+                        let (dst, lhs) = (Mat::rm(u.as_mut_ptr(), n, r, r), Mat::rm(xd.as_ptr(), n, ic, ic));
+                        gemm(dst, false, lhs, Mat::cm(a.as_ptr(), ic, r, ic), 1.0, par_all())
+                    },
+                }),
+                time(&mut || match fused {
+                    true => rank_cols(&mut dat, false, 1.0, (&x, ic), Some(&mask), (ic, n), &du, r),
+                    false => unsafe {
+                        dropped(&mut xd, &x, false);
+                        let (dst, lhs) = (Mat::rm(dat.as_mut_ptr(), ic, r, r), Mat::cm(xd.as_ptr(), ic, n, ic));
+                        gemm(dst, false, lhs, Mat::rm(du.as_ptr(), n, r, r), 1.0, par_all())
+                    },
+                }),
+                time(&mut || match fused {
+                    true => rank_update((&mut dx, ic), 1.0, &du, &a, Some(&mask), (n, ic), r),
+                    false => unsafe {
+                        let (dst, lhs) = (Mat::rm(xd.as_mut_ptr(), n, ic, ic), Mat::rm(du.as_ptr(), n, r, r));
+                        gemm(dst, false, lhs, Mat::rm(a.as_ptr(), r, ic, ic), 1.0, par_all());
+                        dropped(&mut dx, &xd, true)
+                    },
+                }),
+            ];
+            if round > 0 {
+                for (p, t) in t.into_iter().enumerate() {
+                    times[p][usize::from(!fused)].push(t);
+                }
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let flops = 2.0 * (n * ic * r) as f64;
+    ["u=drop(x)·Aᵀ", "dAᵀ=drop(x)ᵀ·du", "dx+=drop(du·A)"]
+        .into_iter()
+        .zip(times.iter_mut())
+        .map(|(product, [f, g])| RankTiming { product, fused_s: median(f), gemm_s: median(g), flops })
+        .collect()
+}

@@ -8,13 +8,15 @@
 //! `attention_decode` (a query against the KV cache), `matmul` (gemm-backed Linear products), `gemm_bf16` (bf16
 //! products with f32 sums: the `vdpbf16ps` kernel or a widening path), `w16` (frozen bf16 weights), `matvec_f32` and
 //! `matvec_bf16` (few-row Linear on f32 rows or bf16 panels), `lm_head_loss` (fused head + cross-entropy),
-//! `layernorm`, `rotary`, `math` (exp/erf/GELU/reductions), `transpose`, `pool` (the decode task pool).
+//! `layernorm`, `rotary`, `math` (exp/erf/GELU/reductions), `transpose`, `pool` (the decode task pool), `rank_r` (products with a
+//! LoRA-rank-wide output) and `dropout` (the LoRA branch's hashed mask).
 
 pub(crate) mod attention_decode;
 /// The materialising attention that `attention_train` replaced: the plain reference of its tests.
 #[cfg(test)]
 mod attention_ref;
 pub(crate) mod attention_train;
+pub(crate) mod dropout;
 pub(crate) mod gemm_bf16;
 pub(crate) mod layernorm;
 pub(crate) mod lm_head_loss;
@@ -23,6 +25,7 @@ pub(crate) mod matmul;
 pub(crate) mod matvec_bf16;
 pub(crate) mod matvec_f32;
 pub(crate) mod pool;
+pub(crate) mod rank_r;
 pub(crate) mod rotary;
 pub(crate) mod transpose;
 pub(crate) mod w16;
