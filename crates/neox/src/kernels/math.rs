@@ -1,5 +1,5 @@
 //! Scalar math written to auto-vectorise (no table lookups, no branches): `exp`, `erf`, exact-erf GELU forward
-//! and backward over slices. Accuracy: exp ~1-2 ulp; erf absolute error < 1.2e-7 (Numerical Recipes' erfc
+//! and backward over slices (GELU also as explicit AVX-512, the same formulas). Accuracy: exp ~1-2 ulp; erf absolute error < 1.2e-7 (Numerical Recipes' erfc
 //! Chebyshev fit), well inside float32 parity with PyTorch at 1e-4. Not for f64.
 
 use rayon::prelude::*;
@@ -29,18 +29,28 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// Numerical Recipes' erfc fit: erfc(z) = t·exp(-z² + Σ ERFC[i]·tⁱ), t = 1/(1 + z/2).
+const ERFC: [f32; 10] = [
+    -1.265_512_2,
+    1.000_023_7,
+    0.374_091_96,
+    0.096_784_18,
+    -0.186_288_06,
+    0.278_868_07,
+    -1.135_204,
+    1.488_515_9,
+    -0.822_152_23,
+    0.170_872_77,
+];
+
 /// erf(x), |error| < 1.2e-7.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_204 + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let c = ERFC;
+    let poly = c[0]
+        + t * (c[1] + t * (c[2] + t * (c[3] + t * (c[4] + t * (c[5] + t * (c[6] + t * (c[7] + t * (c[8] + t * c[9]))))))));
     let erfc = t * exp(-z * z + poly);
     let r = 1.0 - erfc;
     if x < 0.0 {
@@ -174,11 +184,12 @@ const PAR_CHUNK: usize = 1 << 14;
 pub fn gelu_fwd(out: &mut [f32], inp: &[f32]) {
     assert_eq!(out.len(), inp.len());
     let chunk = |(o, i): (&mut [f32], &[f32])| {
-        pulp::Arch::new().dispatch(|| {
-            for (o, &x) in o.iter_mut().zip(i) {
-                *o = gelu(x);
-            }
-        })
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // SAFETY: AVX-512F checked; o and i have the same length.
+            return unsafe { x86::gelu_fwd(o, i) };
+        }
+        gelu_fwd_portable(o, i)
     };
     if out.len() <= super::SMALL {
         chunk((out, inp));
@@ -187,16 +198,122 @@ pub fn gelu_fwd(out: &mut [f32], inp: &[f32]) {
     }
 }
 
+fn gelu_fwd_portable(out: &mut [f32], inp: &[f32]) {
+    pulp::Arch::new().dispatch(|| {
+        for (o, &x) in out.iter_mut().zip(inp) {
+            *o = gelu(x);
+        }
+    })
+}
+
 /// d = d · gelu'(inp), elementwise in place: `d` holds ∂L/∂out on entry and ∂L/∂inp on exit.
 pub fn gelu_bwd_inplace(d: &mut [f32], inp: &[f32]) {
     assert_eq!(d.len(), inp.len());
     d.par_chunks_mut(PAR_CHUNK).zip(inp.par_chunks(PAR_CHUNK)).for_each(|(d, i)| {
-        pulp::Arch::new().dispatch(|| {
-            for (d, &x) in d.iter_mut().zip(i) {
-                *d *= gelu_grad(x);
-            }
-        })
+        #[cfg(target_arch = "x86_64")]
+        if x86::available() {
+            // SAFETY: AVX-512F checked; d and i have the same length.
+            return unsafe { x86::gelu_bwd(d, i) };
+        }
+        gelu_bwd_portable(d, i)
     });
+}
+
+fn gelu_bwd_portable(d: &mut [f32], inp: &[f32]) {
+    pulp::Arch::new().dispatch(|| {
+        for (d, &x) in d.iter_mut().zip(inp) {
+            *d *= gelu_grad(x);
+        }
+    })
+}
+
+/// GELU forward and backward on AVX-512: the scalar formulas sixteen lanes at a time, with the one division
+/// (erfc's t) as a 14-bit reciprocal plus a Newton step and 2ⁿ by `vscalefps` (faster than the auto-vectorised
+/// scalar code, whose `vdivps` is a large part of it; docs/benchmarks.md).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ERFC, INV_SQRT2, INV_SQRT_2PI};
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> __m512 {
+        _mm512_set1_ps(v)
+    }
+
+    /// `super::exp` for x <= 0 (all GELU needs): range reduction, the same degree-6 polynomial, 2ⁿ by scalef.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp_neg(x: __m512) -> __m512 {
+        let xc = _mm512_max_ps(x, splat(-87.3));
+        let n = _mm512_roundscale_ps::<0x09>(_mm512_fmadd_ps(xc, splat(std::f32::consts::LOG2_E), splat(0.5)));
+        let r = _mm512_fmadd_ps(n, splat(2.121_944_4e-4), _mm512_fnmadd_ps(n, splat(0.693_359_4), xc));
+        let mut p = splat(1.987_569_1e-4);
+        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_fmadd_ps(p, r, splat(c));
+        }
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), splat(1.0));
+        let y = _mm512_scalef_ps(y, n);
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, splat(-87.3)), y)
+    }
+
+    /// erf(x/√2), as `super::erf` computes it (erfc = t·exp(-z² + P(t)), t = 1/(1 + z/2), z = |x|/√2).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn erf_scaled(x: __m512) -> __m512 {
+        let z = _mm512_mul_ps(_mm512_abs_ps(x), splat(INV_SQRT2));
+        let d = _mm512_fmadd_ps(splat(0.5), z, splat(1.0));
+        let t0 = _mm512_rcp14_ps(d);
+        // one Newton step: t = t0·(2 - d·t0)
+        let t = _mm512_mul_ps(t0, _mm512_fnmadd_ps(d, t0, splat(2.0)));
+        let mut p = splat(ERFC[9]);
+        for &c in ERFC[..9].iter().rev() {
+            p = _mm512_fmadd_ps(p, t, splat(c));
+        }
+        let erfc = _mm512_mul_ps(t, exp_neg(_mm512_fnmadd_ps(z, z, p)));
+        let r = _mm512_sub_ps(splat(1.0), erfc);
+        // erf has x's sign
+        let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign))
+    }
+
+    /// # Safety
+    /// AVX-512F available; `out` and `inp` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_fwd(out: &mut [f32], inp: &[f32]) {
+        let n = out.len();
+        let mut j = 0;
+        while j < n {
+            let m: __mmask16 = if n - j >= 16 { 0xffff } else { (1u16 << (n - j)) - 1 };
+            let x = _mm512_maskz_loadu_ps(m, inp.as_ptr().add(j));
+            let erf = erf_scaled(x);
+            let y = _mm512_mul_ps(_mm512_mul_ps(splat(0.5), x), _mm512_add_ps(splat(1.0), erf));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(j), m, y);
+            j += 16;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F available; `d` and `inp` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gelu_bwd(d: &mut [f32], inp: &[f32]) {
+        let n = d.len();
+        let mut j = 0;
+        while j < n {
+            let m: __mmask16 = if n - j >= 16 { 0xffff } else { (1u16 << (n - j)) - 1 };
+            let x = _mm512_maskz_loadu_ps(m, inp.as_ptr().add(j));
+            let erf = erf_scaled(x);
+            let e = exp_neg(_mm512_mul_ps(_mm512_mul_ps(splat(-0.5), x), x));
+            let phi = _mm512_mul_ps(_mm512_mul_ps(x, splat(INV_SQRT_2PI)), e);
+            let g = _mm512_fmadd_ps(splat(0.5), _mm512_add_ps(splat(1.0), erf), phi);
+            let dp = d.as_mut_ptr().add(j);
+            _mm512_mask_storeu_ps(dp, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dp), g));
+            j += 16;
+        }
+    }
 }
 
 /// x rounded to the nearest bfloat16 (ties to even), kept as f32: the value a bf16 tensor holds. NaN stays NaN.
@@ -277,6 +394,21 @@ mod tests {
         assert_eq!(exp(-1000.0), 0.0);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert!(exp(-87.0) > 0.0);
+    }
+
+    /// The AVX-512 GELU forward and backward give the scalar formulas' values to a few ulps, over [-12, 12]
+    /// (both tails, zero and the exp cut-off included).
+    #[test]
+    fn vector_gelu_matches_the_scalar_formulas() {
+        let xs: Vec<f32> = (0..24001).map(|i| -12.0 + i as f32 * 0.001).chain([0.0, -0.0, 40.0, -40.0]).collect();
+        let mut fwd = vec![0f32; xs.len()];
+        gelu_fwd(&mut fwd, &xs);
+        let mut bwd = vec![1f32; xs.len()];
+        gelu_bwd_inplace(&mut bwd, &xs);
+        for (i, &x) in xs.iter().enumerate() {
+            assert!((fwd[i] - gelu(x)).abs() <= 4e-7 * (1.0 + x.abs()), "gelu({x}): {} vs {}", fwd[i], gelu(x));
+            assert!((bwd[i] - gelu_grad(x)).abs() <= 4e-7, "gelu'({x}): {} vs {}", bwd[i], gelu_grad(x));
+        }
     }
 
     #[test]
