@@ -50,6 +50,10 @@ pub struct TrainBench {
     /// With `--bf16`: multiply on the f32 gemm even where the CPU has AVX512_BF16 (the path other CPUs take).
     #[arg(long)]
     no_bf16_kernel: bool,
+    /// With `--lora-r` and `--bf16` on an AMX CPU: pack the frozen weights in every product, as `dolly train` does
+    /// where the packed copy (4 bytes per weight) would not fit; by default they are packed once when it fits.
+    #[arg(long)]
+    no_packed_weights: bool,
     /// Print one JSON object instead of a sentence.
     #[arg(long)]
     json: bool,
@@ -118,6 +122,11 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     }
     model.set_compute_bf16(a.bf16);
     model.backend_mut().set_bf16_kernel(!a.no_bf16_kernel);
+    // the frozen weights packed once, as `dolly train` does where it fits (half the available memory here)
+    let packed =
+        if a.lora_r.is_some() && a.bf16 && !a.no_packed_weights { Model::packed_weight_bytes(&model_cfg) } else { 0 };
+    let packed = if common::sysmem::available_bytes().is_some_and(|m| packed as u64 <= m / 2) { packed } else { 0 };
+    model.set_packed_weights(packed > 0);
     // which products ran: the AVX512_BF16 kernel, or the f32 gemm (on bf16 values with --bf16)
     let products = model.backend().product_path();
     let (b, t, v) = (a.batch_size, a.seq_len, model_cfg.vocab_size);
@@ -155,7 +164,7 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
     let med = median(&mut times);
     let out = json!({
         "bench": "train", "engine": "dolly", "preset": a.preset, "batch_size": b, "seq_len": t,
-        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16, "lora_r": a.lora_r, "trainable": model.grad_len(), "products": products,
+        "threads": rayon::current_num_threads(), "gradient_checkpointing": a.gradient_checkpointing, "doc_len": a.doc_len, "bf16": a.bf16, "lora_r": a.lora_r, "trainable": model.grad_len(), "products": products, "packed_weights_mb": packed as f64 / 1048576.0,
         "steps": a.steps, "median_step_s": med, "min_step_s": min, "tokens_per_s": (b * t) as f64 / med,
         "loss_first": losses[0], "loss_last": losses[losses.len() - 1], "peak_rss_mb": peak_rss_mb(),
         "activation_mb": acts.bytes() as f64 / (1 << 20) as f64,

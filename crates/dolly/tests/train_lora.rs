@@ -160,5 +160,9 @@ fn lora_memory_at_160m_is_the_frozen_bf16_base_plus_the_adapter() {
     let peak = last["peak_rss_bytes"][0].as_f64().unwrap() / 1048576.0;
     // fixed costs measured beside the estimate: the tokenizer, 120 records, code and allocator slack
     assert!(peak < total + 400.0, "peak RSS {peak:.0} MiB vs estimate {total:.0} MiB ({mem})");
-    assert!(peak < 16.0 * params / 1048576.0 / 3.0, "peak RSS {peak:.0} MiB is not far below a full fine-tune's");
+    // on an AMX CPU the run may keep the frozen weights packed (4 bytes per weight, shown in the estimate)
+    let packed = if mem.contains("packed weights") { mib("packed weights") } else { 0.0 };
+    assert!(packed <= 4.1 * params / 1048576.0, "{mem}");
+    let below = 16.0 * params / 1048576.0 / 3.0 + packed;
+    assert!(peak < below, "peak RSS {peak:.0} MiB is not far below a full fine-tune's ({mem})");
 }

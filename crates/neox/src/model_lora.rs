@@ -8,6 +8,7 @@ use crate::layout::{Layout, ParamInfo};
 use crate::lora::{AdapterLayout, LoraConfig};
 use crate::model::Model;
 use crate::weights;
+use crate::NeoxConfig;
 use std::path::Path;
 
 /// How an attached adapter starts.
@@ -120,6 +121,19 @@ impl Model<Cpu> {
             Some((_, l, _)) => &l.params,
             None => &self.layout.params,
         }
+    }
+
+    /// Bytes the frozen bf16 base of a `cfg` model takes packed for the AMX products (`set_packed_weights`): 4
+    /// per weight of the Linear layers and the head; 0 where the CPU does not take the AMX path.
+    pub fn packed_weight_bytes(cfg: &NeoxConfig) -> usize {
+        crate::backend::cpu::packed_weight_bytes(&Layout::new(cfg))
+    }
+
+    /// The frozen bf16 base's products read its weights packed once (`on`: `packed_weight_bytes` more memory,
+    /// allocated at the first training product) instead of packing them in every product. The caller accounts
+    /// for the memory; off by default. No effect on an f32 base or off the AMX path.
+    pub fn set_packed_weights(&mut self, on: bool) {
+        self.be.set_packed_weights(on)
     }
 
     /// `Some(seed)`: training products drop LoRA inputs with this micro-batch's mask (set before each

@@ -7,6 +7,7 @@ use super::gemm_bf16::{self, Data, Weight};
 use super::math;
 use super::matmul::{gemm, par_all, Dims, Mat};
 use super::w16::{linear_bwd_input_w16, linear_fwd_w16};
+use crate::kernels::gemm_bf16::PackedLinear;
 use rayon::prelude::*;
 
 /// Reusable buffers for `lm_head_xent`.
@@ -42,8 +43,9 @@ pub enum HeadWeight<'a> {
     /// `w` is not read (dX is taken from `wt`); on the bf16 kernel (`Head::kernel`) only `w` is read (`wt` may
     /// be empty).
     F32 { w: &'a [f32], wt: &'a [f32] },
-    /// Raw bf16 bits (V,C): a frozen head stored at 2 bytes per weight (products in `kernels::w16`).
-    Bf16(&'a [u16]),
+    /// Raw bf16 bits (V,C): a frozen head stored at 2 bytes per weight (products in `kernels::w16`, or on the
+    /// bf16 kernel, from the packed operands when there are).
+    Bf16(&'a [u16], Option<&'a PackedLinear>),
 }
 
 impl<'a> HeadWeight<'a> {
@@ -51,7 +53,8 @@ impl<'a> HeadWeight<'a> {
     fn kernel(self) -> Weight<'a> {
         match self {
             HeadWeight::F32 { w, .. } => Weight::Rows(Data::F32(w)),
-            HeadWeight::Bf16(w16) => Weight::Rows(Data::Bf16(w16)),
+            HeadWeight::Bf16(w16, Some(p)) => Weight::Packed(Data::Bf16(w16), p),
+            HeadWeight::Bf16(w16, None) => Weight::Rows(Data::Bf16(w16)),
         }
     }
 }
@@ -90,7 +93,7 @@ pub fn lm_head_xent(
     match w {
         HeadWeight::F32 { w, .. } if kernel => assert!(w.len() >= v * c),
         HeadWeight::F32 { w, wt } => assert!((bf16 || w.len() >= v * c) && wt.len() >= v * c),
-        HeadWeight::Bf16(w16) => assert!(w16.len() >= v * c),
+        HeadWeight::Bf16(w16, _) => assert!(w16.len() >= v * c),
     }
     if let Some(t) = rows {
         assert!(t.w.len() >= t.ids.len() * c && t.ids.iter().all(|&id| (id as usize) < v));
@@ -118,7 +121,9 @@ pub fn lm_head_xent(
                 let dst = Mat::rm(s.logits.as_mut_ptr(), r, v, v);
                 gemm(dst, false, Mat::rm(s.x.as_ptr(), r, c, c), Mat::rm(wt.as_ptr(), c, v, v), 1.0, par_all());
             },
-            HeadWeight::Bf16(w16) => linear_fwd_w16(&mut s.logits[..r * v], &s.x[..r * c], w16, None, dims(r), false),
+            HeadWeight::Bf16(w16, _) => {
+                linear_fwd_w16(&mut s.logits[..r * v], &s.x[..r * c], w16, None, dims(r), false)
+            }
         }
         // trained token rows replace their logit columns
         if let Some(t) = rows {
@@ -177,7 +182,7 @@ pub fn lm_head_xent(
                     let w_view = if bf16 { Mat::cm(wt.as_ptr(), v, c, v) } else { Mat::rm(w.as_ptr(), v, c, c) };
                     gemm(Mat::rm(s.dx.as_mut_ptr(), r, c, c), false, lg, w_view, 1.0, par_all());
                 },
-                HeadWeight::Bf16(w16) => linear_bwd_input_w16(&mut s.dx[..r * c], &s.logits[..r * v], w16, dims(r)),
+                HeadWeight::Bf16(w16, _) => linear_bwd_input_w16(&mut s.dx[..r * c], &s.logits[..r * v], w16, dims(r)),
             }
             if let Some(dw) = g.dw.as_deref_mut().filter(|_| kernel) {
                 gemm_bf16::linear_bwd_weight(dw, &s.logits[..r * v], &s.x[..r * c], dims(r));

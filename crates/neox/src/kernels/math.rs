@@ -50,7 +50,8 @@ pub fn erf(x: f32) -> f32 {
     let t = 1.0 / (1.0 + 0.5 * z);
     let c = ERFC;
     let poly = c[0]
-        + t * (c[1] + t * (c[2] + t * (c[3] + t * (c[4] + t * (c[5] + t * (c[6] + t * (c[7] + t * (c[8] + t * c[9]))))))));
+        + t * (c[1]
+            + t * (c[2] + t * (c[3] + t * (c[4] + t * (c[5] + t * (c[6] + t * (c[7] + t * (c[8] + t * c[9]))))))));
     let erfc = t * exp(-z * z + poly);
     let r = 1.0 - erfc;
     if x < 0.0 {

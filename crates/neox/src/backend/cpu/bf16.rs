@@ -10,25 +10,29 @@ use crate::kernels::gemm_bf16::{self, Data, Weight};
 use crate::kernels::matmul::{col_sum_acc, linear_bwd_weight, Dims};
 
 impl Cpu {
+    /// The weight at `off` as the bf16 kernel reads it: the f32 master weights, or the bf16 base with its
+    /// operands packed once where they are (`Base16::panels`).
+    pub(super) fn kernel_weight(&self, off: usize, len: usize) -> Weight<'_> {
+        match &self.base16 {
+            Some(b) => match b.panels(off, &self.mats).filter(|_| self.packed_weights) {
+                Some(p) => Weight::Packed(Data::Bf16(b.bits(off, len)), p),
+                None => Weight::Rows(Data::Bf16(b.bits(off, len))),
+            },
+            None => Weight::Rows(Data::F32(&self.params[off..off + len])),
+        }
+    }
+
     /// out (N, OC) = inp · Wᵀ + b (or `+=`), W from the f32 master weights or the bf16 base.
     pub(super) fn linear_fwd_bf16(&self, out: &mut [f32], inp: &[f32], lin: Linear, d: Dims, accumulate: bool) {
         let len = lin.ic * lin.oc;
         let bias = lin.b.map(|b| self.p(b, lin.oc));
-        let w = match self.base_bits(lin.w, len) {
-            Some(w16) => Weight::Rows(Data::Bf16(w16)),
-            None => Weight::Rows(Data::F32(&self.params[lin.w..lin.w + len])),
-        };
-        gemm_bf16::linear_fwd(out, inp, w, bias, d, accumulate)
+        gemm_bf16::linear_fwd(out, inp, self.kernel_weight(lin.w, len), bias, d, accumulate)
     }
 
     /// dinp (N, IC) = dout · W, W from the f32 master weights or the bf16 base.
     pub(super) fn linear_bwd_input_bf16(&self, dinp: &mut [f32], dout: &[f32], lin: Linear, d: Dims) {
         let len = lin.ic * lin.oc;
-        let w = match self.base_bits(lin.w, len) {
-            Some(w16) => Weight::Rows(Data::Bf16(w16)),
-            None => Weight::Rows(Data::F32(&self.params[lin.w..lin.w + len])),
-        };
-        gemm_bf16::linear_bwd_input(dinp, dout, w, d, false)
+        gemm_bf16::linear_bwd_input(dinp, dout, self.kernel_weight(lin.w, len), d, false)
     }
 
     /// dW (OC, IC) += doutᵀ · inp and db += column sums of dout: on the bf16 kernel when `bf16_products()`,

@@ -51,21 +51,35 @@ pub struct Cpu {
     base16: Option<Base16>,
     /// An attached LoRA adapter: the base is frozen, gradients and the optimizer cover the adapter only.
     lora: Option<CpuLora>,
+    /// A bf16 base's products read its weights packed once (`Base16::panels`) instead of packing per call.
+    packed_weights: bool,
+}
+
+/// The Linear weights and the LM head of `layout`: (offset, rows, cols).
+fn matrices(layout: &Layout) -> Vec<(usize, usize, usize)> {
+    let mut mats = vec![];
+    if let Some(head) = layout.find("embed_out.weight") {
+        mats.push((head.offset, head.shape[0], head.shape[1]));
+    }
+    for p in &layout.params {
+        let linear = p.shape.len() == 2 && p.name.starts_with("gpt_neox.layers.");
+        if linear {
+            mats.push((p.offset, p.shape[0], p.shape[1]));
+        }
+    }
+    mats
+}
+
+/// Bytes a bf16 base of `layout` takes in packed form (`Cpu::set_packed_weights`): 0 where the CPU does not take
+/// the AMX path.
+pub fn packed_weight_bytes(layout: &Layout) -> usize {
+    frozen::panel_bytes(&matrices(layout))
 }
 
 impl Cpu {
     /// A CPU device holding `params` (layout order) for `layout`.
     pub fn new(params: Vec<f32>, layout: &Layout) -> Self {
-        let mut mats = vec![];
-        if let Some(head) = layout.find("embed_out.weight") {
-            mats.push((head.offset, head.shape[0], head.shape[1]));
-        }
-        for p in &layout.params {
-            let linear = p.shape.len() == 2 && p.name.starts_with("gpt_neox.layers.");
-            if linear {
-                mats.push((p.offset, p.shape[0], p.shape[1]));
-            }
-        }
+        let mats = matrices(layout);
         Cpu {
             params,
             layout: layout.clone(),
@@ -78,6 +92,7 @@ impl Cpu {
             bf16_kernel: true,
             base16: None,
             lora: None,
+            packed_weights: false,
         }
     }
 
@@ -90,15 +105,23 @@ impl Cpu {
 
     /// Replace a bf16-held base (a resized vocabulary), keeping the modes.
     pub(crate) fn replace_bf16(&mut self, w16: Vec<u16>, layout: &Layout) {
-        let (decode, compute) = (self.decode_bf16, self.compute_bf16);
+        let (decode, compute, packed) = (self.decode_bf16, self.compute_bf16, self.packed_weights);
         *self = Cpu::new_bf16(w16, layout);
         self.decode_bf16 = decode;
         self.compute_bf16 = compute;
+        self.packed_weights = packed;
     }
 
     /// Take the bf16 bits out of a bf16-held base (to be resized in place and put back with `replace_bf16`).
     pub(crate) fn take_bf16(&mut self) -> Option<Vec<u16>> {
         self.base16.take().map(|b| b.w)
+    }
+
+    /// A bf16 base keeps its weights packed for the AMX products (`on`), 4 bytes per weight more, built at the
+    /// first training product; `packed_weight_bytes` says how much (0: the CPU does not take that path).
+    /// No effect without a bf16 base.
+    pub fn set_packed_weights(&mut self, on: bool) {
+        self.packed_weights = on;
     }
 
     /// Whether the base is held in bf16 (`new_bf16`).

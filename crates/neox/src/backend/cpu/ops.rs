@@ -300,7 +300,12 @@ impl Backend for Cpu {
         let (c, v) = (head.ic, head.oc);
         let len = c * v;
         let w = match self.base_bits(head.w, len) {
-            Some(w16) => HeadWeight::Bf16(w16),
+            // the packed operands only serve the bf16 kernel
+            Some(w16) => {
+                let panels =
+                    self.base16.as_ref().filter(|_| self.bf16_products()).and_then(|b| b.panels(head.w, &self.mats));
+                HeadWeight::Bf16(w16, panels)
+            }
             // (the bf16 kernel reads only `w`)
             None if self.bf16_products() => HeadWeight::F32 { w: self.p(head.w, len), wt: &[] },
             None => HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) },

@@ -100,11 +100,20 @@ unsafe fn with_tiles<R>(f: impl FnOnce() -> R) -> R {
 ///
 /// # Safety
 /// `available()` is true.
-pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Operand<'_>) {
+pub(super) unsafe fn gemm(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    pre: Option<&PackedB>,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     if super::empty_product(c, ldc, accumulate, m, n, k) {
         return;
     }
+    let pre = pre.filter(|p| p.k == k && p.n == n);
+    let mut at = 0;
     let kp = k.div_ceil(2);
     let cp = SendPtr(c.as_mut_ptr());
     let tasks_m = m.div_ceil(MC);
@@ -117,10 +126,20 @@ pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operan
             for pc in (0..kp).step_by(KC) {
                 let kc = KC.min(kp - pc);
                 let kcp = kc.next_multiple_of(KT);
-                grow(bb, nb * kcp * NR);
-                let pack = |(j, d): (usize, &mut [u32])| pack_b(d, &b, pc, kcp, jc + j * NR);
-                bb[..nb * kcp * NR].par_chunks_mut(kcp * NR).enumerate().for_each(pack);
-                let bb = &bb[..];
+                let len = nb * kcp * NR;
+                // this block's B panels: packed once for the weight (`pack_whole`), or now
+                let bb: &[u32] = match pre {
+                    Some(p) => {
+                        at += len;
+                        &p.words[at - len..at]
+                    }
+                    None => {
+                        grow(bb, len);
+                        let pack = |(j, d): (usize, &mut [u32])| pack_b(d, &b, pc, kcp, jc + j * NR);
+                        bb[..len].par_chunks_mut(kcp * NR).enumerate().for_each(pack);
+                        &bb[..len]
+                    }
+                };
                 let load = accumulate || pc > 0;
                 (0..tasks_m * nb.div_ceil(group)).into_par_iter().for_each(|t| {
                     let (ti, tj) = (t % tasks_m, t / tasks_m);
@@ -152,6 +171,57 @@ pub(super) unsafe fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operan
             }
         }
     })
+}
+
+/// A B operand (k x n) packed whole, in the order `gemm` walks it (NC-column blocks, then KC-pair blocks, then
+/// each block's NR-column panels): a frozen weight packed once serves every product with it, which otherwise
+/// re-packs it per call (about 40% of the product's time at 1024 rows; docs/benchmarks.md).
+pub(super) struct PackedB {
+    words: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 4
+    }
+}
+
+/// Words `pack_whole` needs for a k x n operand.
+pub(super) fn packed_words(k: usize, n: usize) -> usize {
+    let kp = k.div_ceil(2);
+    let mut total = 0;
+    for jc in (0..n).step_by(NC) {
+        let nb = NC.min(n - jc).div_ceil(NR);
+        for pc in (0..kp).step_by(KC) {
+            total += nb * KC.min(kp - pc).next_multiple_of(KT) * NR;
+        }
+    }
+    total
+}
+
+/// B packed whole for `gemm`'s `pre`.
+///
+/// # Safety
+/// `available()` is true.
+pub(super) unsafe fn pack_whole(b: &Operand<'_>) -> PackedB {
+    let (k, n) = (b.rows, b.cols);
+    let mut words = vec![0u32; packed_words(k, n)];
+    let kp = k.div_ceil(2);
+    let mut at = 0;
+    for jc in (0..n).step_by(NC) {
+        let nb = NC.min(n - jc).div_ceil(NR);
+        for pc in (0..kp).step_by(KC) {
+            let kcp = KC.min(kp - pc).next_multiple_of(KT);
+            let len = nb * kcp * NR;
+            let pack = |(j, d): (usize, &mut [u32])| pack_b(d, b, pc, kcp, jc + j * NR);
+            words[at..at + len].par_chunks_mut(kcp * NR).enumerate().for_each(pack);
+            at += len;
+        }
+    }
+    PackedB { words, k, n }
 }
 
 /// One B panel: k-pairs `p0..p0 + kcp` (zero past the matrix), columns `j0..j0 + NR`, pair-major.

@@ -29,7 +29,7 @@ mod portable;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use linear::{linear_bwd_input, linear_bwd_weight, linear_fwd, Weight};
+pub(crate) use linear::{linear_bwd_input, linear_bwd_weight, linear_fwd, PackedLinear, Weight};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -135,12 +135,65 @@ pub(crate) fn path_name() -> &'static str {
 /// C (m x n, row stride `ldc`) = A · B, or `C +=` that when `accumulate`, with bf16-rounded operands and f32
 /// sums: the AVX512_BF16 kernel where the CPU has it, the widening f32 path otherwise.
 pub(crate) fn gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Operand<'_>) {
+    gemm_pre(c, ldc, accumulate, a, b, None)
+}
+
+/// A B operand packed once for the path `gemm` takes (the AMX path only; `pack` says None elsewhere).
+pub(crate) struct Packed {
+    #[cfg(target_arch = "x86_64")]
+    b: amx::PackedB,
+}
+
+impl Packed {
+    /// `b` packed whole, where `gemm` takes the AMX path; None on every other path (they pack per call).
+    pub fn pack(b: Operand<'_>) -> Option<Packed> {
+        b.check("gemm_bf16 packed B");
+        #[cfg(target_arch = "x86_64")]
+        if use_amx() {
+            // SAFETY: the CPU has AMX and the OS granted the tile state (just checked).
+            return Some(Packed { b: unsafe { amx::pack_whole(&b) } });
+        }
+        None
+    }
+
+    /// Bytes a packed k x n operand takes (where `pack` packs).
+    pub fn bytes_for(k: usize, n: usize) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return amx::packed_words(k, n) * 4;
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (k, n);
+            0
+        }
+    }
+
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return self.b.bytes();
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    }
+}
+
+/// `gemm` with B's panels taken from `pre` (B packed by `Packed::pack`, the same values) where the AMX path
+/// runs and `pre` has B's shape; the result is bitwise that of `gemm`.
+pub(crate) fn gemm_pre(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Operand<'_>,
+    b: Operand<'_>,
+    pre: Option<&Packed>,
+) {
     check(c, ldc, &a, &b);
     #[cfg(target_arch = "x86_64")]
     if use_amx() {
         // SAFETY: the CPU has AMX and the OS granted the tile state (just checked); shapes checked above.
-        return unsafe { amx::gemm(c, ldc, accumulate, a, b) };
+        return unsafe { amx::gemm(c, ldc, accumulate, a, b, pre.map(|p| &p.b)) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = pre;
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: the CPU has the features the kernel is compiled for (just checked); shapes checked above.
@@ -236,6 +289,6 @@ fn amx_gemm(c: &mut [f32], ldc: usize, accumulate: bool, a: Operand<'_>, b: Oper
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the features were just checked.
     unsafe {
-        amx::gemm(c, ldc, accumulate, a, b)
+        amx::gemm(c, ldc, accumulate, a, b, None)
     }
 }

@@ -278,3 +278,48 @@ fn linear_wrappers_match_reference() {
         }
     }
 }
+
+/// A B operand packed once (`Packed`) gives bitwise the product of packing it per call, for shapes that cross
+/// the AMX path's column (2048) and k-pair (512) blocks and end in partial panels, as a (OC, IC) weight both
+/// ways (`PackedLinear`); where the path is not AMX nothing is packed. Reference: the per-call path itself.
+#[test]
+fn packed_weights_give_the_per_call_bits() {
+    use super::{gemm, gemm_pre, linear_bwd_input, linear_fwd, Packed, PackedLinear, Weight};
+    let mut r = Rng::new(9);
+    for &(m, k, n) in &[(37, 1100, 2100), (64, 96, 40), (5, 2050, 33)] {
+        let (a, b) = (Stored::new(&mut r, m, k, 0), Stored::new(&mut r, k, n, 1));
+        let Some(pre) = Packed::pack(b.op(true)) else {
+            assert!(!super::use_amx(), "AMX runs but nothing was packed");
+            return;
+        };
+        assert_eq!(pre.bytes(), Packed::bytes_for(k, n));
+        let (mut want, mut got) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+        gemm(&mut want, n, true, a.op(false), b.op(true));
+        gemm_pre(&mut got, n, true, a.op(false), b.op(true), Some(&pre));
+        assert!(want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()), "{m}x{k}x{n}");
+        // as a weight: W (OC = n, IC = k) row-major bf16, forward and dX
+        let w = Stored::new(&mut r, n, k, 0);
+        let d = Dims { n: m, ic: k, oc: n };
+        let pl = PackedLinear::new(Data::Bf16(&w.u16), d).expect("packed where AMX runs");
+        assert_eq!(pl.bytes(), PackedLinear::bytes_for(d));
+        let (x, dy) = (Stored::new(&mut r, m, k, 0), Stored::new(&mut r, m, n, 0));
+        let wt = Weight::Packed(Data::Bf16(&w.u16), &pl);
+        let (mut y, mut dx) = (vec![0f32; m * n], vec![0f32; m * k]);
+        linear_fwd(&mut y, &x.f32, wt, None, d, false);
+        linear_bwd_input(&mut dx, &dy.f32, wt, d, false);
+        assert_eq!(y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want_y(&x, &w, d), "fwd {m}x{k}x{n}");
+        assert_eq!(dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want_dx(&dy, &w, d), "dx {m}x{k}x{n}");
+    }
+
+    fn want_y(x: &Stored, w: &Stored, d: Dims) -> Vec<u32> {
+        let mut y = vec![0f32; d.n * d.oc];
+        linear_fwd(&mut y, &x.f32, Weight::Rows(Data::Bf16(&w.u16)), None, d, false);
+        y.iter().map(|v| v.to_bits()).collect()
+    }
+
+    fn want_dx(dy: &Stored, w: &Stored, d: Dims) -> Vec<u32> {
+        let mut dx = vec![0f32; d.n * d.ic];
+        linear_bwd_input(&mut dx, &dy.f32, Weight::Rows(Data::Bf16(&w.u16)), d, false);
+        dx.iter().map(|v| v.to_bits()).collect()
+    }
+}
