@@ -2,7 +2,7 @@
 //! extraction (`extract`), UTF-8-safe incremental text streaming (`stream`), batched generation on the KV cache
 //! with left padding and rows joining a running batch (`decoding`), the request scheduler (`scheduler`) and the
 //! OpenAI-compatible HTTP server (`server`; its settings and their checks in `options`, request validation in
-//! `request`, connection handling in `conn`). Does not train, and never mutates the model: per-request state
+//! `request`, connection handling in `conn`, `/tokenize` and `/detokenize` in `tokenize`). Does not train, and never mutates the model: per-request state
 //! (KV cache rows, RNG, stop rules) lives in `decoding::BatchDecoder`.
 
 mod conn;
@@ -14,6 +14,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod server;
 pub mod stream;
+mod tokenize;
 
 pub use decoding::{generate, BatchDecoder, FinishReason, GenOutput, SeqParams, TokenEvent};
 pub use extract::extract_response;

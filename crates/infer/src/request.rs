@@ -66,7 +66,7 @@ pub(crate) struct Gen {
 
 type Body = Map<String, Value>;
 
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Body, ApiError> {
+pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Body, ApiError> {
     let bytes = body.map_err(|e| {
         let status = e.status();
         let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {

@@ -1,5 +1,5 @@
 //! OpenAI-compatible HTTP server for a Dolly model: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-//! SSE streaming), `GET /v1/models`, `GET /health`. Requests are validated (`request`) and refused with an
+//! SSE streaming), `GET /v1/models`, `GET /health`, `POST /tokenize` and `POST /detokenize` (`tokenize`). Requests are validated (`request`) and refused with an
 //! OpenAI-style JSON error; accepted ones go to the `scheduler` (bounded queue: 429 when full). A dropped
 //! connection drops the job's receiver, which cancels it. Completions wrap the prompt in Dolly's generation
 //! template unless `"raw_prompt": true`; chat uses the last user message as the instruction and earlier messages as
@@ -90,6 +90,8 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(opts.body_limit))
         .with_state(state);
@@ -193,6 +195,20 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
     Json(
         json!({"object": "list", "data": [{"id": s.model_id, "object": "model", "created": s.created, "owned_by": "dolly"}]}),
     )
+}
+
+async fn tokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match request::parse_body(body).and_then(|m| crate::tokenize::tokenize(&s, &m)) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn detokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match request::parse_body(body).and_then(|m| crate::tokenize::detokenize(&s, &m)) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {

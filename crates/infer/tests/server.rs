@@ -353,3 +353,57 @@ fn per_field_errors_name_the_field() {
     }
     srv.shutdown().unwrap();
 }
+
+/// `/tokenize` and `/detokenize` in llama-server's and vLLM's shapes: the ids are the tokenizer's (the same
+/// encoding `dolly` trains on; Dolly's `### End` is one id, 50277-50279 range), a round trip gives the text back,
+/// pieces decode to their ids, and bad fields are 400s naming the field. Reference: `DollyTokenizer` itself (the
+/// HF tokenizer file), which the server must not re-implement.
+#[test]
+fn tokenize_and_detokenize_round_trip() {
+    let srv = start(2, 4);
+    let a = srv.addr;
+    let tok = tokenizer();
+    let text = "Name three colors.\n\n### End";
+    let want = tok.encode(text).unwrap();
+    assert!(want.contains(&tok.special().end), "the special token is matched: {want:?}");
+    for key in ["content", "prompt"] {
+        let r = post(a, "/tokenize", &json!({key: text, "add_special": false}));
+        assert_eq!(r.status, 200, "{key}");
+        let v = r.json();
+        let ids: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, want, "{key}");
+        assert_eq!(v["count"], want.len());
+        assert!(v["max_model_len"].as_u64().unwrap() > 0);
+    }
+    let p = post(a, "/tokenize", &json!({"content": "hello world", "with_pieces": true})).json();
+    let pieces = p["tokens"].as_array().unwrap();
+    let ids = tok.encode("hello world").unwrap();
+    assert_eq!(pieces.len(), ids.len());
+    for (pc, &id) in pieces.iter().zip(&ids) {
+        assert_eq!(pc["id"], id);
+        assert_eq!(pc["piece"], tok.decode_raw(&[id], false).unwrap());
+    }
+    let d = post(a, "/detokenize", &json!({"tokens": want}));
+    assert_eq!(d.status, 200);
+    let v = d.json();
+    assert_eq!(v["content"], tok.decode(&want).unwrap());
+    assert_eq!(v["content"], text);
+    assert_eq!(v["prompt"], text);
+    let vocab = tok.vocab_size();
+    for (path, body, param) in [
+        ("/tokenize", json!({"content": 5}), "content"),
+        ("/tokenize", json!({}), "content"),
+        ("/tokenize", json!({"content": "a", "prompt": "b"}), "prompt"),
+        ("/tokenize", json!({"content": "a", "bogus": 1}), "bogus"),
+        ("/tokenize", json!({"content": "a", "with_pieces": "yes"}), "with_pieces"),
+        ("/detokenize", json!({"tokens": [1, -2]}), "tokens"),
+        ("/detokenize", json!({"tokens": [vocab]}), "tokens"),
+        ("/detokenize", json!({"tokens": "12"}), "tokens"),
+        ("/detokenize", json!({}), "tokens"),
+    ] {
+        let r = post(a, path, &body);
+        assert_eq!(r.status, 400, "{path} {body}");
+        assert_eq!(r.json()["error"]["param"], param, "{path} {body}");
+    }
+    assert_eq!(get(a, "/health").json()["status"], "ok");
+}
