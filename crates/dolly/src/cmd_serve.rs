@@ -34,9 +34,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
           value_parser = parse_bool)]
     pub bf16: bool,
-    /// Address to listen on (0.0.0.0 for every interface).
+    /// Address to listen on (0.0.0.0 for every interface; an address other than loopback needs --api-key or
+    /// --insecure).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Require `Authorization: Bearer KEY` on every endpoint but /health (1-256 printable ASCII bytes; default:
+    /// the DOLLY_API_KEY environment variable, if set). Prefer the variable: a flag shows in the process list.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Allow listening on a non-loopback address without an API key (anyone who can reach the port may use it).
+    #[arg(long)]
+    pub insecure: bool,
     /// TCP port to listen on (0 = any free port; the chosen one is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
@@ -108,6 +116,12 @@ fn max_connections(given: Option<usize>) -> anyhow::Result<usize> {
     }
 }
 
+/// Whether `host` is a loopback address (127.0.0.0/8, ::1, localhost).
+fn loopback(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut opts = ServerOptions {
         model_id: String::new(),
@@ -120,8 +134,15 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         max_connections: max_connections(a.max_connections)?,
         header_timeout: Duration::from_secs(a.header_timeout_s),
         idle_timeout: Duration::from_secs(a.idle_timeout_s),
+        api_key: a.api_key.clone().or_else(|| std::env::var("DOLLY_API_KEY").ok().filter(|k| !k.is_empty())),
     };
     opts.validate_flags().map_err(anyhow::Error::msg)?;
+    if opts.api_key.is_none() && !a.insecure && !loopback(&a.host) {
+        bail!(
+            "--host {} is reachable from other machines: give --api-key KEY (or set DOLLY_API_KEY), or pass              --insecure to serve without authentication",
+            a.host
+        );
+    }
     let src = crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?;
     let cfg = NeoxConfig::from_file(&src.base.join("config.json"))?;
     if a.default_max_tokens.is_none() {
@@ -133,7 +154,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         None => default_name(&a.model, &src.base),
     });
     // a busy port is reported before the weights load
-    let addr = format!("{}:{}", a.host, a.port);
+    // an IPv6 host goes in brackets
+    let addr = match a.host.contains(':') && !a.host.starts_with('[') {
+        true => format!("[{}]:{}", a.host, a.port),
+        false => format!("{}:{}", a.host, a.port),
+    };
     let std_listener = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
     std_listener.set_nonblocking(true)?;
     let tok = DollyTokenizer::resolve(Some(src.tokenizer_dir()), a.tokenizer.as_deref())?;

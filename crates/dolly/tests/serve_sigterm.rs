@@ -113,3 +113,28 @@ fn generate_batch_mode_jsonl_in_input_order() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("in.jsonl:2"), "{e}");
 }
+
+/// A non-loopback `--host` without an API key is refused before anything loads (naming --api-key and
+/// --insecure); with --insecure, or a loopback host, the flags pass and the (missing) model is what fails.
+#[test]
+fn non_loopback_host_needs_an_api_key() {
+    let serve = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_dolly"))
+            .args(["serve", "/nonexistent/model", "--port", "0"])
+            .args(extra)
+            .env_remove("DOLLY_API_KEY")
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = serve(&["--host", "0.0.0.0"]);
+    assert!(e.contains("--api-key") && e.contains("--insecure"), "{e}");
+    for ok in [&["--host", "0.0.0.0", "--insecure"][..], &["--host", "0.0.0.0", "--api-key", "k1"], &["--host", "::1"]]
+    {
+        let e = serve(ok);
+        assert!(!e.contains("reachable from other machines"), "{ok:?}: {e}");
+    }
+    let e = serve(&["--host", "127.0.0.1", "--api-key", "bad key"]);
+    assert!(e.contains("--api-key must be printable ASCII"), "{e}");
+}

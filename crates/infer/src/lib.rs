@@ -5,6 +5,7 @@
 //! `request`, connection handling in `conn`, `/tokenize` and `/detokenize` in `tokenize`). Does not train, and never mutates the model: per-request state
 //! (KV cache rows, RNG, stop rules) lives in `decoding::BatchDecoder`.
 
+pub mod auth;
 mod conn;
 pub mod decoding;
 pub mod extract;

@@ -27,6 +27,8 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// A kept-alive connection with no request in flight is closed after this.
     pub idle_timeout: Duration,
+    /// `Some(key)`: every endpoint but `/health` needs `Authorization: Bearer key` (`auth`).
+    pub api_key: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -42,6 +44,7 @@ impl Default for ServerOptions {
             max_connections: 256,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            api_key: None,
         }
     }
 }
@@ -85,6 +88,9 @@ impl ServerOptions {
         }
         if self.default_max_tokens == 0 {
             return Err("--default-max-tokens must be at least 1, got 0".into());
+        }
+        if let Some(k) = &self.api_key {
+            crate::auth::check_key(k)?;
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! OpenAI-compatible HTTP server for a Dolly model: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-//! SSE streaming), `GET /v1/models`, `GET /health`, `POST /tokenize` and `POST /detokenize` (`tokenize`). Requests are validated (`request`) and refused with an
+//! SSE streaming), `GET /v1/models`, `GET /health`, `POST /tokenize` and `POST /detokenize` (`tokenize`);
+//! with an API key, bearer authentication on all but `/health` (`auth`). Requests are validated (`request`) and refused with an
 //! OpenAI-style JSON error; accepted ones go to the `scheduler` (bounded queue: 429 when full). A dropped
 //! connection drops the job's receiver, which cancels it. Completions wrap the prompt in Dolly's generation
 //! template unless `"raw_prompt": true`; chat uses the last user message as the instruction and earlier messages as
@@ -95,6 +96,10 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(opts.body_limit))
         .with_state(state);
+    let router = match &opts.api_key {
+        Some(k) => router.layer(axum::middleware::from_fn_with_state(Arc::new(k.clone()), crate::auth::require_key)),
+        None => router,
+    };
     Ok((router, scheduler))
 }
 

@@ -407,3 +407,36 @@ fn tokenize_and_detokenize_round_trip() {
     }
     assert_eq!(get(a, "/health").json()["status"], "ok");
 }
+
+/// `--api-key`: every endpoint but /health answers 401 (OpenAI's `invalid_api_key`) without the bearer key or
+/// with a wrong one, and works with it; /health needs no key. Reference: OpenAI's documented error shape.
+#[test]
+fn api_key_guards_every_endpoint_but_health() {
+    let opts = ServerOptions {
+        model_id: "dolly-test".into(),
+        max_batch: 2,
+        queue_size: 4,
+        body_limit: 64 * 1024,
+        batch_window: Duration::from_millis(1),
+        api_key: Some("sk-test-key".into()),
+        ..Default::default()
+    };
+    let srv = spawn("127.0.0.1:0".parse().unwrap(), model(), tokenizer(), opts).unwrap();
+    let a = srv.addr;
+    assert_eq!(get(a, "/health").status, 200);
+    let body = json!({"content": "hi"}).to_string();
+    for (auth, want) in
+        [(None, 401), (Some("Bearer wrong"), 401), (Some("sk-test-key"), 401), (Some("Bearer sk-test-key"), 200)]
+    {
+        let headers: Vec<(&str, &str)> = auth.map(|v| ("Authorization", v)).into_iter().collect();
+        let models = Conn::open_with(a, "GET", "/v1/models", &headers, None).body();
+        assert_eq!(models.status, want, "{auth:?}");
+        let tok = Conn::open_with(a, "POST", "/tokenize", &headers, Some(body.as_bytes())).body();
+        assert_eq!(tok.status, want, "{auth:?}");
+        if want == 401 {
+            assert_eq!(models.json()["error"]["code"], "invalid_api_key", "{auth:?}");
+        }
+    }
+    let bad = ServerOptions { api_key: Some("has space".into()), ..Default::default() };
+    assert!(bad.validate_flags().unwrap_err().contains("--api-key"));
+}
