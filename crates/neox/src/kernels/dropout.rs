@@ -157,7 +157,7 @@ pub(crate) mod x86 {
         let n = dst.len();
         let mut j = 0;
         while j < n {
-            let valid: __mmask16 = if n - j >= 16 { 0xffff } else { (1u16 << (n - j)) - 1 };
+            let valid = crate::kernels::lanes16(n - j);
             let mut out = rm.apply(_mm512_maskz_loadu_ps(valid, x.as_ptr().add(j)), col0 + j);
             if add {
                 out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(valid, dst.as_ptr().add(j)));

@@ -288,7 +288,7 @@ mod x86 {
         let n = out.len();
         let mut j = 0;
         while j < n {
-            let m: __mmask16 = if n - j >= 16 { 0xffff } else { (1u16 << (n - j)) - 1 };
+            let m = crate::kernels::lanes16(n - j);
             let x = _mm512_maskz_loadu_ps(m, inp.as_ptr().add(j));
             let erf = erf_scaled(x);
             let y = _mm512_mul_ps(_mm512_mul_ps(splat(0.5), x), _mm512_add_ps(splat(1.0), erf));
@@ -304,7 +304,7 @@ mod x86 {
         let n = d.len();
         let mut j = 0;
         while j < n {
-            let m: __mmask16 = if n - j >= 16 { 0xffff } else { (1u16 << (n - j)) - 1 };
+            let m = crate::kernels::lanes16(n - j);
             let x = _mm512_maskz_loadu_ps(m, inp.as_ptr().add(j));
             let erf = erf_scaled(x);
             let e = exp_neg(_mm512_mul_ps(_mm512_mul_ps(splat(-0.5), x), x));

@@ -233,7 +233,7 @@ mod x86 {
                     if col >= job.dst.oc {
                         continue;
                     }
-                    let m: __mmask16 = if job.dst.oc - col >= 16 { 0xffff } else { (1u16 << (job.dst.oc - col)) - 1 };
+                    let m = crate::kernels::lanes16(job.dst.oc - col);
                     let mut y = acc[r][q][h];
                     if job.dst.accumulate {
                         y = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row.add(col)), y);

@@ -146,7 +146,7 @@ mod x86 {
             k += 16;
         }
         while k < ic {
-            let m: __mmask16 = if ic - k >= 16 { 0xffff } else { (1u16 << (ic - k)) - 1 };
+            let m = crate::kernels::lanes16(ic - k);
             for r in 0..R {
                 let xv = _mm512_maskz_loadu_ps(m, x.add(r * ic + k));
                 for c in 0..C {

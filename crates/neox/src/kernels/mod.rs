@@ -35,6 +35,17 @@ pub(crate) mod w16;
 /// docs/benchmarks.md#decode-path-tuning).
 pub(crate) const SMALL: usize = 1 << 15;
 
+/// The mask of the first `n` of 16 lanes (all 16 for n >= 16): the tail of an AVX-512 loop.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn lanes16(n: usize) -> u16 {
+    if n >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
 /// A raw pointer that may cross rayon threads; each user writes disjoint ranges (documented at each use).
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T = f32>(pub *mut T);

@@ -14,7 +14,8 @@ impl Cpu {
     /// operands packed once where they are (`Base16::panels`).
     pub(super) fn kernel_weight(&self, off: usize, len: usize) -> Weight<'_> {
         match &self.base16 {
-            Some(b) => match b.panels(off, &self.mats).filter(|_| self.packed_weights) {
+            // (asked only when on: the first call builds every matrix's packed copy)
+            Some(b) => match self.packed_weights.then(|| b.panels(off, &self.mats)).flatten() {
                 Some(p) => Weight::Packed(Data::Bf16(b.bits(off, len)), p),
                 None => Weight::Rows(Data::Bf16(b.bits(off, len))),
             },
@@ -76,5 +77,35 @@ mod tests {
             cpu.adamw_step(&mut opt, &mut vec![0.1; layout.total], 1e-3, 1.0);
             assert_eq!(cpu.wt.get().is_some(), !cpu.bf16_products(), "kernel={kernel}");
         }
+    }
+
+    /// A bf16 base's packed copy (4 bytes per weight) is built only when the caller turned it on, and then where
+    /// the products run on AMX; products give the same bits either way.
+    #[test]
+    fn packed_weights_only_when_asked() {
+        let cfg = NeoxConfig::new_pythia(64, 32, 2, 2, 64);
+        let layout = Layout::new(&cfg);
+        let w16: Vec<u16> =
+            (0..layout.total).map(|i| half::bf16::from_f32(((i % 13) as f32 - 6.0) * 0.01).to_bits()).collect();
+        let lin = Linear {
+            w: layout.find("gpt_neox.layers.0.mlp.dense_h_to_4h.weight").unwrap().offset,
+            b: None,
+            ic: 32,
+            oc: 128,
+        };
+        let d = Dims { n: 40, ic: 32, oc: 128 };
+        let x: Vec<f32> = (0..d.n * d.ic).map(|i| half::bf16::from_f32((i % 7) as f32 * 0.1).to_f32()).collect();
+        let mut outs = vec![];
+        for on in [false, true] {
+            let mut cpu = Cpu::new_bf16(w16.clone(), &layout);
+            cpu.set_compute_bf16(true);
+            cpu.set_packed_weights(on);
+            let mut out = vec![0f32; d.n * d.oc];
+            cpu.linear_fwd_bf16(&mut out, &x, lin, d, false);
+            let built = cpu.base16.as_ref().unwrap().panels_built();
+            assert_eq!(built, on && cpu.bf16_products(), "on={on}");
+            outs.push(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+        assert_eq!(outs[0], outs[1]);
     }
 }

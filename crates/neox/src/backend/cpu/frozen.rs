@@ -11,8 +11,8 @@ use std::sync::OnceLock;
 
 pub(crate) struct Base16 {
     pub w: Vec<u16>,
-    /// Each matrix's product operands packed once for the AMX path (by offset), built at the first bf16 training
-    /// product where the CPU takes that path and memory allows; an empty map otherwise.
+    /// Each matrix's product operands packed once for the AMX path (by offset), built at the first `panels` call
+    /// (made only when `Cpu::set_packed_weights` is on); an empty map where the CPU does not take that path.
     panels: OnceLock<HashMap<usize, PackedLinear>>,
     /// The 1-D tensors widened to f32, back to back.
     small: Vec<f32>,
@@ -60,6 +60,14 @@ impl Base16 {
             map
         });
         map.get(&off)
+    }
+}
+
+#[cfg(test)]
+impl Base16 {
+    /// Whether `panels` has built the packed copies.
+    pub fn panels_built(&self) -> bool {
+        self.panels.get().is_some()
     }
 }
 

@@ -1,8 +1,7 @@
 //! The LoRA branch on the CPU: the adapter's f32 buffer and the branch's forward and backward for one targeted
 //! Linear, `out += s · (drop(x) · Aᵀ) · Bᵀ`. The dropout mask is not stored (`kernels::dropout`): the backward
-//! (and a gradient-checkpointing recompute) rebuilds exactly the forward's mask. The four products with a
-//! rank-wide output go through `kernels::rank_r` (the mask fused into its packing); the two rank-r updates of a
-//! wide output (`u · Bᵀ`, `du · A`) through `gemm`.
+//! (and a gradient-checkpointing recompute) rebuilds exactly the forward's mask. All six products of the
+//! branch go through `kernels::rank_r`, with the mask applied inside them.
 //!
 //! Letters: N rows, IC inputs, OC outputs, r the rank. A (r, IC), B (OC, r), u = drop(x) · Aᵀ (N, r).
 

@@ -69,7 +69,7 @@ unsafe fn rows_of<const BITS: bool>(d: *mut u32, s: *const u8, sx: usize, p0: us
             let m32 = if c == 16 { u32::MAX } else { (1u32 << (2 * c)) - 1 };
             let run = s.add((l * sx + 2 * (p0 + pb)) * es);
             let words = pairs16::<BITS>(run, m32);
-            let m16 = if c == 16 { u16::MAX } else { (1u16 << c) - 1 };
+            let m16 = crate::kernels::lanes16(c);
             _mm512_mask_storeu_epi32(out.add(pb) as *mut i32, m16, words);
         }
     }

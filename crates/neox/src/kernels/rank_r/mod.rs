@@ -111,6 +111,20 @@ fn pack_v(v: &[f32], r: usize, w: usize) -> Vec<f32> {
     out
 }
 
+/// dst = drop(src) for the slice of x's row `row` starting at column `col0` (src itself without a mask).
+fn dropped(dst: &mut [f32], src: &[f32], mask: Option<&Mask>, row: usize, col0: usize) {
+    match mask {
+        Some(m) => m.apply(dst, src, row, col0),
+        None => dst.copy_from_slice(src),
+    }
+}
+
+/// d = α·s, or d += α·s when accumulating.
+#[inline(always)]
+fn store(d: &mut f32, s: f32, alpha: f32, accumulate: bool) {
+    *d = if accumulate { *d + alpha * s } else { alpha * s };
+}
+
 /// `rank_rows` on the AVX-512 kernel (`simd`) or the portable loop.
 #[allow(clippy::too_many_arguments)]
 fn rank_rows_on(
@@ -139,15 +153,10 @@ fn rank_rows_on(
         }
         let mut xr = vec![0f32; k];
         for i in 0..rows {
-            let src = &x[(m0 + i) * ld..(m0 + i) * ld + k];
-            match mask {
-                Some(msk) => msk.apply(&mut xr, src, m0 + i, 0),
-                None => xr.copy_from_slice(src),
-            }
+            dropped(&mut xr, &x[(m0 + i) * ld..(m0 + i) * ld + k], mask, m0 + i, 0);
             for j in 0..r {
                 let s: f32 = xr.iter().zip(&pt[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum();
-                let d = &mut ct[i * r + j];
-                *d = if accumulate { *d + alpha * s } else { alpha * s };
+                store(&mut ct[i * r + j], s, alpha, accumulate);
             }
         }
     });
@@ -179,20 +188,14 @@ fn rank_cols_on(
         let mut acc = vec![0f32; cols * r];
         let mut xr = vec![0f32; cols];
         for kk in 0..k {
-            let src = &x[kk * ld + m0..kk * ld + m0 + cols];
-            match mask {
-                Some(msk) => msk.apply(&mut xr, src, kk, m0),
-                None => xr.copy_from_slice(src),
-            }
+            dropped(&mut xr, &x[kk * ld + m0..kk * ld + m0 + cols], mask, kk, m0);
             for (i, &a) in xr.iter().enumerate() {
                 for (s, &pv) in acc[i * r..(i + 1) * r].iter_mut().zip(&p[kk * r..(kk + 1) * r]) {
                     *s += a * pv;
                 }
             }
         }
-        for (d, &s) in ct.iter_mut().zip(&acc) {
-            *d = if accumulate { *d + alpha * s } else { alpha * s };
-        }
+        ct.iter_mut().zip(&acc).for_each(|(d, &s)| store(d, s, alpha, accumulate));
     });
 }
 

@@ -1,20 +1,11 @@
 //! The AVX-512 kernels of `rank_r` (see its header for the three forms).
 
 use crate::kernels::dropout::{x86::RowMask, Mask};
+use crate::kernels::lanes16 as lanes;
 use std::arch::x86_64::*;
 
 pub fn available() -> bool {
     is_x86_feature_detected!("avx512f")
-}
-
-/// The first `n` lanes (0 to 16).
-#[inline(always)]
-fn lanes(n: usize) -> __mmask16 {
-    if n >= 16 {
-        0xffff
-    } else {
-        (1u16 << n) - 1
-    }
 }
 
 /// [Σ lanes of v[0], …, Σ lanes of v[15]]: a transpose-and-add tree (15 adds instead of 16 full reductions).
@@ -216,9 +207,7 @@ pub unsafe fn cols(
             }
         }
     }
-    for (d, &s) in c.iter_mut().zip(&sums) {
-        *d = if accumulate { *d + alpha * s } else { alpha * s };
-    }
+    c.iter_mut().zip(&sums).for_each(|(d, &s)| super::store(d, s, alpha, accumulate));
 }
 
 /// `rank_update` for rows m0..m0 + rows: 4 rows × 64 columns of accumulators, r multiply-adds deep.
