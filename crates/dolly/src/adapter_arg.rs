@@ -124,12 +124,24 @@ pub fn attach(model: &mut Model, adapter: &Path, base: &Path) -> anyhow::Result<
     Ok(())
 }
 
-/// Load the base of `src` (f32, or a checkpoint's shards) and, with an adapter, resize it to `vocab` rows and
-/// attach the adapter, unmerged.
-pub fn load(src: &Source, vocab: usize) -> anyhow::Result<Model> {
-    let mut model = crate::model_arg::load(&src.base)?;
-    if let Some(a) = &src.adapter {
+/// Load the base of `src` (f32, or a checkpoint's shards; quantized to `quant` when given) and, with an adapter,
+/// resize it to `vocab` rows and attach the adapter, unmerged.
+pub fn load(src: &Source, vocab: usize, quant: Option<neox::QuantType>) -> anyhow::Result<Model> {
+    let checkpoint = src.base.join(train::checkpoint_shards::SHARDS_FILE).is_file();
+    let mut model = match quant {
+        // straight from the files, one tensor at a time
+        Some(q) if src.adapter.is_none() && !checkpoint => Model::load_quantized(&src.base, q)
+            .with_context(|| format!("loading model {} as {}", src.base.display(), q.name()))?,
+        _ => crate::model_arg::load(&src.base)?,
+    };
+    if src.adapter.is_some() {
         resize_for_adapter(&mut model, vocab)?;
+    }
+    if let Some(q) = quant.filter(|_| model.quantized().is_none()) {
+        model =
+            model.into_quantized(q).with_context(|| format!("quantizing {} to {}", src.base.display(), q.name()))?;
+    }
+    if let Some(a) = &src.adapter {
         attach(&mut model, a, &src.base)?;
     }
     Ok(model)

@@ -74,6 +74,9 @@ pub struct GenBench {
     /// Decode with bfloat16 weight copies (half the memory traffic per token).
     #[arg(long)]
     bf16: bool,
+    /// Quantize the random model's weight matrices (q8_0) and decode with the int8 kernels.
+    #[arg(long, value_name = "TYPE", value_parser = crate::flags::parse_quant)]
+    quantize: Option<neox::QuantType>,
     #[arg(long)]
     json: bool,
 }
@@ -195,6 +198,9 @@ fn generate(a: GenBench) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0 && a.new_tokens > 0 && a.prompt_len > 0, "runs, tokens and prompt len must be > 0");
     let cfg = preset(&a.preset)?;
     let mut model = Model::new_random(cfg, 0);
+    if let Some(q) = a.quantize {
+        model = model.into_quantized(q)?;
+    }
     model.set_decode_bf16(a.bf16);
     let v = model.config.vocab_size;
     let mut r = Rng::new(2);
@@ -214,14 +220,17 @@ fn generate(a: GenBench) -> anyhow::Result<()> {
     let out = json!({
         "bench": "generate", "engine": "dolly", "preset": a.preset, "batch_size": a.batch_size,
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "threads": rayon::current_num_threads(),
-        "runs": a.runs, "decode_bf16": a.bf16, "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
+        "runs": a.runs, "decode_bf16": a.bf16, "quantize": a.quantize.map(|q| q.name()), "int8_path": a.quantize.map(|_| neox::kernel_bench::q8_path()), "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
     });
     if a.json {
         println!("{out}");
     } else {
         println!(
-            "generate {}: {:.1} tokens/s, time to first token {:.4} s",
-            a.preset, out["tokens_per_s"], out["ttft_s"]
+            "generate {}{}: {:.1} tokens/s, time to first token {:.4} s",
+            a.preset,
+            a.quantize.map(|q| format!(" {} ({} kernel)", q.name(), neox::kernel_bench::q8_path())).unwrap_or_default(),
+            out["tokens_per_s"],
+            out["ttft_s"]
         );
     }
     Ok(())

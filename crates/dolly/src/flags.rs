@@ -10,3 +10,8 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
         _ => Err(format!("expected true or false, got `{s}` (to give a positional after a bare switch, put it first or write --flag=true)")),
     }
 }
+
+/// `--quantize TYPE`: a weight format of `neox::QuantType` (`q8_0`).
+pub fn parse_quant(s: &str) -> Result<neox::QuantType, String> {
+    neox::QuantType::parse(s).ok_or_else(|| format!("unknown quantization `{s}` (supported: q8_0)"))
+}

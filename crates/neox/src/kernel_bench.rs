@@ -27,6 +27,11 @@ pub fn bf16_path() -> &'static str {
 }
 
 /// Allows or forbids the AMX path of the bf16 products for the whole process (on by default where the CPU has it).
+/// The int8 dot product the q8_0 decode kernels use here: "avx512vnni", "avx2" or "portable".
+pub fn q8_path() -> &'static str {
+    crate::kernels::q8::path_name()
+}
+
 pub fn set_amx(on: bool) {
     gemm_bf16::set_amx(on)
 }

@@ -28,9 +28,10 @@ mod kernels;
 pub mod model;
 mod model_io;
 mod model_lora;
+mod model_quant;
 pub mod optim;
 
-pub use backend::cpu::Cpu;
+pub use backend::cpu::{Cpu, QuantType};
 pub use backend::Backend;
 pub use batch_input::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;

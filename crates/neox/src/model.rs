@@ -390,6 +390,9 @@ impl<B: Backend> Model<B> {
     }
 
     fn check_grads(&self, batch: &BatchInput<'_>, acts: &Activations<B>, grads: &B::Buf) -> Result<()> {
+        if !self.be.trainable() {
+            return Err(Error::invalid("this model is quantized: it can answer and be evaluated, not trained"));
+        }
         self.check_capacity(batch, acts)?;
         if B::len(grads) != self.grad_len() {
             return Err(Error::invalid(format!(

@@ -5,8 +5,10 @@
 //! found from the headers before the parameter buffer is allocated. Shard names may not leave the model
 //! directory (a hub cache snapshot's links into its own `blobs/` are fine). Writes safetensors atomically.
 
+use crate::backend::cpu::{QuantBase, QuantType};
 use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
+use crate::kernels::q8::Q8Matrix;
 use crate::layout::Layout;
 use crate::torch_bin::{self, TorchArchive};
 use safetensors::{Dtype, SafeTensors};
@@ -259,26 +261,43 @@ pub fn load_params_bf16(dir: &Path, config: &NeoxConfig) -> Result<Vec<u16>> {
     Ok(dest.w)
 }
 
+/// `load_params` into a quantized base: each matrix quantized as it is read (one tensor in f32 at a time), the
+/// vectors kept in f32. A matrix whose rows are not a multiple of 32 values, or that holds a value that is not
+/// finite or too large for an f16 scale, is refused by name.
+pub(crate) fn load_params_quant(dir: &Path, config: &NeoxConfig, kind: QuantType) -> Result<QuantBase> {
+    let layout = Layout::new(config);
+    let mut dest = QuantDest { base: Some(QuantBase::new(kind)), layout: layout.clone(), scratch: Vec::new() };
+    load_into(dir, config, &mut dest)?;
+    let base = dest.base.take().expect("the base is taken once");
+    base.finish(&layout).map_err(|m| Error::file(&dir.join("config.json"), m))
+}
+
 /// Where the loader puts the parameters: a buffer of `total` elements allocated once every header is checked,
 /// then each tensor's f32 values written into `slot(range)` and handed over by `commit(range)`.
 trait Dest {
-    const BYTES: u64;
+    /// Bytes the model takes in this form.
+    fn bytes(&self, layout: &Layout) -> u64;
     fn alloc(&mut self, total: usize);
     fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32];
-    fn commit(&mut self, range: std::ops::Range<usize>);
+    /// Err: why the tensor's values cannot be held in this form.
+    fn commit(&mut self, range: std::ops::Range<usize>) -> std::result::Result<(), String>;
 }
 
 struct F32Dest(Vec<f32>);
 
 impl Dest for F32Dest {
-    const BYTES: u64 = 4;
+    fn bytes(&self, layout: &Layout) -> u64 {
+        (layout.total as u64).saturating_mul(4)
+    }
     fn alloc(&mut self, total: usize) {
         self.0 = vec![0f32; total];
     }
     fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32] {
         &mut self.0[range]
     }
-    fn commit(&mut self, _: std::ops::Range<usize>) {}
+    fn commit(&mut self, _: std::ops::Range<usize>) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 struct Bf16Dest {
@@ -287,7 +306,9 @@ struct Bf16Dest {
 }
 
 impl Dest for Bf16Dest {
-    const BYTES: u64 = 2;
+    fn bytes(&self, layout: &Layout) -> u64 {
+        (layout.total as u64).saturating_mul(2)
+    }
     fn alloc(&mut self, total: usize) {
         self.w = vec![0u16; total];
     }
@@ -295,9 +316,57 @@ impl Dest for Bf16Dest {
         self.scratch.resize(range.len(), 0.0);
         &mut self.scratch[..]
     }
-    fn commit(&mut self, range: std::ops::Range<usize>) {
+    fn commit(&mut self, range: std::ops::Range<usize>) -> std::result::Result<(), String> {
         crate::kernels::w16::narrow(&mut self.w[range], &self.scratch);
+        Ok(())
     }
+}
+
+struct QuantDest {
+    base: Option<QuantBase>,
+    layout: Layout,
+    scratch: Vec<f32>,
+}
+
+impl Dest for QuantDest {
+    fn bytes(&self, layout: &Layout) -> u64 {
+        let kind = self.base.as_ref().map_or(QuantType::Q8_0, |b| b.kind);
+        let (mut mats, mut vecs) = (0u64, 0u64);
+        for p in &layout.params {
+            *(if p.shape.len() == 2 { &mut mats } else { &mut vecs }) += p.numel() as u64;
+        }
+        // plus one tensor in f32 on the way
+        let widest = layout.params.iter().map(|p| p.numel() as u64).max().unwrap_or(0);
+        (mats as f64 * kind.bytes_per_weight()) as u64 + 4 * (vecs + widest)
+    }
+    fn alloc(&mut self, _: usize) {}
+    fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32] {
+        self.scratch.resize(range.len(), 0.0);
+        &mut self.scratch[..]
+    }
+    fn commit(&mut self, range: std::ops::Range<usize>) -> std::result::Result<(), String> {
+        let p = self.layout.params.iter().find(|p| p.offset == range.start).expect("a tensor of the layout");
+        let base = self.base.as_mut().expect("the base is held until the end");
+        if p.shape.len() != 2 {
+            base.push_vector(p.offset, &self.scratch);
+            return Ok(());
+        }
+        let m = quantize_matrix(&self.scratch, p.shape[0], p.shape[1])?;
+        base.push_matrix(p.offset, m);
+        Ok(())
+    }
+}
+
+/// A matrix (rows, cols) quantized to q8_0, or why it cannot be.
+pub(crate) fn quantize_matrix(w: &[f32], rows: usize, cols: usize) -> std::result::Result<Q8Matrix, String> {
+    if cols == 0 || !cols.is_multiple_of(crate::kernels::q8::QK) {
+        return Err(format!("rows of {cols} values cannot be quantized to q8_0 (blocks of 32)"));
+    }
+    // the block scale amax / 127 must be a finite f16 (at most 65504)
+    if let Some(i) = w.iter().position(|v| !v.is_finite() || v.abs() > 65504.0 * 127.0) {
+        return Err(format!("value {} at index {i} cannot be quantized (not finite, or beyond f16 scales)", w[i]));
+    }
+    Ok(Q8Matrix::quantize(w, rows, cols))
 }
 
 fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<()> {
@@ -363,7 +432,7 @@ fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<(
             return Err(Error::tensor(&wf.files[0], &p.name, format!("missing (looked in: {shown})")));
         }
     }
-    let bytes = (layout.total as u64).saturating_mul(D::BYTES);
+    let bytes = dest.bytes(&layout);
     common::check_fits(&format!("loading the model {}", dir.display()), bytes).map_err(Error::invalid)?;
     dest.alloc(layout.total);
     for (fi, o) in opened.iter().enumerate() {
@@ -373,7 +442,7 @@ fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<(
                 for (_, name, pi, ti) in mine {
                     let range = layout.params[*pi].range();
                     a.read_into(&o.path, &o.mmap, name, &a.tensors[*ti].1, dest.slot(range.clone()))?;
-                    dest.commit(range);
+                    dest.commit(range).map_err(|m| Error::tensor(&o.path, name, m))?;
                 }
             }
             None => {
@@ -383,7 +452,7 @@ fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<(
                     let elem = Elem::from_st(view.dtype()).map_err(|m| Error::tensor(&o.path, name, m))?;
                     let range = layout.params[*pi].range();
                     convert(&o.path, name, elem, view.data(), dest.slot(range.clone()))?;
-                    dest.commit(range);
+                    dest.commit(range).map_err(|m| Error::tensor(&o.path, name, m))?;
                     // read once: the file's pages need not stay in this process's memory
                     common::sysmem::forget_mapped_pages(view.data());
                 }

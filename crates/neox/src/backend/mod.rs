@@ -196,6 +196,11 @@ pub trait Backend: Send + Sync + Sized {
     /// Clip (gradients scaled by `coef`), AdamW at `lr`, gradients zeroed, in one pass; the backend refreshes
     /// whatever weight formats it derives from the parameters.
     fn adamw_step(&mut self, opt: &mut AdamW, grads: &mut Self::Buf, lr: f32, coef: f32);
+    /// Whether the parameters can be trained (a quantized base cannot).
+    fn trainable(&self) -> bool {
+        true
+    }
+
     /// Elements of the gradient buffer of a model with `params` parameters: all of them, or only an attached
     /// adapter's when the base is frozen (LoRA).
     fn grad_len(&self, params: usize) -> usize;

@@ -34,7 +34,7 @@ pub fn linear_rows(out: &mut [f32], inp: &[f32], w: &[f32], bias: Option<&[f32]>
 
 /// Where a few-row product goes: out (N, OC), each column written by one task only, as y + bias or added to it.
 /// Shared with the bf16 panel kernel.
-pub(super) struct Dest<'a> {
+pub(crate) struct Dest<'a> {
     pub out: SendPtr,
     pub bias: Option<&'a [f32]>,
     pub n: usize,

@@ -15,8 +15,11 @@ mod frozen;
 mod kv;
 mod lora;
 mod ops;
+mod quant;
 
 pub use kv::CpuKv;
+pub(crate) use quant::QuantBase;
+pub use quant::QuantType;
 
 use frozen::Base16;
 use lora::CpuLora;
@@ -53,6 +56,8 @@ pub struct Cpu {
     lora: Option<CpuLora>,
     /// A bf16 base's products read its weights packed once (`Base16::panels`) instead of packing per call.
     packed_weights: bool,
+    /// A base held quantized instead of `params` (which is then empty): inference only.
+    quant: Option<QuantBase>,
 }
 
 /// The Linear weights and the LM head of `layout`: (offset, rows, cols).
@@ -93,7 +98,31 @@ impl Cpu {
             base16: None,
             lora: None,
             packed_weights: false,
+            quant: None,
         }
+    }
+
+    /// A CPU device holding a quantized base (inference only): decoding keeps a bf16 KV cache.
+    pub(crate) fn new_quant(q: QuantBase, layout: &Layout) -> Self {
+        let mut cpu = Cpu::new(Vec::new(), layout);
+        cpu.quant = Some(q);
+        cpu.decode_bf16 = true;
+        cpu
+    }
+
+    /// The format of a quantized base, if the base is one.
+    pub fn quant_type(&self) -> Option<QuantType> {
+        self.quant.as_ref().map(|q| q.kind)
+    }
+
+    /// Bytes a quantized base holds.
+    pub fn quant_bytes(&self) -> Option<usize> {
+        self.quant.as_ref().map(|q| q.bytes())
+    }
+
+    /// The quantized matrix at layout offset `off`, if the base is quantized.
+    pub(crate) fn quant_matrix(&self, off: usize) -> Option<&crate::kernels::q8::Q8Matrix> {
+        self.quant.as_ref().and_then(|q| q.matrix(off))
     }
 
     /// A CPU device holding a frozen base as bf16 bits (`w16`, layout order): no f32 copy of any matrix.
@@ -153,8 +182,9 @@ impl Cpu {
         self.bf16_kernel = kernel;
     }
 
+    /// Decode with bf16 weight panels and KV cache (a quantized base always keeps its KV cache in bf16).
     pub fn set_decode_bf16(&mut self, on: bool) {
-        self.decode_bf16 = on;
+        self.decode_bf16 = on || self.quant.is_some();
     }
 
     pub fn decode_bf16(&self) -> bool {
@@ -197,7 +227,7 @@ impl Cpu {
     /// Build now what decoding builds lazily: the bf16 panels (when decoding in bf16) and the transposed weights
     /// that prompts longer than the few-row path use (otherwise a server's first long prompt pays for building them).
     pub fn prepare_decode(&self) {
-        if self.base16.is_none() {
+        if self.base16.is_none() && self.quant.is_none() {
             let _ = self.packed();
             let _ = self.wt();
         }
@@ -212,9 +242,30 @@ impl Cpu {
 
     /// The f32 values of the tensor at `off`; with a bf16 base only its 1-D tensors are f32.
     fn p(&self, off: usize, len: usize) -> &[f32] {
+        match (&self.base16, &self.quant) {
+            (Some(b), _) => b.vector(off, len),
+            (None, Some(q)) => q.vector(off, len),
+            (None, None) => &self.params[off..off + len],
+        }
+    }
+
+    /// The f32 values of any base tensor at `off` (`len` elements): parameters, a bf16 base widened, a
+    /// quantized base dequantized.
+    pub(crate) fn tensor_f32(&self, off: usize, len: usize) -> std::borrow::Cow<'_, [f32]> {
+        use std::borrow::Cow;
+        if let Some(m) = self.quant_matrix(off) {
+            let mut v = vec![0f32; len];
+            for (r, row) in v.chunks_exact_mut(m.cols).enumerate() {
+                m.dequantize_row(r, row);
+            }
+            return Cow::Owned(v);
+        }
+        if self.quant.is_some() {
+            return Cow::Borrowed(self.p(off, len));
+        }
         match &self.base16 {
-            Some(b) => b.vector(off, len),
-            None => &self.params[off..off + len],
+            Some(b) => Cow::Owned(b.bits(off, len).iter().map(|&x| crate::kernels::w16::bf16_to_f32(x)).collect()),
+            None => Cow::Borrowed(&self.params[off..off + len]),
         }
     }
 
@@ -242,7 +293,7 @@ impl Cpu {
 
     /// The bf16 panels, when decoding in bf16 (built on first use after a change).
     fn packed(&self) -> Option<&PackedBf16> {
-        if !self.decode_bf16 || self.base16.is_some() {
+        if !self.decode_bf16 || self.base16.is_some() || self.quant.is_some() {
             return None;
         }
         Some(self.packed.get_or_init(|| {
@@ -315,6 +366,11 @@ impl Cpu {
 
     /// Row `row` (of `c` values) of the base matrix at `off`, as f32.
     pub(crate) fn base_row(&self, off: usize, row: usize, c: usize) -> Vec<f32> {
+        if let Some(m) = self.quant_matrix(off) {
+            let mut v = vec![0f32; c];
+            m.dequantize_row(row, &mut v);
+            return v;
+        }
         match &self.base16 {
             Some(b) => b.bits(off + row * c, c).iter().map(|&x| crate::kernels::w16::bf16_to_f32(x)).collect(),
             None => self.params[off + row * c..off + (row + 1) * c].to_vec(),

@@ -10,6 +10,7 @@ use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
 use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_fwd_t, Dims};
 use crate::kernels::matvec_bf16::linear_panels;
 use crate::kernels::matvec_f32::{linear_rows, FEW_ROWS};
+use crate::kernels::q8::linear_q8;
 use crate::kernels::rotary::{rope_apply, rope_table, RopeTable};
 use crate::kernels::w16::{bf16_to_f32, linear_bwd_input_w16, linear_fwd_w16};
 use crate::kernels::{pool, SendPtr, SMALL};
@@ -87,6 +88,9 @@ impl Backend for Cpu {
             let trained = self.lora.as_ref().and_then(|l| Some((l, l.token_row(id)?, l.layout.embed_rows?)));
             match (trained, &self.base16) {
                 (Some((l, k, o)), _) => row.copy_from_slice(&l.params[o + k * c..o + (k + 1) * c]),
+                (None, _) if self.quant.is_some() => {
+                    self.quant_matrix(e.w).expect("a quantized embedding").dequantize_row(id as usize, row)
+                }
                 (None, Some(b)) => row.iter_mut().zip(b.bits(e.w + at, c)).for_each(|(d, &s)| *d = bf16_to_f32(s)),
                 (None, None) => row.copy_from_slice(&self.params[e.w + at..e.w + at + c]),
             }
@@ -152,7 +156,9 @@ impl Backend for Cpu {
         // few-row inference reads each weight once for all rows (memory-bound); everything else goes to gemm
         // on the transposed copy, which training's backward also reads; a bf16 base has its own products;
         // bf16 compute trains on the bf16 kernel where the CPU has one
-        if pass == Pass::Train && self.bf16_products() {
+        if let Some(q) = self.quant_matrix(lin.w) {
+            linear_q8(out, inp, q, bias, d, accumulate)
+        } else if pass == Pass::Train && self.bf16_products() {
             self.linear_fwd_bf16(out, inp, lin, d, accumulate)
         } else if let Some(w16) = self.base_bits(lin.w, len) {
             linear_fwd_w16(out, inp, w16, bias, d, accumulate)
@@ -192,6 +198,7 @@ impl Backend for Cpu {
         lin: Linear,
         n: usize,
     ) {
+        assert!(self.quant.is_none(), "a quantized base has no backward (Model refuses to train it)");
         let d = Dims { n, ic: lin.ic, oc: lin.oc };
         let len = lin.ic * lin.oc;
         // dX = dY · W: from the f32 weights, in bf16 compute from the rounded transposed copy (or on the bf16
@@ -299,7 +306,12 @@ impl Backend for Cpu {
     ) -> f64 {
         let (c, v) = (head.ic, head.oc);
         let len = c * v;
+        let quant_head = self.quant.as_ref().map(|q| q.head_f32(head.w));
         let w = match self.base_bits(head.w, len) {
+            _ if quant_head.is_some() => {
+                let (w, wt) = quant_head.expect("checked");
+                HeadWeight::F32 { w, wt }
+            }
             // the packed operands only serve the bf16 kernel
             Some(w16) => {
                 let panels =
@@ -358,6 +370,10 @@ impl Backend for Cpu {
             Some(l) => opt.step_scaled_and_zero(&mut l.params, grads, lr, &l.layout, coef),
             None => self.fused_adamw(opt, grads, lr, coef),
         }
+    }
+
+    fn trainable(&self) -> bool {
+        self.quant.is_none()
     }
 
     fn grad_len(&self, params: usize) -> usize {
