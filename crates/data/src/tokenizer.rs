@@ -74,8 +74,14 @@ impl DollyTokenizer {
     /// Load `path` and apply Dolly's set-up.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| tok_err(path, "cannot read tokenizer file", e))?;
-        let inner = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, "not a valid tokenizer.json", e))?;
-        Self::from_tokenizer(inner, path)
+        Self::from_json(&bytes, path)
+    }
+
+    /// The text of a tokenizer.json (a file's, or one embedded in a GGUF model) with Dolly's set-up; `source`
+    /// names it in errors.
+    pub fn from_json(bytes: &[u8], source: &Path) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(bytes).map_err(|e| tok_err(source, "not a valid tokenizer.json", e))?;
+        Self::from_tokenizer(inner, source)
     }
 
     /// Apply Dolly's set-up to an already parsed tokenizer; `source` names it in errors.

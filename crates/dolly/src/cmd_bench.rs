@@ -74,7 +74,11 @@ pub struct GenBench {
     /// Decode with bfloat16 weight copies (half the memory traffic per token).
     #[arg(long)]
     bf16: bool,
-    /// Quantize the random model's weight matrices (q8_0) and decode with the int8 kernels.
+    /// Benchmark this model instead of a random --preset: a model directory or a .gguf file (its own weights
+    /// and types; --quantize applies to float ones).
+    #[arg(long, value_name = "PATH")]
+    model: Option<String>,
+    /// Quantize the model's weight matrices (q8_0) and decode with the int8 kernels.
     #[arg(long, value_name = "TYPE", value_parser = crate::flags::parse_quant)]
     quantize: Option<neox::QuantType>,
     #[arg(long)]
@@ -196,12 +200,17 @@ fn train(a: TrainBench) -> anyhow::Result<()> {
 
 fn generate(a: GenBench) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0 && a.new_tokens > 0 && a.prompt_len > 0, "runs, tokens and prompt len must be > 0");
-    let cfg = preset(&a.preset)?;
-    let mut model = Model::new_random(cfg, 0);
-    if let Some(q) = a.quantize {
+    let mut model = match &a.model {
+        Some(m) if crate::model_arg::is_gguf(m) => Model::load_gguf(std::path::Path::new(m))?.0,
+        Some(m) => crate::model_arg::load(&crate::model_arg::resolve(m)?)?,
+        None => Model::new_random(preset(&a.preset)?, 0),
+    };
+    if let Some(q) = a.quantize.filter(|_| model.quantized().is_none()) {
         model = model.into_quantized(q)?;
     }
-    model.set_decode_bf16(a.bf16);
+    let quantize = model.quantized();
+    let file_bf16 = model.decode_bf16();
+    model.set_decode_bf16(a.bf16 || file_bf16);
     let v = model.config.vocab_size;
     let mut r = Rng::new(2);
     let prompts: Vec<Vec<u32>> =
@@ -220,15 +229,15 @@ fn generate(a: GenBench) -> anyhow::Result<()> {
     let out = json!({
         "bench": "generate", "engine": "dolly", "preset": a.preset, "batch_size": a.batch_size,
         "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "threads": rayon::current_num_threads(),
-        "runs": a.runs, "decode_bf16": a.bf16, "quantize": a.quantize.map(|q| q.name()), "int8_path": a.quantize.map(|_| neox::kernel_bench::q8_path()), "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
+        "runs": a.runs, "decode_bf16": a.bf16, "model": a.model, "quantize": quantize.map(|q| q.name()), "int8_path": quantize.map(|_| neox::kernel_bench::q8_path()), "tokens_per_s": median(&mut tps), "ttft_s": median(&mut ttft), "peak_rss_mb": peak_rss_mb(),
     });
     if a.json {
         println!("{out}");
     } else {
         println!(
             "generate {}{}: {:.1} tokens/s, time to first token {:.4} s",
-            a.preset,
-            a.quantize.map(|q| format!(" {} ({} kernel)", q.name(), neox::kernel_bench::q8_path())).unwrap_or_default(),
+            a.model.as_deref().unwrap_or(&a.preset),
+            quantize.map(|q| format!(" {} ({} kernel)", q.name(), neox::kernel_bench::q8_path())).unwrap_or_default(),
             out["tokens_per_s"],
             out["ttft_s"]
         );

@@ -150,18 +150,18 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if let Some(out) = &a.output {
         check_output(out, a.input.as_deref())?;
     }
-    let src = crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?;
-    let ctx = NeoxConfig::from_file(&src.base.join("config.json"))?.max_position_embeddings;
-    ensure!(
-        a.max_new_tokens < ctx,
-        "--max-new-tokens must be between 1 and {} (the model's context window of {ctx} tokens less one prompt \
-         token), got {}",
-        ctx - 1,
-        a.max_new_tokens
-    );
-    let tok = DollyTokenizer::resolve(Some(src.tokenizer_dir()), a.tokenizer.as_deref())?;
-    crate::adapter_arg::check(&src, &crate::adapter_arg::config_for(&src, tok.vocab_size())?)?;
-    let mut model = crate::adapter_arg::load(&src, tok.vocab_size(), a.quantize)?;
+    let (mut model, tok) = if crate::model_arg::is_gguf(&a.model) {
+        ensure!(a.adapter.is_none(), "--adapter with a GGUF model: merge the adapter first (dolly merge), then export");
+        crate::model_arg::load_gguf(&a.model, a.tokenizer.as_deref(), a.quantize)?
+    } else {
+        let src = crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?;
+        let ctx = NeoxConfig::from_file(&src.base.join("config.json"))?.max_position_embeddings;
+        check_max_new(a.max_new_tokens, ctx)?;
+        let tok = DollyTokenizer::resolve(Some(src.tokenizer_dir()), a.tokenizer.as_deref())?;
+        crate::adapter_arg::check(&src, &crate::adapter_arg::config_for(&src, tok.vocab_size())?)?;
+        (crate::adapter_arg::load(&src, tok.vocab_size(), a.quantize)?, tok)
+    };
+    check_max_new(a.max_new_tokens, model.config.max_position_embeddings)?;
     model.set_decode_bf16(a.bf16);
     if tok.vocab_size() > model.config.vocab_size {
         bail!(
@@ -187,6 +187,17 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             single(&p, s, a.context.as_deref(), stream, 0)
         }
     }
+}
+
+/// --max-new-tokens leaves room for one prompt token in the context window of `ctx` tokens.
+fn check_max_new(max_new: usize, ctx: usize) -> anyhow::Result<()> {
+    ensure!(
+        max_new < ctx,
+        "--max-new-tokens must be between 1 and {} (the model's context window of {ctx} tokens less one prompt \
+         token), got {max_new}",
+        ctx.saturating_sub(1)
+    );
+    Ok(())
 }
 
 /// `--output` must be a file path in an existing directory, and not the input.

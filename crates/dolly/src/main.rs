@@ -8,6 +8,7 @@ mod cmd_bench;
 mod cmd_bench_gemm;
 mod cmd_data;
 mod cmd_generate;
+mod cmd_gguf;
 mod cmd_merge;
 mod cmd_model;
 mod cmd_serve;
@@ -53,6 +54,10 @@ enum Command {
     Serve(cmd_serve::ServeArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(cmd_merge::MergeArgs),
+    /// Write a model as a llama.cpp GGUF file (f32, f16, bf16 or q8_0), tokenizer included.
+    ExportGguf(cmd_gguf::GgufArgs),
+    /// Write a model as a quantized GGUF file (q8_0), quantizing one tensor at a time.
+    Quantize(cmd_gguf::GgufArgs),
 }
 
 /// mimalloc's `mi_option_purge_delay` (index 15 in both its v2 and v3 option enums).
@@ -80,6 +85,8 @@ fn main() {
         Command::Generate(a) => cmd_generate::run(a),
         Command::Serve(a) => cmd_serve::run(a),
         Command::Merge(a) => cmd_merge::run(a),
+        Command::ExportGguf(a) => cmd_gguf::run_export(a),
+        Command::Quantize(a) => cmd_gguf::run_quantize(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -35,3 +35,34 @@ pub fn load(dir: &Path) -> anyhow::Result<neox::Model> {
     };
     m.with_context(|| format!("loading model {}", dir.display()))
 }
+
+/// Whether MODEL names a GGUF file (a `.gguf` file that exists).
+pub fn is_gguf(spec: &str) -> bool {
+    let p = Path::new(spec);
+    p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// A GGUF model file and its tokenizer: `--tokenizer FILE` when given, else the tokenizer.json the file embeds
+/// (`dolly export-gguf` writes it; llama.cpp's converter does not, so its files need --tokenizer). q8_0 files
+/// load as they are; float files load in f32 and are quantized when `quant` is given.
+pub fn load_gguf(
+    spec: &str,
+    tokenizer: Option<&Path>,
+    quant: Option<neox::QuantType>,
+) -> anyhow::Result<(neox::Model, data::DollyTokenizer)> {
+    let path = Path::new(spec);
+    let (mut model, embedded) =
+        neox::Model::load_gguf(path).with_context(|| format!("loading model {}", path.display()))?;
+    let tok = match (tokenizer, embedded) {
+        (Some(f), _) => data::DollyTokenizer::from_file(f)?,
+        (None, Some(json)) => data::DollyTokenizer::from_json(json.as_bytes(), path)?,
+        (None, None) => bail!(
+            "{} embeds no tokenizer.json (llama.cpp's converter does not write one): give --tokenizer FILE",
+            path.display()
+        ),
+    };
+    if let Some(q) = quant.filter(|_| model.quantized().is_none()) {
+        model = model.into_quantized(q)?;
+    }
+    Ok((model, tok))
+}

@@ -29,7 +29,6 @@ use std::cell::RefCell;
 /// Values per q8_0 block.
 pub const QK: usize = 32;
 /// Bytes of one q8_0 block in GGUF: f16 scale (little-endian) + 32 int8.
-#[allow(dead_code)] // GGUF IO (next)
 pub const BLOCK_BYTES: usize = 2 + QK;
 /// Values per interleaved chunk (two blocks).
 const CHUNK: usize = 2 * QK;
@@ -57,7 +56,6 @@ fn quantize_block(x: &[f32]) -> (u16, f32, [i8; QK]) {
 
 /// Appends the q8_0 blocks of `x` (a multiple of 32 values, all finite) in GGUF's layout: ggml's
 /// `quantize_row_q8_0_ref`, bit for bit.
-#[allow(dead_code)] // GGUF IO (next)
 pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
     assert!(x.len().is_multiple_of(QK), "q8_0 needs a multiple of {QK} values");
     out.reserve(x.len() / QK * BLOCK_BYTES);
@@ -69,7 +67,6 @@ pub fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
 }
 
 /// The values of q8_0 blocks in GGUF's layout (`out.len()` values, 34 bytes per 32).
-#[allow(dead_code)] // GGUF IO (next)
 pub fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
     assert_eq!(blocks.len(), out.len() / QK * BLOCK_BYTES);
     for (b, o) in blocks.chunks_exact(BLOCK_BYTES).zip(out.chunks_exact_mut(QK)) {
@@ -138,7 +135,6 @@ impl Q8Matrix {
     }
 
     /// Block `i` of row `r` (scale bits, values) stored in place.
-    #[allow(dead_code)] // GGUF IO (next)
     fn put(&mut self, r: usize, i: usize, d: u16, q: &[i8]) {
         let (chunks, g) = (self.chunks, self.group_off(r));
         put_block(&mut bytes_mut(&mut self.lines)[g..], chunks, r % GROUP, i, d, q);
@@ -165,7 +161,6 @@ impl Q8Matrix {
 
     /// A weight (rows, cols) from GGUF's q8_0 blocks (row-major, 34 bytes per 32 values). Any int8 value and
     /// any finite scale is accepted (ggml's own files may hold −128); a non-finite scale is refused.
-    #[allow(dead_code)] // GGUF IO (next)
     pub fn from_blocks(bytes: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
         if !cols.is_multiple_of(QK) || cols == 0 {
             return Err(format!("q8_0 rows of {cols} values: not a positive multiple of {QK}"));
@@ -198,7 +193,6 @@ impl Q8Matrix {
     }
 
     /// The GGUF q8_0 blocks of rows `r0..r1`, appended to `out` (the inverse of `from_blocks`).
-    #[allow(dead_code)] // GGUF IO (next)
     pub fn write_blocks(&self, r0: usize, r1: usize, out: &mut Vec<u8>) {
         let bytes = self.all_bytes();
         for r in r0..r1 {
