@@ -263,27 +263,36 @@ impl Model<Cpu> {
             let bytes = g.data(t);
             // a vector's rows are its elements (the query_key_value bias is reordered as the weight's rows)
             let (rows, cols) = if p.shape.len() == 2 { (p.shape[0], p.shape[1]) } else { (p.numel(), 1) };
-            let perm = if p.name.contains("query_key_value") { qkv_rows(h, d) } else { (0..rows).collect() };
             let row_bytes = bytes.len() / rows;
-            // back to HF row order: GGUF row i is HF row perm[i]
-            let mut hf = vec![0u8; bytes.len()];
-            for (i, &r) in perm.iter().enumerate() {
-                hf[r * row_bytes..(r + 1) * row_bytes].copy_from_slice(&bytes[i * row_bytes..(i + 1) * row_bytes]);
-            }
+            // back to HF row order: GGUF row i is HF row perm[i] (only query_key_value moves)
+            let moved;
+            let hf: &[u8] = if p.name.contains("query_key_value") {
+                let mut v = vec![0u8; bytes.len()];
+                for (i, &r) in qkv_rows(h, d).iter().enumerate() {
+                    v[r * row_bytes..(r + 1) * row_bytes].copy_from_slice(&bytes[i * row_bytes..(i + 1) * row_bytes]);
+                }
+                moved = v;
+                &moved
+            } else {
+                bytes
+            };
             let named = |m: String| Error::tensor(path, &t.name, m);
             if p.shape.len() == 1 && !matches!(t.kind, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
                 return Err(named(format!("a vector of type {} (vectors are f32, f16 or bf16)", t.kind.name())));
             }
             if quant && p.shape.len() == 2 && t.kind == GgmlType::Q8_0 {
-                base.push_matrix(p.offset, Q8Matrix::from_blocks(&hf, rows, cols).map_err(named)?);
+                base.push_matrix(p.offset, Q8Matrix::from_blocks(hf, rows, cols).map_err(named)?);
+                // copied: the file's pages need not stay in this process's memory (a 12b file is 12.6 GB)
+                common::sysmem::forget_mapped_pages(bytes);
                 continue;
             }
-            let vals = floats(&hf, t.kind).ok_or_else(|| {
+            let vals = floats(hf, t.kind).ok_or_else(|| {
                 named(format!("type {} is not supported here (f32, f16, bf16, q8_0 are)", t.kind.name()))
             })?;
             if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
                 return Err(named(format!("value {} at index {i} is not finite", vals[i])));
             }
+            common::sysmem::forget_mapped_pages(bytes);
             match (quant, p.shape.len()) {
                 (false, _) => params[p.range()].copy_from_slice(&vals),
                 (true, 2) => {

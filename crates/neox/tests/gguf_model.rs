@@ -135,3 +135,25 @@ fn files_that_are_not_this_model_are_refused_by_key_or_tensor() {
     let e = Model::load_gguf(&path).err().unwrap().to_string();
     assert!(e.contains("token_embd.weight") && e.contains("dims"), "{e}");
 }
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// Files llama.cpp's own converter wrote from the tiny-parallel fixture (tools/make_gguf_fixture.py): the f32
+/// file loads to exactly the HF weights (so our reading of its layout — names, QKV order, dims — is llama.cpp's),
+/// the q8_0 file to exactly our own quantization of them (the converter's gguf-py quantizer is ggml's
+/// reference, as ours is). Neither embeds tokenizer.json.
+#[test]
+fn files_written_by_llama_cpp_load_to_the_hf_weights() {
+    let hf = Model::load(&fixture("tiny-parallel")).unwrap();
+    let (f, tok) = Model::load_gguf(&fixture("gguf-llama/tiny-parallel-f32.gguf")).unwrap();
+    assert!(tok.is_none());
+    assert_eq!(f.config.rotary_pct, hf.config.rotary_pct);
+    assert_eq!(f.config.use_parallel_residual, hf.config.use_parallel_residual);
+    assert_eq!(bits(f.params()), bits(hf.params()));
+    let (q, _) = Model::load_gguf(&fixture("gguf-llama/tiny-parallel-q8_0.gguf")).unwrap();
+    assert_eq!(q.quantized(), Some(QuantType::Q8_0));
+    let ours = hf.into_quantized(QuantType::Q8_0).unwrap();
+    assert_eq!(bits(&q.dequantized_params()), bits(&ours.dequantized_params()));
+}

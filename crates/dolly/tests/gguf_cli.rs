@@ -1,0 +1,93 @@
+//! `dolly export-gguf`, `dolly quantize` and `.gguf` models in `dolly generate`, as processes: a q8_0 file
+//! answers exactly as the directory does with `--quantize q8_0` (the same ggml blocks), an f32 file exactly
+//! as the directory; bad outputs, types and combinations are refused by flag. Model: a 2-layer pythia-14m
+//! from `dolly init-model` with the shared 20B tokenizer.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn dolly() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dolly"));
+    c.stdin(Stdio::null()).env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let o = dolly().args(args).output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny");
+    let tok = test_support::shared_file("20B_tokenizer.json");
+    let (ok, _, e) = run(&[
+        "init-model",
+        "--preset",
+        "pythia-14m",
+        "--num-hidden-layers",
+        "2",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    out
+}
+
+fn answer(model: &str, extra: &[&str]) -> String {
+    let mut args = vec!["generate", model, "Name a fruit.", "--greedy", "--max-new-tokens", "8", "--no-stream"];
+    args.extend_from_slice(extra);
+    let (ok, out, e) = run(&args);
+    assert!(ok, "{model} {extra:?}: {e}");
+    out
+}
+
+#[test]
+fn gguf_files_answer_as_their_model_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny_model(tmp.path());
+    let dir = m.to_str().unwrap();
+    let q8 = tmp.path().join("tiny-q8_0.gguf");
+    let f32 = tmp.path().join("tiny-f32.gguf");
+    let (ok, _, e) = run(&["quantize", dir, "--type", "q8_0", "--output", q8.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = run(&["export-gguf", dir, "--type", "f32", "--output", f32.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    assert_eq!(answer(q8.to_str().unwrap(), &[]), answer(dir, &["--quantize", "q8_0"]));
+    assert_eq!(answer(f32.to_str().unwrap(), &[]), answer(dir, &[]));
+    // a float file quantized while loading is the q8_0 file
+    assert_eq!(answer(f32.to_str().unwrap(), &["--quantize", "q8_0"]), answer(q8.to_str().unwrap(), &[]));
+}
+
+#[test]
+fn bad_outputs_types_and_combinations_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tiny_model(tmp.path());
+    let dir = m.to_str().unwrap();
+    let out = tmp.path().join("x.gguf");
+    let o = out.to_str().unwrap();
+    let (ok, _, e) = run(&["export-gguf", dir, "--type", "q4_k", "--output", o]);
+    assert!(!ok && e.contains("unknown GGUF type `q4_k`"), "{e}");
+    let (ok, _, e) =
+        run(&["export-gguf", dir, "--type", "f16", "--output", tmp.path().join("x.bin").to_str().unwrap()]);
+    assert!(!ok && e.contains(".gguf"), "{e}");
+    let (ok, _, e) = run(&["quantize", dir, "--type", "f16", "--output", o]);
+    assert!(!ok && e.contains("export-gguf"), "{e}");
+    let (ok, _, e) = run(&["export-gguf", dir, "--type", "f16", "--output", o]);
+    assert!(ok, "{e}");
+    let (ok, _, e) = run(&["export-gguf", dir, "--type", "f16", "--output", o]);
+    assert!(!ok && e.contains("--force"), "{e}");
+    let (ok, _, e) = run(&["generate", o, "hi", "--adapter", dir]);
+    assert!(!ok && e.contains("merge the adapter first"), "{e}");
+    let (ok, _, e) = run(&["generate", dir, "hi", "--quantize", "q5"]);
+    assert!(!ok && e.contains("unknown quantization `q5`"), "{e}");
+    // a file that is not GGUF
+    std::fs::write(&out, b"not a gguf file at all").unwrap();
+    let (ok, _, e) = run(&["generate", o, "hi"]);
+    assert!(!ok && e.contains("x.gguf"), "{e}");
+}
