@@ -37,7 +37,7 @@ def sh(*args):
     return subprocess.run([str(a) for a in args], check=True, capture_output=True, text=True).stdout
 
 
-def llama(path, n_ctx=512):
+def llama(path, n_ctx=1024):
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
 
 
@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--presets", default="70m,410m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--types", default="f32,bf16,q8_0")
+    ap.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill measurement (0: skip)")
     a = ap.parse_args()
     d = pathlib.Path(a.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def main():
         if not (m / "config.json").exists():
             sh(DOLLY, "init-model", "--preset", f"pythia-{p}", "--output", m, "--tokenizer", TOKENIZER)
         files = {}
-        for t in ("f32", "bf16", "q8_0"):
+        for t in a.types.split(","):
             files[t] = d / f"m{p}-{t}.gguf"
             if not files[t].exists():
                 sh(DOLLY, "export-gguf", m, "--type", t, "--output", files[t])
@@ -97,19 +99,20 @@ def main():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
         params.nthread = 2
-        rc = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(theirs).encode(), ctypes.byref(params))
-        assert rc == 0, f"llama_model_quantize returned {rc}"
-        ra, rb = gguf.GGUFReader(str(files["q8_0"])), gguf.GGUFReader(str(theirs))
-        tb = {t_.name: t_ for t_ in rb.tensors}
-        same = diff = 0
-        for t_ in ra.tensors:
-            o = tb[t_.name]
-            if t_.tensor_type == o.tensor_type and bytes(t_.data.tobytes()) == bytes(o.data.tobytes()):
-                same += 1
-            else:
-                diff += 1
-                print(f"  differs: {t_.name} ours {t_.tensor_type.name} llama.cpp {o.tensor_type.name}")
-        print(f"{p} q8_0: {same} tensors byte-identical to llama.cpp's quantizer, {diff} differ", flush=True)
+        if "f32" in files and "q8_0" in files:
+            rc = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(theirs).encode(), ctypes.byref(params))
+            assert rc == 0, f"llama_model_quantize returned {rc}"
+            ra, rb = gguf.GGUFReader(str(files["q8_0"])), gguf.GGUFReader(str(theirs))
+            tb = {t_.name: t_ for t_ in rb.tensors}
+            same = diff = 0
+            for t_ in ra.tensors:
+                o = tb[t_.name]
+                if t_.tensor_type == o.tensor_type and bytes(t_.data.tobytes()) == bytes(o.data.tobytes()):
+                    same += 1
+                else:
+                    diff += 1
+                    print(f"  differs: {t_.name} ours {t_.tensor_type.name} llama.cpp {o.tensor_type.name}")
+            print(f"{p} q8_0: {same} tensors byte-identical to llama.cpp's quantizer, {diff} differ", flush=True)
         # greedy tokens, then speed
         for t, f in files.items():
             llm = llama(f)
@@ -127,6 +130,18 @@ def main():
             results.append(row)
             print(f"{p} {t}: decode tok/s dolly {row['dolly']:.1f} vs llama.cpp {row['llama_cpp']:.1f} = {row['ratio']:.2f}x "
                   f"(rounds {[round(x, 1) for x in us]} vs {[round(x, 1) for x in ll]})", flush=True)
+            if a.prefill:
+                lp, up = [], []
+                for _ in range(a.rounds):
+                    llm.reset()
+                    t0 = time.perf_counter()
+                    llm.eval(list(range(1000, 1000 + a.prefill)))
+                    lp.append(time.perf_counter() - t0)
+                    out = sh(DOLLY, "bench", "generate", "--model", f, "--prompt-len", a.prefill, "--new-tokens", 1, "--runs", 1, "--json")
+                    up.append(json.loads(out.strip().splitlines()[-1])["ttft_s"])
+                row["prefill_llama_s"], row["prefill_dolly_s"] = statistics.median(lp), statistics.median(up)
+                print(f"{p} {t}: prefill of {a.prefill} tokens dolly {row['prefill_dolly_s']:.3f} s vs llama.cpp "
+                      f"{row['prefill_llama_s']:.3f} s (rounds {[round(x, 3) for x in up]} vs {[round(x, 3) for x in lp]})", flush=True)
             del llm
     print(json.dumps(results))
 

@@ -211,6 +211,8 @@ fn generate(a: GenBench) -> anyhow::Result<()> {
     let quantize = model.quantized();
     let file_bf16 = model.decode_bf16();
     model.set_decode_bf16(a.bf16 || file_bf16);
+    // what a server builds at start (bf16 panels, the transposed copy long prompts use): not part of a token's time
+    model.prepare_decode();
     let v = model.config.vocab_size;
     let mut r = Rng::new(2);
     let prompts: Vec<Vec<u32>> =

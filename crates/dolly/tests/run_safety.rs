@@ -127,6 +127,9 @@ fn sigint_checkpoints_and_the_resume_is_exact() {
         f.train_cmd("int2", &STEPS).env("DOLLY_FAULT_PAUSE_AFTER_STEP", "3").stderr(Stdio::piped()).spawn().unwrap();
     let mut rest = wait_for(&mut child, "paused after step 3");
     signal(&child, "TERM");
+    // two signals sent back to back can arrive as one (a pending signal is not queued twice): let the first
+    // be delivered before the second
+    std::thread::sleep(std::time::Duration::from_millis(300));
     signal(&child, "TERM");
     let mut tail = String::new();
     std::io::Read::read_to_string(&mut rest, &mut tail).unwrap();
