@@ -5,7 +5,7 @@
 //!     cargo run --release -p train --example quant_quality -- out/dolly-14m ../shared/data/databricks-dolly-15k.jsonl \
 //!         [TEST_SIZE=200] [SEED=42] [MAX_LENGTH=512] [PROMPTS=20] [NEW_TOKENS=64]
 use data::{BadRecordPolicy, DollyTokenizer, HubOptions, PrepareOptions, TestSize};
-use neox::{Activations, BatchInput, Model, QuantType};
+use neox::{Activations, Model, QuantType};
 use std::path::Path;
 
 fn arg(i: usize, default: usize) -> usize {
@@ -19,16 +19,7 @@ fn loss(m: &Model, test: &[data::Example]) -> f64 {
         let refs: Vec<&data::Example> = chunk.iter().collect();
         let b = data::pad_batch(&refs, 8, 0).unwrap();
         acts.ensure(&m.config, b.batch_size, b.seq_len);
-        let v = BatchInput {
-            batch_size: b.batch_size,
-            seq_len: b.seq_len,
-            input_ids: &b.input_ids,
-            labels: Some(&b.labels),
-            attention_mask: &b.attention_mask,
-            position_ids: &b.position_ids,
-            doc_ids: b.doc_ids.as_deref(),
-        };
-        let (s, c) = m.forward_loss(&v, &mut acts).unwrap();
+        let (s, c) = m.forward_loss(&train::trainer::view(&b), &mut acts).unwrap();
         sum += s;
         count += c;
     }

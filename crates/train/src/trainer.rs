@@ -64,7 +64,8 @@ pub struct Control<'a> {
     pub comm: Option<&'a dyn Collective>,
 }
 
-fn view(b: &data::Batch) -> BatchInput<'_> {
+/// A collated batch as the engine's input (labels included).
+pub fn view(b: &data::Batch) -> BatchInput<'_> {
     BatchInput {
         batch_size: b.batch_size,
         seq_len: b.seq_len,

@@ -62,14 +62,7 @@ fn block_rows(ic: usize) -> usize {
 }
 
 /// Run `f(o0, rows, widened)` over blocks of the weight's rows with the block widened to f32 (rows, IC).
-fn for_blocks(w16: &[u16], d: Dims, f: impl FnMut(usize, usize, &[f32])) {
-    let ic = d.ic;
-    for_blocks_with(d, |dst, o0, rows| widen(dst, &w16[o0 * ic..(o0 + rows) * ic]), f)
-}
-
-/// Run `f(o0, rows, block)` over blocks of a weight's rows, `fill(block, o0, rows)` writing rows o0..o0+rows of
-/// the weight as f32 (rows, IC) into the block first: any stored form widened one block at a time.
-fn for_blocks_with(d: Dims, fill: impl Fn(&mut [f32], usize, usize), mut f: impl FnMut(usize, usize, &[f32])) {
+fn for_blocks(w16: &[u16], d: Dims, mut f: impl FnMut(usize, usize, &[f32])) {
     let (ic, oc) = (d.ic, d.oc);
     let step = block_rows(ic);
     SCRATCH.with(|s| {
@@ -79,7 +72,7 @@ fn for_blocks_with(d: Dims, fill: impl Fn(&mut [f32], usize, usize), mut f: impl
         }
         for o0 in (0..oc).step_by(step) {
             let rows = step.min(oc - o0);
-            fill(&mut s[..rows * ic], o0, rows);
+            widen(&mut s[..rows * ic], &w16[o0 * ic..(o0 + rows) * ic]);
             f(o0, rows, &s[..rows * ic]);
         }
     })
@@ -87,23 +80,8 @@ fn for_blocks_with(d: Dims, fill: impl Fn(&mut [f32], usize, usize), mut f: impl
 
 /// out (N, OC) = inp (N, IC) · Wᵀ + bias, or `out +=` that when `accumulate`; W bf16 (OC, IC).
 pub fn linear_fwd_w16(out: &mut [f32], inp: &[f32], w16: &[u16], bias: Option<&[f32]>, d: Dims, accumulate: bool) {
-    assert!(w16.len() >= d.oc * d.ic);
-    let ic = d.ic;
-    linear_fwd_widened(out, inp, bias, d, accumulate, |dst, o0, rows| widen(dst, &w16[o0 * ic..(o0 + rows) * ic]))
-}
-
-/// out (N, OC) = inp (N, IC) · Wᵀ + bias (or `+=`), W given block by block as f32 by `fill(block, o0, rows)`
-/// (rows o0..o0+rows, (rows, IC)): the product of any weight form that widens exactly to f32, through gemm.
-pub(crate) fn linear_fwd_widened(
-    out: &mut [f32],
-    inp: &[f32],
-    bias: Option<&[f32]>,
-    d: Dims,
-    accumulate: bool,
-    fill: impl Fn(&mut [f32], usize, usize),
-) {
     let Dims { n, ic, oc } = d;
-    assert!(out.len() >= n * oc && inp.len() >= n * ic);
+    assert!(out.len() >= n * oc && inp.len() >= n * ic && w16.len() >= oc * ic);
     if n == 0 {
         return;
     }
@@ -119,7 +97,7 @@ pub(crate) fn linear_fwd_widened(
     }
     let acc = accumulate || bias.is_some();
     let dst = SendPtr(out.as_mut_ptr());
-    for_blocks_with(d, fill, |o0, rows, w| {
+    for_blocks(w16, d, |o0, rows, w| {
         // SAFETY: columns o0..o0+rows of the (N, OC) output (asserted above) with row stride OC; the widened
         // block (rows, IC) read column-major is its transpose (IC, rows).
         unsafe {

@@ -8,12 +8,14 @@
 //!   blocks are interleaved four bytes at a time (block 0 bytes 0-3, block 1 bytes 0-3, block 0 bytes 4-7, ...),
 //!   so a 32-bit lane of an int8 dot product sums four values of one block and the lanes alternate blocks:
 //!   the per-block scales then apply as one vector `[d0, d1, d0, d1, ...]`, with no horizontal sum per block.
-//! - Few-row products (`FEW_ROWS`: every decode step) quantize each input row once to the same blocks (f32 scale,
-//!   same interleave) and take exact int8 dot products per block — AVX512-VNNI `vpdpbusd` (64 products per
+//! - Every product (decode steps and prompts alike) quantizes each input row once to the same blocks (f32 scale,
+//!   same interleave) and takes exact int8 dot products per block — AVX512-VNNI `vpdpbusd` (64 products per
 //!   instruction), or AVX2 `vpmaddubsw` + `vpmaddwd`, or a portable loop — then add `d_w · d_x · Σ q_w q_x` into
 //!   f32 lanes, each weight chunk read once for all rows. Every output sums its chunks in the same order whatever
 //!   the tile, so a row's result is bitwise the same alone or in a batch.
-//! - Longer prompts widen blocks of weight rows to f32 (exactly d · q) and use the f32 gemm.
+//! - Prompts take the same kernel: on a 512-token prompt at 410m it was 1.5x faster than widening blocks of
+//!   weight rows to f32 for the f32 gemm (docs/benchmarks.md), and a prompt's rows then get the numerics of the
+//!   decode steps.
 
 #[cfg(test)]
 mod tests;
@@ -21,7 +23,7 @@ mod tests;
 mod x86;
 
 use super::matmul::Dims;
-use super::matvec_f32::{Dest, FEW_ROWS};
+use super::matvec_f32::Dest;
 use super::{pool, SendPtr};
 use half::f16;
 use std::cell::RefCell;
@@ -334,13 +336,6 @@ pub fn linear_q8(out: &mut [f32], inp: &[f32], w: &Q8Matrix, bias: Option<&[f32]
     assert!(bias.is_none_or(|b| b.len() == oc));
     if n == 0 {
         return;
-    }
-    if n > FEW_ROWS {
-        return super::w16::linear_fwd_widened(out, inp, bias, d, accumulate, |dst, o0, rows| {
-            for (k, row) in dst.chunks_exact_mut(ic).take(rows).enumerate() {
-                w.dequantize_row(o0 + k, row);
-            }
-        });
     }
     QIN.with(|q| {
         let mut q = q.borrow_mut();
