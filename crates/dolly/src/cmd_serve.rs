@@ -166,7 +166,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let cfg = match (&gguf, &src) {
         (Some((m, _)), _) => m.config.clone(),
         (None, Some(src)) => NeoxConfig::from_file(&src.base.join("config.json"))?,
-        (None, None) => unreachable!("a source or a GGUF file"),
+        (None, None) => bail!("no model source (a directory or a .gguf file)"),
     };
     if a.default_max_tokens.is_none() {
         opts.default_max_tokens = DEFAULT_MAX_TOKENS.min(opts.kv_slots_for(&cfg).saturating_sub(1)).max(1);
@@ -193,7 +193,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
             crate::adapter_arg::check(&src, &crate::adapter_arg::config_for(&src, tok.vocab_size())?)?;
             (crate::adapter_arg::load(&src, tok.vocab_size(), a.quantize)?, tok)
         }
-        (None, None) => unreachable!("a source or a GGUF file"),
+        (None, None) => bail!("no model source (a directory or a .gguf file)"),
     };
     model.set_decode_bf16(a.bf16);
     let name = opts.model_id.clone();

@@ -254,6 +254,20 @@ impl Model<Cpu> {
             return Err(Error::tensor(path, name, "not a tensor of a GPT-NeoX model"));
         }
         let quant = found.iter().any(|(_, t)| t.kind == GgmlType::Q8_0);
+        // what the model will hold, checked against this machine before allocating it
+        let bytes: u64 =
+            layout
+                .params
+                .iter()
+                .map(|p| {
+                    if quant && p.shape.len() == 2 {
+                        (p.numel() as u64 * 17).div_ceil(16)
+                    } else {
+                        4 * p.numel() as u64
+                    }
+                })
+                .sum();
+        common::check_fits(&format!("loading the model {}", path.display()), bytes).map_err(Error::invalid)?;
         // bf16 matrices decode from bf16 panels (exact for them), as `--bf16` would
         let bf16 = !quant && found.iter().all(|(p, t)| p.shape.len() == 1 || t.kind == GgmlType::BF16);
         let (h, d) = (config.num_attention_heads, config.hidden_size / config.num_attention_heads);
