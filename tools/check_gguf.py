@@ -2,7 +2,8 @@
 """Our GGUF files against llama.cpp (llama-cpp-python) and gguf-py, and decode speed against llama.cpp.
 
     cargo build --release -p dolly && cargo build --release -p neox --example gguf_greedy
-    /path/venv/bin/python tools/check_gguf.py --dir /tmp/g --presets 70m,410m [--rounds 3]
+    ../venv/bin/python tools/check_gguf.py --dir ../gguf-check --presets 70m,410m [--rounds 3]
+    (venv: pip install -r tools/requirements.txt gguf==0.19.0 llama-cpp-python==0.3.36)
 
 For each preset: `dolly init-model` (random N(0, 0.02) weights, the GPT-NeoX-20B tokenizer), `dolly export-gguf`
 at f32, bf16 and q8_0, then
@@ -70,7 +71,7 @@ def ours_tps(path, prompt_len, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dir", default="/tmp/gguf-check")
+    ap.add_argument("--dir", default="../gguf-check")
     ap.add_argument("--presets", default="70m,410m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
