@@ -147,7 +147,7 @@ pub fn load(src: &Source, vocab: usize, quant: Option<neox::QuantType>) -> anyho
     Ok(model)
 }
 
-/// The adapter directory's name (the default model id a server reports for it).
+/// A directory's own name (the default model id a server reports for an adapter, a GGUF file's general.name).
 pub fn name_of(dir: &Path) -> String {
     let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into())

@@ -7,7 +7,7 @@
 use anyhow::{bail, Context};
 use clap::Args;
 use neox::{GgufType, Model, QuantType};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -64,7 +64,7 @@ pub fn run_export(a: GgufArgs) -> anyhow::Result<()> {
         _ => crate::model_arg::load(&dir)?,
     };
     eprintln!("loaded {} in {:.1} s; writing {}", dir.display(), t0.elapsed().as_secs_f64(), a.output.display());
-    let name = name_of(&dir);
+    let name = crate::adapter_arg::name_of(&dir);
     model.save_gguf(&a.output, a.kind, &name, &tok).with_context(|| format!("writing {}", a.output.display()))?;
     let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
@@ -74,9 +74,4 @@ pub fn run_export(a: GgufArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn name_of(dir: &Path) -> String {
-    let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }

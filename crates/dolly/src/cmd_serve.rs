@@ -128,6 +128,13 @@ fn loopback(host: &str) -> bool {
     h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// What MODEL names: a GGUF file (loaded with its tokenizer, its config being in its header) or a model directory
+/// (resolved; its weights load after the port is bound).
+enum Loaded {
+    Gguf(Box<(neox::Model, DollyTokenizer)>),
+    Dir(crate::adapter_arg::Source),
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut opts = ServerOptions {
         model_id: String::new(),
@@ -151,32 +158,27 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     // a GGUF file is read whole first (its config is in its header); a directory's config.json is checked before
     // the port and the weights
-    let gguf = if crate::model_arg::is_gguf(&a.model) {
+    let source = if crate::model_arg::is_gguf(&a.model) {
         if a.adapter.is_some() {
             bail!("--adapter with a GGUF model: merge the adapter first (dolly merge), then export");
         }
-        Some(crate::model_arg::load_gguf(&a.model, a.tokenizer.as_deref(), a.quantize)?)
+        Loaded::Gguf(Box::new(crate::model_arg::load_gguf(&a.model, a.tokenizer.as_deref(), a.quantize)?))
     } else {
-        None
+        Loaded::Dir(crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?)
     };
-    let src = match &gguf {
-        Some(_) => None,
-        None => Some(crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?),
-    };
-    let cfg = match (&gguf, &src) {
-        (Some((m, _)), _) => m.config.clone(),
-        (None, Some(src)) => NeoxConfig::from_file(&src.base.join("config.json"))?,
-        (None, None) => bail!("no model source (a directory or a .gguf file)"),
+    let cfg = match &source {
+        Loaded::Gguf(g) => g.0.config.clone(),
+        Loaded::Dir(src) => NeoxConfig::from_file(&src.base.join("config.json"))?,
     };
     if a.default_max_tokens.is_none() {
         opts.default_max_tokens = DEFAULT_MAX_TOKENS.min(opts.kv_slots_for(&cfg).saturating_sub(1)).max(1);
     }
-    let quantized = a.quantize.is_some() || gguf.as_ref().is_some_and(|(m, _)| m.quantized().is_some());
+    let quantized = a.quantize.is_some() || matches!(&source, Loaded::Gguf(g) if g.0.quantized().is_some());
     opts.validate_for_model(&cfg, if a.bf16 || quantized { 2 } else { 4 }).map_err(anyhow::Error::msg)?;
-    opts.model_id = a.model_name.clone().unwrap_or_else(|| match &src {
-        Some(crate::adapter_arg::Source { adapter: Some(ad), .. }) => crate::adapter_arg::name_of(ad),
-        Some(src) => default_name(&a.model, &src.base),
-        None => Path::new(&a.model).file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+    opts.model_id = a.model_name.clone().unwrap_or_else(|| match &source {
+        Loaded::Dir(crate::adapter_arg::Source { adapter: Some(ad), .. }) => crate::adapter_arg::name_of(ad),
+        Loaded::Dir(src) => default_name(&a.model, &src.base),
+        Loaded::Gguf(_) => Path::new(&a.model).file_stem().map_or("model".into(), |s| s.to_string_lossy().into_owned()),
     });
     // a busy port is reported before the weights load
     // an IPv6 host goes in brackets
@@ -186,14 +188,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     };
     let std_listener = std::net::TcpListener::bind(&addr).with_context(|| format!("cannot listen on {addr}"))?;
     std_listener.set_nonblocking(true)?;
-    let (mut model, tok) = match (gguf, src) {
-        (Some(g), _) => g,
-        (None, Some(src)) => {
+    let (mut model, tok) = match source {
+        Loaded::Gguf(g) => *g,
+        Loaded::Dir(src) => {
             let tok = DollyTokenizer::resolve(Some(src.tokenizer_dir()), a.tokenizer.as_deref())?;
             crate::adapter_arg::check(&src, &crate::adapter_arg::config_for(&src, tok.vocab_size())?)?;
             (crate::adapter_arg::load(&src, tok.vocab_size(), a.quantize)?, tok)
         }
-        (None, None) => bail!("no model source (a directory or a .gguf file)"),
     };
     model.set_decode_bf16(a.bf16);
     let name = opts.model_id.clone();

@@ -216,8 +216,7 @@ impl Model<Cpu> {
                     GgmlType::F16 => row.iter().for_each(|&v| buf.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
                     GgmlType::BF16 => row.iter().for_each(|&v| buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
                     _ => {
-                        crate::weights::quantize_matrix(row, 1, cols)
-                            .map_err(|m| Error::tensor(path, &info.name, m))?;
+                        crate::weights::check_quantizable(row, cols).map_err(|m| Error::tensor(path, &info.name, m))?;
                         quantize_q8_0(row, &mut buf)
                     }
                 }

@@ -20,18 +20,16 @@ impl Model<Cpu> {
     }
 
     /// This model with its weight matrices quantized to `kind` (from f32 parameters or a bf16 base; an attached
-    /// adapter is not carried over: attach it after). Each matrix is freed as soon as it is quantized where the
-    /// parameters allow it.
+    /// adapter is not carried over: attach it after). The original is held until the quantized copy is done (a
+    /// model too big for that loads with `load_quantized` instead).
     pub fn into_quantized(self, kind: QuantType) -> Result<Self> {
         if self.quantized().is_some() {
             return Err(Error::invalid("the model is already quantized"));
         }
         let Model { config, layout, be, .. } = self;
         let mut q = QuantBase::new(kind);
-        let mut row = Vec::new();
         for p in &layout.params {
-            row.clear();
-            row.extend_from_slice(&be.tensor_f32(p.offset, p.numel()));
+            let row = be.tensor_f32(p.offset, p.numel());
             if p.shape.len() == 2 {
                 let m = weights::quantize_matrix(&row, p.shape[0], p.shape[1])
                     .map_err(|m| Error::invalid(format!("{}: {m}", p.name)))?;

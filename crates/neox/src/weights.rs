@@ -359,6 +359,12 @@ impl Dest for QuantDest {
 
 /// A matrix (rows, cols) quantized to q8_0, or why it cannot be.
 pub(crate) fn quantize_matrix(w: &[f32], rows: usize, cols: usize) -> std::result::Result<Q8Matrix, String> {
+    check_quantizable(w, cols)?;
+    Ok(Q8Matrix::quantize(w, rows, cols))
+}
+
+/// Why values in rows of `cols` cannot be quantized to q8_0, if they cannot.
+pub(crate) fn check_quantizable(w: &[f32], cols: usize) -> std::result::Result<(), String> {
     if cols == 0 || !cols.is_multiple_of(crate::kernels::q8::QK) {
         return Err(format!("rows of {cols} values cannot be quantized to q8_0 (blocks of 32)"));
     }
@@ -366,7 +372,7 @@ pub(crate) fn quantize_matrix(w: &[f32], rows: usize, cols: usize) -> std::resul
     if let Some(i) = w.iter().position(|v| !v.is_finite() || v.abs() > 65504.0 * 127.0) {
         return Err(format!("value {} at index {i} cannot be quantized (not finite, or beyond f16 scales)", w[i]));
     }
-    Ok(Q8Matrix::quantize(w, rows, cols))
+    Ok(())
 }
 
 fn load_into<D: Dest>(dir: &Path, config: &NeoxConfig, dest: &mut D) -> Result<()> {

@@ -2,6 +2,7 @@
 //! of any matrix), plus f32 copies of the vectors (LayerNorm weights, biases) that the kernels read as f32.
 //! A LoRA run trains only its adapter, so nothing here is ever written after loading.
 
+use super::vectors::Vectors;
 use crate::kernels::gemm_bf16::{Data, PackedLinear};
 use crate::kernels::matmul::Dims;
 use crate::kernels::w16::bf16_to_f32;
@@ -14,32 +15,25 @@ pub(crate) struct Base16 {
     /// Each matrix's product operands packed once for the AMX path (by offset), built at the first `panels` call
     /// (made only when `Cpu::set_packed_weights` is on); an empty map where the CPU does not take that path.
     panels: OnceLock<HashMap<usize, PackedLinear>>,
-    /// The 1-D tensors widened to f32, back to back.
-    small: Vec<f32>,
-    /// (layout offset, start in `small`, length) of each 1-D tensor, by offset.
-    index: Vec<(usize, usize, usize)>,
+    /// The 1-D tensors widened to f32.
+    small: Vectors,
 }
 
 impl Base16 {
     /// `w`: bf16 bits of every parameter of `layout`, in its order.
     pub fn new(w: Vec<u16>, layout: &Layout) -> Self {
         assert_eq!(w.len(), layout.total, "bf16 base size");
-        let mut small = Vec::new();
-        let mut index = Vec::new();
+        let mut small = Vectors::default();
         for p in layout.params.iter().filter(|p| p.shape.len() == 1) {
-            index.push((p.offset, small.len(), p.numel()));
-            small.extend(w[p.range()].iter().map(|&b| bf16_to_f32(b)));
+            small.push(p.offset, w[p.range()].iter().map(|&b| bf16_to_f32(b)));
         }
-        index.sort_unstable();
-        Base16 { w, small, index, panels: OnceLock::new() }
+        small.sort();
+        Base16 { w, small, panels: OnceLock::new() }
     }
 
     /// The f32 values of the 1-D tensor at layout offset `off` (`len` elements).
     pub fn vector(&self, off: usize, len: usize) -> &[f32] {
-        let i = self.index.binary_search_by_key(&off, |e| e.0).unwrap_or_else(|_| panic!("no 1-D tensor at {off}"));
-        let (_, start, n) = self.index[i];
-        assert_eq!(n, len, "1-D tensor length at {off}");
-        &self.small[start..start + n]
+        self.small.get(off, len)
     }
 
     /// The bf16 bits of the tensor at `off` (`len` elements).

@@ -16,6 +16,7 @@ mod kv;
 mod lora;
 mod ops;
 mod quant;
+mod vectors;
 
 pub use kv::CpuKv;
 pub(crate) use quant::QuantBase;
@@ -113,11 +114,6 @@ impl Cpu {
     /// The format of a quantized base, if the base is one.
     pub fn quant_type(&self) -> Option<QuantType> {
         self.quant.as_ref().map(|q| q.kind)
-    }
-
-    /// Bytes a quantized base holds.
-    pub fn quant_bytes(&self) -> Option<usize> {
-        self.quant.as_ref().map(|q| q.bytes())
     }
 
     /// The quantized matrix at layout offset `off`, if the base is quantized.

@@ -306,21 +306,21 @@ impl Backend for Cpu {
     ) -> f64 {
         let (c, v) = (head.ic, head.oc);
         let len = c * v;
-        let quant_head = self.quant.as_ref().map(|q| q.head_f32(head.w));
-        let w = match self.base_bits(head.w, len) {
-            _ if quant_head.is_some() => {
-                let (w, wt) = quant_head.expect("checked");
+        let w = match (self.quant.as_ref(), self.base_bits(head.w, len)) {
+            // a quantized head in f32, built at the first loss (evaluation)
+            (Some(q), _) => {
+                let (w, wt) = q.head_f32(head.w);
                 HeadWeight::F32 { w, wt }
             }
             // the packed operands only serve the bf16 kernel
-            Some(w16) => {
+            (None, Some(w16)) => {
                 let panels =
                     self.base16.as_ref().filter(|_| self.bf16_products()).and_then(|b| b.panels(head.w, &self.mats));
                 HeadWeight::Bf16(w16, panels)
             }
             // (the bf16 kernel reads only `w`)
-            None if self.bf16_products() => HeadWeight::F32 { w: self.p(head.w, len), wt: &[] },
-            None => HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) },
+            (None, None) if self.bf16_products() => HeadWeight::F32 { w: self.p(head.w, len), wt: &[] },
+            (None, None) => HeadWeight::F32 { w: self.p(head.w, len), wt: self.t(head.w, len) },
         };
         // with an adapter the head is frozen; its trained token rows replace their logits
         let lora = self.lora.as_ref();

@@ -3,6 +3,7 @@
 //! is never held in f32 or bf16 as a whole (a 12b model loads in the memory its q8_0 form takes). Nothing
 //! here is written after loading: a quantized model answers, it does not train.
 
+use super::vectors::Vectors;
 use crate::kernels::q8::{Q8Matrix, QK};
 use crate::layout::Layout;
 use std::sync::OnceLock;
@@ -42,16 +43,15 @@ pub(crate) struct QuantBase {
     pub kind: QuantType,
     /// (layout offset, matrix), sorted by offset.
     mats: Vec<(usize, Q8Matrix)>,
-    /// The 1-D tensors in f32, back to back, and (layout offset, start, length) of each, sorted by offset.
-    small: Vec<f32>,
-    index: Vec<(usize, usize, usize)>,
+    /// The 1-D tensors in f32.
+    small: Vectors,
     /// The head dequantized (V, C) and transposed (C, V), built only when a loss is asked for (evaluation).
     head_f32: OnceLock<(Vec<f32>, Vec<f32>)>,
 }
 
 impl QuantBase {
     pub fn new(kind: QuantType) -> Self {
-        QuantBase { kind, mats: Vec::new(), small: Vec::new(), index: Vec::new(), head_f32: OnceLock::new() }
+        QuantBase { kind, mats: Vec::new(), small: Vectors::default(), head_f32: OnceLock::new() }
     }
 
     /// Adds a matrix (rows, cols) at layout offset `off`.
@@ -61,25 +61,24 @@ impl QuantBase {
 
     /// Adds a 1-D tensor at layout offset `off`.
     pub fn push_vector(&mut self, off: usize, v: &[f32]) {
-        self.index.push((off, self.small.len(), v.len()));
-        self.small.extend_from_slice(v);
+        self.small.push(off, v.iter().copied());
     }
 
     /// Sorts what was pushed and checks that it covers `layout` exactly: each tensor once, every matrix with
     /// its shape. Err names the first tensor that is missing or wrong.
     pub fn finish(mut self, layout: &Layout) -> Result<Self, String> {
         self.mats.sort_unstable_by_key(|m| m.0);
-        self.index.sort_unstable();
+        self.small.sort();
         for p in &layout.params {
             let ok = match p.shape.len() {
                 2 => self.matrix(p.offset).is_some_and(|m| m.rows == p.shape[0] && m.cols == p.shape[1]),
-                _ => self.index.binary_search_by_key(&p.offset, |e| e.0).is_ok_and(|i| self.index[i].2 == p.numel()),
+                _ => self.small.len_at(p.offset) == Some(p.numel()),
             };
             if !ok {
                 return Err(format!("{}: missing or of the wrong shape in the quantized model", p.name));
             }
         }
-        let tensors = self.mats.len() + self.index.len();
+        let tensors = self.mats.len() + self.small.count();
         if tensors != layout.params.len() {
             return Err(format!("{tensors} tensors for a model of {}", layout.params.len()));
         }
@@ -93,10 +92,7 @@ impl QuantBase {
 
     /// The f32 values of the 1-D tensor at layout offset `off` (`len` elements).
     pub fn vector(&self, off: usize, len: usize) -> &[f32] {
-        let i = self.index.binary_search_by_key(&off, |e| e.0).unwrap_or_else(|_| panic!("no 1-D tensor at {off}"));
-        let (_, start, n) = self.index[i];
-        assert_eq!(n, len, "1-D tensor length at {off}");
-        &self.small[start..start + n]
+        self.small.get(off, len)
     }
 
     /// The head at `off` in f32, as stored and transposed (built at the first call: 8 bytes per head weight).
@@ -113,10 +109,5 @@ impl QuantBase {
             (w, wt)
         });
         (w, wt)
-    }
-
-    /// Bytes held (matrices and vectors).
-    pub fn bytes(&self) -> usize {
-        self.mats.iter().map(|m| m.1.bytes()).sum::<usize>() + 4 * self.small.len()
     }
 }

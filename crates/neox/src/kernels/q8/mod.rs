@@ -219,11 +219,6 @@ impl Q8Matrix {
         }
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.lines.len() * 64
-    }
-
     /// Values and scale bits of chunk `c` of row `r`.
     #[inline(always)]
     fn chunk(&self, r: usize, c: usize) -> (&[u8], [u16; 2]) {
