@@ -179,6 +179,19 @@ impl DollyTokenizer {
         Ok(clean_up_tokenization(&self.decode_raw(ids, false)?))
     }
 
+    /// The raw bytes token `id` stands for: an added token's text, or a byte-level vocabulary entry mapped back
+    /// through GPT-2's byte-to-character table (so a token holding part of a UTF-8 character gives that part).
+    /// Empty for an unknown id.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else { return Vec::new() };
+        if self.inner.get_added_tokens_decoder().contains_key(&id) {
+            return piece.into_bytes();
+        }
+        let inv = byte_level_inverse();
+        let bytes: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
+        bytes.unwrap_or_else(|| piece.into_bytes())
+    }
+
     /// Plain `tokenizers` decode, no clean-up.
     pub fn decode_raw(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let v = self.vocab_size();
@@ -254,6 +267,26 @@ pub fn special_tokens_map_json() -> serde_json::Value {
         "eos_token": PAD_TOKEN,
         "pad_token": PAD_TOKEN,
         "unk_token": PAD_TOKEN,
+    })
+}
+
+/// GPT-2's `bytes_to_unicode`, inverted: the byte each character of a byte-level vocabulary entry stands for.
+fn byte_level_inverse() -> &'static std::collections::HashMap<char, u8> {
+    static MAP: std::sync::OnceLock<std::collections::HashMap<char, u8>> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let mut extra = 0u32;
+        (0..=255u8)
+            .map(|b| {
+                let c = if printable(b) {
+                    b as u32
+                } else {
+                    extra += 1;
+                    255 + extra
+                };
+                (char::from_u32(c).unwrap_or('\u{FFFD}'), b)
+            })
+            .collect()
     })
 }
 

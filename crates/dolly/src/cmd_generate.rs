@@ -109,7 +109,7 @@ impl Pipeline {
     }
 
     fn params(&self, stream: u64) -> SeqParams {
-        SeqParams { sampling: self.sampling, max_new_tokens: self.max_new, rng: Rng::derive(self.seed, stream) }
+        SeqParams::new(self.sampling, self.max_new, Rng::derive(self.seed, stream))
     }
 
     fn generate(

@@ -7,7 +7,7 @@ use crate::flags::{parse_bool, parse_quant};
 use anyhow::{bail, Context};
 use clap::Args;
 use data::DollyTokenizer;
-use infer::server::{fd_capacity, fds_needed, serve, ServerOptions};
+use infer::server::{fd_capacity, fds_needed, serve, CompletionsTemplate, LogOptions, ServerOptions};
 use neox::NeoxConfig;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +48,24 @@ pub struct ServeArgs {
     /// the DOLLY_API_KEY environment variable, if set). Prefer the variable: a flag shows in the process list.
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
+    /// How /v1/completions reads its prompt: `raw` (the text as given, as vLLM, llama-server and evaluation
+    /// harnesses expect) or `dolly` (wrapped in Dolly's instruction template and the answer extracted, the
+    /// behaviour before 2026-12; a request's `raw_prompt` overrides it). /v1/chat/completions always applies
+    /// Dolly's template.
+    #[arg(long, value_name = "raw|dolly", default_value = "raw", value_parser = parse_template)]
+    pub completions_template: CompletionsTemplate,
+    /// Allow cross-origin requests from this browser origin (scheme://host[:port]; `*` for any), for web pages
+    /// served elsewhere that call this API. Repeat for several. Default: none (browsers block other origins).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+    /// Write one line per request to stderr (time, method, path, status, tokens, latency). `--log-requests false`
+    /// silences it.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "true", default_missing_value = "true",
+          value_parser = parse_bool)]
+    pub log_requests: bool,
+    /// Add each generation request's prompt text to its log line (off by default: prompts may be private).
+    #[arg(long)]
+    pub log_prompts: bool,
     /// Allow listening on a non-loopback address without an API key (anyone who can reach the port may use it).
     #[arg(long)]
     pub insecure: bool,
@@ -135,6 +153,10 @@ enum Loaded {
     Dir(crate::adapter_arg::Source),
 }
 
+fn parse_template(s: &str) -> Result<CompletionsTemplate, String> {
+    CompletionsTemplate::parse(s).ok_or_else(|| format!("expected `raw` or `dolly`, got `{s}`"))
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut opts = ServerOptions {
         model_id: String::new(),
@@ -148,6 +170,9 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
         header_timeout: Duration::from_secs(a.header_timeout_s),
         idle_timeout: Duration::from_secs(a.idle_timeout_s),
         api_key: a.api_key.clone().or_else(|| std::env::var("DOLLY_API_KEY").ok().filter(|k| !k.is_empty())),
+        completions_template: a.completions_template,
+        cors_origins: a.cors_origins.clone(),
+        log: LogOptions { requests: a.log_requests, prompts: a.log_prompts },
     };
     opts.validate_flags().map_err(anyhow::Error::msg)?;
     if opts.api_key.is_none() && !a.insecure && !loopback(&a.host) {

@@ -30,7 +30,7 @@ fn sigterm_drains_in_flight_stream_then_exits() {
         .arg(&m)
         .arg("--tokenizer")
         .arg(tokenizer())
-        .args(["--host", "127.0.0.1", "--port", "0"])
+        .args(["--host", "127.0.0.1", "--port", "0", "--log-prompts"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -55,6 +55,10 @@ fn sigterm_drains_in_flight_stream_then_exits() {
     let mut log = String::new();
     err.read_to_string(&mut log).unwrap();
     assert!(log.contains("shutting down"), "{log}");
+    // the request log: the drained stream's line, with its tokens and (--log-prompts) its prompt
+    let line = log.lines().find(|l| l.contains("POST /v1/completions 200")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("prompt_tokens=4 completion_tokens="), "{line}");
+    assert!(line.ends_with(r#"prompt="Count to ten.""#), "{line}");
 }
 
 #[test]

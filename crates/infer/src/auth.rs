@@ -1,4 +1,5 @@
-//! Bearer-token authentication (`dolly serve --api-key`): every endpoint but `GET /health` needs
+//! Bearer-token authentication (`dolly serve --api-key`): every endpoint but `GET /health` and the static chat
+//! page `GET /` needs
 //! `Authorization: Bearer KEY`; a missing or wrong key is a 401 with OpenAI's error (`invalid_api_key`). The key
 //! is compared in time independent of where it differs (no early exit on the first differing byte).
 
@@ -34,7 +35,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 /// The middleware: passes `/health` and requests bearing the key.
 pub(crate) async fn require_key(State(key): State<Arc<String>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" {
+    // `/health` for probes; `/` is the static chat page (a browser cannot send the key with a page load: the
+    // page asks for it and sends it with each API call)
+    if matches!(req.uri().path(), "/health" | "/") {
         return next.run(req).await;
     }
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());

@@ -6,14 +6,21 @@
 //! (KV cache rows, RNG, stop rules) lives in `decoding::BatchDecoder`.
 
 pub mod auth;
+mod choice;
 mod conn;
+mod cors;
 pub mod decoding;
 pub mod extract;
+pub mod logprobs;
+mod observe;
 mod options;
+pub mod penalties;
 mod request;
+mod respond;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod stop;
 pub mod stream;
 mod tokenize;
 

@@ -3,8 +3,29 @@
 //! (`validate_flags`), else from the model's config (`validate_for_model`: KV slots and max tokens against the
 //! context window, the KV cache against this machine's memory).
 
+pub use crate::observe::LogOptions;
 use neox::NeoxConfig;
 use std::time::Duration;
+
+/// How `/v1/completions` treats its prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CompletionsTemplate {
+    /// Raw text, as vLLM, llama-server and evaluation harnesses expect (the default).
+    #[default]
+    Raw,
+    /// Wrapped in Dolly's instruction template, the answer extracted (the behaviour before raw became default).
+    Dolly,
+}
+
+impl CompletionsTemplate {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "raw" => Some(Self::Raw),
+            "dolly" => Some(Self::Dolly),
+            _ => None,
+        }
+    }
+}
 
 /// Server settings (the `dolly serve` flags).
 #[derive(Clone, Debug)]
@@ -29,6 +50,11 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// `Some(key)`: every endpoint but `/health` needs `Authorization: Bearer key` (`auth`).
     pub api_key: Option<String>,
+    pub completions_template: CompletionsTemplate,
+    /// Origins allowed by CORS (`*`: any); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// The request log (stderr).
+    pub log: LogOptions,
 }
 
 impl Default for ServerOptions {
@@ -45,6 +71,9 @@ impl Default for ServerOptions {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             api_key: None,
+            completions_template: CompletionsTemplate::Raw,
+            cors_origins: Vec::new(),
+            log: LogOptions::default(),
         }
     }
 }
@@ -91,6 +120,9 @@ impl ServerOptions {
         }
         if let Some(k) = &self.api_key {
             crate::auth::check_key(k)?;
+        }
+        for o in &self.cors_origins {
+            crate::cors::check_origin(o)?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! Does not tokenize, decode text or speak HTTP.
 
 use crate::decoding::{BatchDecoder, FinishReason, SeqParams};
+use crate::logprobs::TokenLogprob;
 use neox::Model;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,14 +16,29 @@ use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 /// What a job's receiver gets.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum JobEvent {
-    Token {
-        id: u32,
-        finish: Option<FinishReason>,
-    },
+    /// A token of the job's sequence `index` (its groups' sequences numbered in order).
+    Token { index: usize, id: u32, finish: Option<FinishReason>, logprob: Option<TokenLogprob> },
+    /// The log-probabilities of group `group`'s prompt tokens (before its first token; the first entry is None).
+    Prompt { group: usize, logprobs: Vec<Option<TokenLogprob>> },
     /// The engine failed; the job is over.
     Error(String),
+}
+
+/// Sequences continuing one prompt, decoded in rows that share its prefill.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub prompt: Vec<u32>,
+    pub seqs: Vec<SeqParams>,
+    /// Some(k): send the prompt tokens' log-probabilities with k alternatives (`JobEvent::Prompt`).
+    pub prompt_logprobs: Option<usize>,
+}
+
+impl Group {
+    fn max_new(&self) -> usize {
+        self.seqs.iter().map(|p| p.max_new_tokens).max().unwrap_or(1)
+    }
 }
 
 /// Scheduler settings.
@@ -46,6 +62,7 @@ pub struct SchedulerConfig {
 pub struct Stats {
     pub queued: AtomicU64,
     pub running: AtomicU64,
+    /// Sequences finished (a request with `n` > 1 or several prompts counts each).
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
     pub rejected: AtomicU64,
@@ -53,9 +70,16 @@ pub struct Stats {
     pub tokens: AtomicU64,
 }
 
+/// One flag per sequence of a job: set to stop that sequence (a stop string was found in its text).
+pub type Cancels = Arc<Vec<AtomicBool>>;
+
 struct Job {
-    prompt: Vec<u32>,
-    params: SeqParams,
+    cancels: Cancels,
+    /// Groups not yet admitted (admitted from the front as rows free up).
+    groups: VecDeque<Group>,
+    /// Index of the next group's first sequence, and of the next group.
+    next_index: usize,
+    next_group: usize,
     tx: UnboundedSender<JobEvent>,
 }
 
@@ -103,12 +127,21 @@ impl Scheduler {
         &self.cfg
     }
 
-    /// Queue a job; its tokens arrive on the returned receiver. Dropping the receiver cancels the job.
+    /// Queue a one-sequence job; its tokens arrive on the returned receiver. Dropping the receiver cancels it.
     pub fn submit(
         &self,
         prompt: Vec<u32>,
         params: SeqParams,
     ) -> std::result::Result<UnboundedReceiver<JobEvent>, SubmitError> {
+        Ok(self.submit_groups(vec![Group { prompt, seqs: vec![params], prompt_logprobs: None }])?.0)
+    }
+
+    /// Queue a job of several groups (prompts), each of one or more sequences (at most `max_batch` per group:
+    /// a group's rows start together). Events of every sequence arrive on the one receiver.
+    pub fn submit_groups(
+        &self,
+        groups: Vec<Group>,
+    ) -> std::result::Result<(UnboundedReceiver<JobEvent>, Cancels), SubmitError> {
         if self.shared.shutdown.load(Ordering::SeqCst) {
             return Err(SubmitError::ShuttingDown);
         }
@@ -118,11 +151,12 @@ impl Scheduler {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(SubmitError::QueueFull);
         }
-        q.push_back(Job { prompt, params, tx });
+        let cancels: Cancels = Arc::new(groups.iter().flat_map(|g| &g.seqs).map(|_| AtomicBool::new(false)).collect());
+        q.push_back(Job { cancels: cancels.clone(), groups: groups.into(), next_index: 0, next_group: 0, tx });
         self.stats.queued.store(q.len() as u64, Ordering::Relaxed);
         drop(q);
         self.shared.cv.notify_all();
-        Ok(rx)
+        Ok((rx, cancels))
     }
 
     /// Refuse new jobs, finish the queued and running ones, and wait for the decode thread to end.
@@ -162,37 +196,56 @@ fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &St
         }
         let batch = max_batch;
         dec.reset();
-        let mut txs: Vec<Option<UnboundedSender<JobEvent>>> = vec![None; batch];
+        // each row's job channel and the sequence's index in its job
+        let mut txs: Vec<Option<(UnboundedSender<JobEvent>, usize, Cancels)>> = vec![None; batch];
+        // the group index of a group's first row (where its prompt log-probabilities come from)
+        let mut group_of = vec![0usize; batch];
         loop {
-            // admit queued jobs while rows and slots allow (FIFO: the head waits if it does not fit)
+            // admit queued jobs' groups while rows and slots allow (FIFO: the head waits if it does not fit)
             {
                 let mut q = lock(&shared.queue);
-                while let Some(job) = q.front() {
+                while let Some(job) = q.front_mut() {
                     if job.tx.is_closed() {
                         q.pop_front();
                         stats.cancelled.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if !dec.can_admit(job.prompt.len(), job.params.max_new_tokens) {
+                    let Some(g) = job.groups.front() else {
+                        q.pop_front();
+                        continue;
+                    };
+                    if !dec.can_admit_group(g.prompt.len(), g.max_new(), g.seqs.len()) {
                         break;
                     }
-                    let Some(job) = q.pop_front() else { break };
-                    match dec.admit(job.prompt, job.params) {
-                        Ok(row) => txs[row] = Some(job.tx),
+                    let Some(g) = job.groups.pop_front() else { break };
+                    let n = g.seqs.len();
+                    match dec.admit_group(g.prompt, g.seqs, g.prompt_logprobs) {
+                        Ok(rows) => {
+                            group_of[rows[0]] = job.next_group;
+                            for (j, row) in rows.into_iter().enumerate() {
+                                txs[row] = Some((job.tx.clone(), job.next_index + j, job.cancels.clone()));
+                            }
+                            job.next_index += n;
+                            job.next_group += 1;
+                        }
                         Err(e) => {
                             stats.failed.fetch_add(1, Ordering::Relaxed);
                             let _ = job.tx.send(JobEvent::Error(e.to_string()));
+                            q.pop_front();
                         }
                     }
                 }
                 stats.queued.store(q.len() as u64, Ordering::Relaxed);
             }
-            // cancel rows whose client is gone
+            // cancel rows whose client is gone, end those stopped by a stop string
             for (row, tx) in txs.iter_mut().enumerate() {
-                if tx.as_ref().is_some_and(|t| t.is_closed()) {
+                let Some((t, index, cancels)) = tx.as_ref() else { continue };
+                let stopped = cancels.get(*index).is_some_and(|c| c.load(Ordering::Relaxed));
+                if stopped || t.is_closed() {
                     dec.cancel(row);
                     *tx = None;
-                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    let counter = if stopped { &stats.completed } else { &stats.cancelled };
+                    counter.fetch_add(1, Ordering::Relaxed);
                 }
             }
             stats.running.store(dec.running() as u64, Ordering::Relaxed);
@@ -202,9 +255,15 @@ fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &St
             match dec.step() {
                 Ok(events) => {
                     stats.tokens.fetch_add(events.len() as u64, Ordering::Relaxed);
+                    for (row, logprobs) in dec.take_prompt_logprobs() {
+                        if let Some((tx, ..)) = &txs[row] {
+                            let _ = tx.send(JobEvent::Prompt { group: group_of[row], logprobs });
+                        }
+                    }
                     for e in events {
-                        let Some(tx) = &txs[e.row] else { continue };
-                        if tx.send(JobEvent::Token { id: e.token, finish: e.finish }).is_err() {
+                        let Some((tx, index, _)) = &txs[e.row] else { continue };
+                        let ev = JobEvent::Token { index: *index, id: e.token, finish: e.finish, logprob: e.logprob };
+                        if tx.send(ev).is_err() {
                             dec.cancel(e.row);
                             txs[e.row] = None;
                             stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -215,7 +274,7 @@ fn decode_loop(model: &Model, cfg: &SchedulerConfig, shared: &Shared, stats: &St
                     }
                 }
                 Err(e) => {
-                    for tx in txs.iter_mut().filter_map(|t| t.take()) {
+                    for (tx, ..) in txs.iter_mut().filter_map(|t| t.take()) {
                         stats.failed.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(JobEvent::Error(e.to_string()));
                     }

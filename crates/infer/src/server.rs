@@ -9,22 +9,21 @@
 //! Does not support `stop`, `logprobs`, `echo`, `n > 1`, tools or HTTP/2.
 
 use crate::conn::{self, Limits};
-use crate::decoding::FinishReason;
+use crate::observe::{LoggedLater, Metrics};
 use crate::request::{self, ApiError, Gen};
-use crate::scheduler::{JobEvent, Scheduler, SchedulerConfig, SubmitError};
-use crate::stream::TextStream;
+use crate::respond::{self, Kind, Run};
+use crate::scheduler::{Cancels, JobEvent, Scheduler, SchedulerConfig, SubmitError};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, Sse};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use data::DollyTokenizer;
 use neox::Model;
 use serde_json::{json, Value};
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use crate::conn::{fd_capacity, fds_needed};
-pub use crate::options::{ServerOptions, MAX_CONNECTIONS};
+pub use crate::options::{CompletionsTemplate, LogOptions, ServerOptions, MAX_CONNECTIONS};
 pub use crate::request::chat_to_instruction;
 
 /// What every handler shares.
@@ -46,11 +45,17 @@ pub(crate) struct AppState {
     /// Prompt + max_tokens must fit in this.
     pub max_context: usize,
     pub default_max_tokens: usize,
+    /// Rows decoded together (`n` is at most this).
+    pub max_batch: usize,
+    /// Wrap `/v1/completions` prompts in Dolly's template (`--completions-template dolly`).
+    pub completions_dolly: bool,
     pub created: u64,
     pub counter: AtomicU64,
+    pub metrics: Metrics,
+    pub log: LogOptions,
 }
 
-fn now_s() -> u64 {
+pub(crate) fn now_s() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -83,23 +88,35 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
         model_id: opts.model_id.clone(),
         max_context: kv_slots,
         default_max_tokens: opts.default_max_tokens,
+        max_batch: opts.max_batch,
+        completions_dolly: opts.completions_template == CompletionsTemplate::Dolly,
         created: now_s(),
         counter: AtomicU64::new(0),
+        metrics: Metrics::default(),
+        log: opts.log,
     });
     let router = Router::new()
+        .route("/", get(chat_page))
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/metrics", get(crate::observe::metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(opts.body_limit))
-        .with_state(state);
+        .with_state(state.clone());
+    // layers run outside in: request tracking, CORS (preflights answered before auth), auth, the routes
     let router = match &opts.api_key {
-        Some(k) => router.layer(axum::middleware::from_fn_with_state(Arc::new(k.clone()), crate::auth::require_key)),
+        Some(k) => router.layer(from_fn_with_state(Arc::new(k.clone()), crate::auth::require_key)),
         None => router,
     };
+    let router = match opts.cors_origins.is_empty() {
+        false => router.layer(from_fn_with_state(Arc::new(opts.cors_origins.clone()), crate::cors::cors)),
+        true => router,
+    };
+    let router = router.layer(from_fn_with_state(state, crate::observe::track));
     Ok((router, scheduler))
 }
 
@@ -186,6 +203,23 @@ async fn not_found() -> ApiError {
     ApiError::invalid(None, "unknown endpoint").status(StatusCode::NOT_FOUND)
 }
 
+/// The chat page: one static file in the binary (no CDN, no build step); it calls `/v1/models` and streams
+/// `/v1/chat/completions` itself, asking for the API key when the server answers 401.
+const CHAT_PAGE: &str = include_str!("chat.html");
+
+async fn chat_page() -> Response {
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        // the page's own inline script and style only; fetches go to this server
+        (
+            axum::http::header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        ),
+        (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    (headers, CHAT_PAGE).into_response()
+}
+
 async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
     let st = &s.scheduler.stats;
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -218,23 +252,21 @@ async fn detokenize(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRej
 
 async fn completions(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     match request::completion(&s, body).and_then(|g| submit(&s, g)) {
-        Ok((gen, rx)) => respond(s, gen, rx, Kind::Completion).await,
+        Ok((gen, rx, c)) => respond(s, gen, rx, c, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
     match request::chat(&s, body).and_then(|g| submit(&s, g)) {
-        Ok((gen, rx)) => respond(s, gen, rx, Kind::Chat).await,
+        Ok((gen, rx, c)) => respond(s, gen, rx, c, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
 }
 
-type Accepted = (Gen, UnboundedReceiver<JobEvent>);
-
-fn submit(s: &AppState, gen: Gen) -> Result<Accepted, ApiError> {
-    match s.scheduler.submit(gen.prompt.clone(), gen.params.clone()) {
-        Ok(rx) => Ok((gen, rx)),
+fn submit(s: &AppState, gen: Gen) -> Result<(Gen, UnboundedReceiver<JobEvent>, Cancels), ApiError> {
+    match s.scheduler.submit_groups(gen.groups.clone()) {
+        Ok((rx, cancels)) => Ok((gen, rx, cancels)),
         Err(SubmitError::QueueFull) => Err(ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: "the server is busy: too many requests are waiting; retry later".into(),
@@ -252,187 +284,21 @@ fn submit(s: &AppState, gen: Gen) -> Result<Accepted, ApiError> {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-/// Turns job events into text with a `TextStream`; shared by the streaming and non-streaming paths.
-struct Collector {
-    ts: TextStream,
-    tok: Arc<DollyTokenizer>,
-    stop_id: u32,
-    generated: usize,
-}
-
-enum Step {
-    Delta(String),
-    Done(String, FinishReason),
-    Failed(String),
-}
-
-impl Collector {
-    fn on(&mut self, ev: Option<JobEvent>) -> Step {
-        let dec = |ids: &[u32]| self.tok.decode(ids);
-        match ev {
-            None => Step::Failed("generation ended unexpectedly".into()),
-            Some(JobEvent::Error(e)) => Step::Failed(e),
-            Some(JobEvent::Token { id, finish }) => {
-                self.generated += 1;
-                let mut delta = String::new();
-                if id != self.stop_id {
-                    match self.ts.push(id, dec) {
-                        Ok(d) => delta = d,
-                        Err(e) => return Step::Failed(e.to_string()),
-                    }
-                }
-                match finish {
-                    None => Step::Delta(delta),
-                    Some(f) => match self.ts.finish(|ids: &[u32]| self.tok.decode(ids)) {
-                        Ok(rest) => Step::Done(delta + &rest, f),
-                        Err(e) => Step::Failed(e.to_string()),
-                    },
-                }
-            }
-        }
-    }
-}
-
-async fn respond(s: Arc<AppState>, gen: Gen, rx: UnboundedReceiver<JobEvent>, kind: Kind) -> Response {
-    let n = s.counter.fetch_add(1, Ordering::Relaxed);
-    let id = match kind {
-        Kind::Completion => format!("cmpl-{:x}{n:x}", s.created),
-        Kind::Chat => format!("chatcmpl-{:x}{n:x}", s.created),
-    };
-    let col = Collector {
-        ts: TextStream::new(gen.strip),
-        tok: s.tokenizer.clone(),
-        stop_id: s.tokenizer.special().end,
-        generated: 0,
-    };
-    let prompt_tokens = gen.prompt.len();
-    if gen.stream {
-        stream_response(s, id, col, rx, kind)
-    } else {
-        // awaited by axum; if the client goes away the handler is dropped, which drops `rx` and cancels the job
-        collect_response(s, id, col, rx, kind, prompt_tokens).await
-    }
-}
-
-async fn collect_response(
+async fn respond(
     s: Arc<AppState>,
-    id: String,
-    mut col: Collector,
-    mut rx: UnboundedReceiver<JobEvent>,
-    kind: Kind,
-    prompt_tokens: usize,
-) -> Response {
-    let mut text = String::new();
-    let finish = loop {
-        match col.on(rx.recv().await) {
-            Step::Delta(d) => text.push_str(&d),
-            Step::Done(d, f) => {
-                text.push_str(&d);
-                break f;
-            }
-            Step::Failed(e) => {
-                return ApiError {
-                    status: StatusCode::INTERNAL_SERVER_ERROR,
-                    message: format!("generation failed: {e}"),
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                }
-                .into_response()
-            }
-        }
-    };
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": col.generated,
-        "total_tokens": prompt_tokens + col.generated});
-    let body = match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": now_s(), "model": s.model_id,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish.as_str()}],
-            "usage": usage,
-        }),
-        Kind::Chat => json!({
-            "id": id, "object": "chat.completion", "created": now_s(), "model": s.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": finish.as_str()}],
-            "usage": usage,
-        }),
-    };
-    Json(body).into_response()
-}
-
-fn chunk(s: &AppState, id: &str, kind: Kind, delta: Option<&str>, first: bool, finish: Option<FinishReason>) -> Value {
-    let fr = finish.map(|f| f.as_str());
-    match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": now_s(), "model": s.model_id,
-            "choices": [{"text": delta.unwrap_or(""), "index": 0, "logprobs": null, "finish_reason": fr}],
-        }),
-        Kind::Chat => {
-            let mut d = serde_json::Map::new();
-            if first {
-                d.insert("role".into(), json!("assistant"));
-            }
-            if let Some(t) = delta {
-                d.insert("content".into(), json!(t));
-            }
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": now_s(), "model": s.model_id,
-                "choices": [{"index": 0, "delta": d, "finish_reason": fr}],
-            })
-        }
-    }
-}
-
-fn stream_response(
-    s: Arc<AppState>,
-    id: String,
-    col: Collector,
+    gen: Gen,
     rx: UnboundedReceiver<JobEvent>,
+    cancels: Cancels,
     kind: Kind,
 ) -> Response {
-    enum St {
-        Start,
-        Running,
-        Finished,
-        Closed,
-    }
-    let init = (s, id, col, rx, kind, St::Start);
-    let stream = futures_util::stream::unfold(init, |(s, id, mut col, mut rx, kind, st)| async move {
-        match st {
-            St::Closed => None,
-            St::Finished => {
-                Some((Ok::<Event, Infallible>(Event::default().data("[DONE]")), (s, id, col, rx, kind, St::Closed)))
-            }
-            St::Start if matches!(kind, Kind::Chat) => {
-                let v = chunk(&s, &id, kind, Some(""), true, None);
-                Some((Ok(Event::default().data(v.to_string())), (s, id, col, rx, kind, St::Running)))
-            }
-            St::Start | St::Running => loop {
-                match col.on(rx.recv().await) {
-                    Step::Delta(d) if d.is_empty() => continue,
-                    Step::Delta(d) => {
-                        let v = chunk(&s, &id, kind, Some(&d), false, None);
-                        break Some((Ok(Event::default().data(v.to_string())), (s, id, col, rx, kind, St::Running)));
-                    }
-                    Step::Done(d, f) => {
-                        let delta = if d.is_empty() { None } else { Some(d.as_str()) };
-                        let v = chunk(&s, &id, kind, delta, false, Some(f));
-                        break Some((Ok(Event::default().data(v.to_string())), (s, id, col, rx, kind, St::Finished)));
-                    }
-                    Step::Failed(e) => {
-                        let v = json!({"error": {"message": format!("generation failed: {e}"), "type": "server_error",
-                            "param": null, "code": null}});
-                        break Some((Ok(Event::default().data(v.to_string())), (s, id, col, rx, kind, St::Finished)));
-                    }
-                }
-            },
-        }
-    });
-    Sse::new(stream).into_response()
+    let stream = gen.stream;
+    let run = Run::new(s, gen, rx, cancels, kind);
+    let mut resp = if stream {
+        respond::stream(run)
+    } else {
+        // awaited by axum; if the client goes away the handler is dropped, which drops the receiver and cancels
+        respond::collect(run).await
+    };
+    resp.extensions_mut().insert(LoggedLater);
+    resp
 }

@@ -21,7 +21,7 @@ fn i64s(bytes: &[u8], name: &str) -> (Vec<i64>, Vec<usize>) {
 }
 
 fn greedy(max_new: usize) -> SeqParams {
-    SeqParams { sampling: SamplingParams::greedy(), max_new_tokens: max_new, rng: Rng::new(0) }
+    SeqParams::new(SamplingParams::greedy(), max_new, Rng::new(0))
 }
 
 fn gen(m: &Model, prompts: &[Vec<u32>], max_new: usize) -> Vec<Vec<u32>> {
@@ -111,7 +111,7 @@ fn sampled_neighbours_do_not_change_greedy_rows_and_seeds_reproduce() {
     let (m, g) = fixture("tiny-parallel");
     let (prompt, want, _, _) = goldens(&g);
     let v = m.config.vocab_size;
-    let sampled = |seed| SeqParams { sampling: SamplingParams::default(), max_new_tokens: 8, rng: Rng::new(seed) };
+    let sampled = |seed| SeqParams::new(SamplingParams::default(), 8, Rng::new(seed));
     let seqs = vec![(prompt.clone(), sampled(1)), (prompt.clone(), greedy(8)), (prompt.clone(), sampled(2))];
     let a = generate(&m, seqs.clone(), v, None, |_, _| {}).unwrap();
     assert_eq!(a[1].tokens, want);
@@ -144,16 +144,7 @@ fn padded_vocabulary_rows_are_never_generated() {
     let (prompt, _, _, _) = goldens(&g);
     // pretend the tokenizer has only 100 ids out of the model's 512 rows
     let seqs = (0..4)
-        .map(|s| {
-            (
-                prompt.clone(),
-                SeqParams {
-                    sampling: SamplingParams { top_p: 1.0, ..Default::default() },
-                    max_new_tokens: 30,
-                    rng: Rng::new(s),
-                },
-            )
-        })
+        .map(|s| (prompt.clone(), SeqParams::new(SamplingParams { top_p: 1.0, ..Default::default() }, 30, Rng::new(s))))
         .chain([(prompt.clone(), greedy(30))])
         .collect();
     let out = generate(&m, seqs, 100, None, |_, _| {}).unwrap();

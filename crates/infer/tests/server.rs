@@ -77,7 +77,8 @@ fn completions_chat_and_streaming_agree() {
     let fr = v["choices"][0]["finish_reason"].as_str().unwrap();
     assert!(fr == "stop" || fr == "length");
     let usage = &v["usage"];
-    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10);
+    // completions take the prompt as raw text (no template)
+    assert_eq!(usage["prompt_tokens"], tokenizer().encode("Name three colors.").unwrap().len());
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
@@ -150,6 +151,7 @@ fn invalid_requests_get_openai_errors_and_server_stays_healthy() {
     let cases: Vec<(&str, Value, u16)> = vec![
         ("/v1/completions", json!({"model": "nope", "prompt": "x"}), 404),
         ("/v1/completions", json!({"prompt": "x", "max_tokens": 0}), 400),
+        ("/v1/completions", json!({"prompt": "x", "echo": true, "max_tokens": -1}), 400),
         ("/v1/completions", json!({"prompt": "x", "max_tokens": 100000}), 400),
         ("/v1/completions", json!({"prompt": "x", "max_tokens": "ten"}), 400),
         ("/v1/completions", json!({"prompt": "x", "temperature": 2.5}), 400),
@@ -157,14 +159,36 @@ fn invalid_requests_get_openai_errors_and_server_stays_healthy() {
         ("/v1/completions", json!({"prompt": "x", "top_p": 0}), 400),
         ("/v1/completions", json!({"prompt": "x", "top_p": 1.5}), 400),
         ("/v1/completions", json!({"prompt": "x", "top_k": -1}), 400),
-        ("/v1/completions", json!({"prompt": "x", "n": 2}), 400),
-        ("/v1/completions", json!({"prompt": "x", "stop": ["\n"]}), 400),
+        ("/v1/completions", json!({"prompt": "x", "n": 0}), 400),
+        ("/v1/completions", json!({"prompt": "x", "n": 3}), 400),
+        ("/v1/completions", json!({"prompt": "x", "stop": [""]}), 400),
+        ("/v1/completions", json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400),
+        ("/v1/completions", json!({"prompt": "x", "stop": 5}), 400),
+        ("/v1/completions", json!({"prompt": "x", "logprobs": 21}), 400),
+        ("/v1/completions", json!({"prompt": "x", "logprobs": true}), 400),
+        ("/v1/completions", json!({"prompt": "x", "echo": "yes"}), 400),
+        ("/v1/completions", json!({"prompt": "x", "best_of": 3}), 400),
+        ("/v1/completions", json!({"prompt": "x", "suffix": "y"}), 400),
+        ("/v1/completions", json!({"prompt": "x", "response_format": {"type": "json_object"}}), 400),
+        ("/v1/completions", json!({"prompt": "x", "stream_options": {"include_usage": true}}), 400),
+        ("/v1/completions", json!({"prompt": "x", "stream": true, "stream_options": {"x": 1}}), 400),
+        ("/v1/completions", json!({"prompt": "x", "presence_penalty": 2.5}), 400),
+        ("/v1/completions", json!({"prompt": "x", "frequency_penalty": -3}), 400),
+        ("/v1/completions", json!({"prompt": "x", "repetition_penalty": 0}), 400),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"abc": 1}}), 400),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"99999999": 1}}), 400),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"5": 101}}), 400),
+        ("/v1/completions", json!({"prompt": "x", "min_tokens": 300}), 400),
+        ("/v1/completions", json!({"prompt": "x", "frobnicate": 1}), 400),
         ("/v1/completions", json!({"prompt": "x", "stream": "yes"}), 400),
         ("/v1/completions", json!({"max_tokens": 5}), 400),
         ("/v1/completions", json!({"prompt": ""}), 400),
-        ("/v1/completions", json!({"prompt": [1, 2, 3]}), 400),
+        ("/v1/completions", json!({"prompt": [1, 2, 99999999]}), 400),
+        ("/v1/completions", json!({"prompt": [[1], "x"]}), 400),
+        ("/v1/completions", json!({"prompt": [[]]}), 400),
+        ("/v1/completions", json!({"prompt": []}), 400),
         ("/v1/completions", json!({"prompt": long, "max_tokens": 10}), 400),
-        ("/v1/completions", json!({"prompt": "x", "max_tokens": 8190}), 400),
+        ("/v1/completions", json!({"prompt": "x y", "max_tokens": 8191}), 400),
         ("/v1/completions", json!([1, 2]), 400),
         ("/v1/chat/completions", json!({"messages": []}), 400),
         ("/v1/chat/completions", json!({"messages": "hi"}), 400),
@@ -177,6 +201,18 @@ fn invalid_requests_get_openai_errors_and_server_stays_healthy() {
         ),
         ("/v1/chat/completions", json!({"messages": [{"content": "x"}]}), 400),
         ("/v1/chat/completions", json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}), 404),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+            400,
+        ),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "echo": true}), 400),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            400,
+        ),
     ];
     for (path, body, status) in &cases {
         let r = post(a, path, body);
@@ -342,7 +378,12 @@ fn per_field_errors_name_the_field() {
             "raw_prompt",
             "`raw_prompt` must be a boolean",
         ),
-        ("/v1/completions", json!({"prompt": "x", "n": 3}), "n", "`n`: only n = 1"),
+        ("/v1/completions", json!({"prompt": "x", "n": 3}), "n", "`n` must be between 1 and 2"),
+        ("/v1/completions", json!({"prompt": "x", "color": 3}), "color", "unknown field `color`"),
+        ("/v1/completions", json!({"prompt": ["a", ""]}), "prompt", "`prompt[1]` is empty"),
+        ("/v1/completions", json!({"prompt": [[5], [7, 99999999]]}), "prompt", "`prompt[1]`: 99999999"),
+        ("/v1/completions", json!({"prompt": "x", "logit_bias": {"7": "a"}}), "logit_bias", "`logit_bias[7]`"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 0}), "max_tokens", "0 only with `echo`"),
     ];
     for (path, body, param, msg) in &cases {
         let r = post(a, path, body);

@@ -35,6 +35,10 @@ pub struct KvCache<B: Backend = Cpu> {
     ln: B::Buf,
     stats: B::Buf,
     head: B::Buf,
+    /// Final hidden states (before the last LayerNorm) of the tokens fed in the rows `forward_cached_keep` was
+    /// asked to keep, in feeding order, and their (row, slot).
+    kept: B::Buf,
+    kept_at: Vec<(u32, u32)>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -53,6 +57,20 @@ impl<B: Backend> KvCache<B> {
         if b < self.batch {
             self.real[b] = 0;
         }
+    }
+
+    /// Row `dst` continues row `src`'s sequence: its keys, values and length become row `src`'s (`n` sampled
+    /// sequences share one prompt's prefill).
+    pub fn copy_row(&mut self, be: &B, src: usize, dst: usize) {
+        if src < self.batch && dst < self.batch && src != dst {
+            be.kv_copy_row(&mut self.kv, src, dst, self.real[src] as usize);
+            self.real[dst] = self.real[src];
+        }
+    }
+
+    /// (row, slot) of each token kept by the last `forward_cached_keep`.
+    pub fn kept(&self) -> &[(u32, u32)] {
+        &self.kept_at
     }
 
     /// Forget everything (reuse the allocation for a new batch).
@@ -103,12 +121,27 @@ impl<B: Backend> Model<B> {
             ln: be.zeros(0),
             stats: be.zeros(0),
             head: be.zeros(0),
+            kept: be.zeros(0),
+            kept_at: Vec::new(),
         }
     }
 
     /// Feed `ids` (B, Tn) with `mask` (B, Tn; 0 = padding) into the cache and write the logits of the last fed
     /// position of each row into `logits` (B, V).
     pub fn forward_cached(&self, ids: &[u32], mask: &[u8], cache: &mut KvCache<B>, logits: &mut B::Buf) -> Result<()> {
+        self.forward_cached_keep(ids, mask, cache, logits, &[])
+    }
+
+    /// `forward_cached` that also keeps the final hidden state of every token fed in the batch rows `keep`, for
+    /// `kept_logits` (log-probabilities of a prompt's own tokens, what `echo` with `logprobs` returns).
+    pub fn forward_cached_keep(
+        &self,
+        ids: &[u32],
+        mask: &[u8],
+        cache: &mut KvCache<B>,
+        logits: &mut B::Buf,
+        keep: &[u32],
+    ) -> Result<()> {
         let cfg = &self.config;
         let (bsz, c, v) = (cache.batch, cfg.hidden_size, cfg.vocab_size);
         if ids.is_empty() || !ids.len().is_multiple_of(bsz) || mask.len() != ids.len() {
@@ -180,6 +213,13 @@ impl<B: Backend> Model<B> {
             block.forward(l, p, (&s.x, &mut s.x_next), &mut s.acts, step);
             std::mem::swap(&mut s.x, &mut s.x_next);
         }
+        s.kept_at.clear();
+        if !keep.is_empty() {
+            let rows: Vec<u32> = (0..n as u32).filter(|&k| keep.contains(&s.at[k as usize].0)).collect();
+            s.kept_at.extend(rows.iter().map(|&k| s.at[k as usize]));
+            be.grow(&mut s.kept, rows.len() * c);
+            be.gather_rows(&mut s.kept, &s.x, &rows, c);
+        }
         // final LayerNorm and head on the last new position of each row that has one: (B',C) -> (B',V)
         let nl = s.last.len();
         be.grow(&mut s.last_x, nl * c);
@@ -196,6 +236,29 @@ impl<B: Backend> Model<B> {
             let rows: Vec<u32> = s.last.iter().map(|&k| s.at[k as usize].0).collect();
             be.scatter_rows(logits, &s.head, &rows, v);
         }
+        Ok(())
+    }
+
+    /// Logits (n, V) into `out` of the kept tokens `start..start + n` of the last `forward_cached_keep` (in chunks,
+    /// so a long prompt never holds all its T x V logits at once).
+    pub fn kept_logits(&self, cache: &mut KvCache<B>, start: usize, n: usize, out: &mut B::Buf) -> Result<()> {
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        if start + n > cache.kept_at.len() || n == 0 {
+            return Err(Error::invalid(format!(
+                "kept_logits: tokens {start}..{} of {} kept",
+                start + n,
+                cache.kept_at.len()
+            )));
+        }
+        let (be, s) = (&self.be, cache);
+        be.grow(&mut s.last_x, n * c);
+        be.grow(&mut s.ln, n * c);
+        be.grow(&mut s.stats, 2 * n);
+        be.grow(out, n * v);
+        let rows: Vec<u32> = (start as u32..(start + n) as u32).collect();
+        be.gather_rows(&mut s.last_x, &s.kept, &rows, c);
+        be.layernorm(&mut s.ln, &mut s.stats, &s.last_x, self.final_norm(), n);
+        be.linear(out, &s.ln, self.head(), n, false, Pass::Decode);
         Ok(())
     }
 }

@@ -189,6 +189,8 @@ pub trait Backend: Send + Sync + Sized {
     fn kv_commit(&self, kv: &mut Self::Kv);
     /// Store k, v of layer `layer` from qkv rows k into (row, slot) `at[k]`.
     fn kv_append(&self, kv: &mut Self::Kv, layer: usize, qkv: &Self::Buf, at: &[(u32, u32)]);
+    /// Row `dst` of every layer = row `src`'s first `len` slots (several sequences continuing one prefill).
+    fn kv_copy_row(&self, kv: &mut Self::Kv, src: usize, dst: usize, len: usize);
     /// y (n,C) = attention of qkv row k's queries over its cache row `at[k].0`, slots 0..=at[k].1.
     fn attention_decode(&self, y: &mut Self::Buf, qkv: &Self::Buf, kv: &Self::Kv, layer: usize, at: &[(u32, u32)]);
 

@@ -63,6 +63,35 @@ impl CpuKv {
         }
     }
 
+    /// Batch row `dst` of every layer and head = row `src`'s slots 0..len (keys in whole blocks of `KB` slots).
+    pub(crate) fn copy_row(&mut self, src: usize, dst: usize, len: usize) {
+        let KvShape { layers, batch, slots, h, d } = self.shape;
+        if src == dst || src >= batch || dst >= batch {
+            return;
+        }
+        let len = len.min(slots);
+        let (nk, nv) = (len.next_multiple_of(KB).min(slots) * d, len * d);
+        fn copy<T: Copy>(x: &mut [T], from: usize, to: usize, n: usize) {
+            x.copy_within(from..from + n, to);
+        }
+        for l in 0..layers {
+            for hh in 0..h {
+                let head = |b: usize| ((l * batch + b) * h + hh) * slots * d;
+                let (s0, d0) = (head(src), head(dst));
+                match &mut self.store {
+                    Store::F32 { k, v } => {
+                        copy(k, s0, d0, nk);
+                        copy(v, s0, d0, nv);
+                    }
+                    Store::Bf16 { k, v } => {
+                        copy(k, s0, d0, nk);
+                        copy(v, s0, d0, nv);
+                    }
+                }
+            }
+        }
+    }
+
     /// Store k, v of `layer` from qkv (n, H·3D) row j into (batch row, slot) `at[j]`.
     pub(crate) fn append(&mut self, layer: usize, qkv: &[f32], at: &[(u32, u32)]) {
         let KvShape { batch, slots, h, d, .. } = self.shape;

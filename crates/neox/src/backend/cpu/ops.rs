@@ -356,6 +356,10 @@ impl Backend for Cpu {
         kv.commit()
     }
 
+    fn kv_copy_row(&self, kv: &mut CpuKv, src: usize, dst: usize, len: usize) {
+        kv.copy_row(src, dst, len)
+    }
+
     fn kv_append(&self, kv: &mut CpuKv, layer: usize, qkv: &Vec<f32>, at: &[(u32, u32)]) {
         kv.append(layer, qkv, at)
     }
