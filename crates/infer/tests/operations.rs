@@ -97,9 +97,15 @@ fn chat_page_is_served_self_contained() {
     assert!(r.header("content-type").unwrap().starts_with("text/html"));
     assert!(r.header("content-security-policy").unwrap().contains("connect-src 'self'"));
     let page = r.text();
-    for needle in ["<textarea id=\"instruction\"", "id=\"context\"", "/v1/chat/completions", "/v1/models", "id=\"stop\"",
-        "AbortController", "Authorization"]
-    {
+    for needle in [
+        "<textarea id=\"instruction\"",
+        "id=\"context\"",
+        "/v1/chat/completions",
+        "/v1/models",
+        "id=\"stop\"",
+        "AbortController",
+        "Authorization",
+    ] {
         assert!(page.contains(needle), "page lacks {needle}");
     }
     assert!(!page.contains("src=\"http") && !page.contains("href=\"http") && !page.contains("@import"));
