@@ -7,6 +7,7 @@ mod adapter_arg;
 mod cmd_bench;
 mod cmd_bench_gemm;
 mod cmd_data;
+mod cmd_eval;
 mod cmd_generate;
 mod cmd_gguf;
 mod cmd_merge;
@@ -50,6 +51,8 @@ enum Command {
     Train(Box<cmd_train::TrainArgs>),
     /// Answer instructions with a Dolly model: one, interactively, or a JSONL batch.
     Generate(cmd_generate::GenerateArgs),
+    /// Held-out loss and perplexity per Dolly category, and sample answers per category to JSONL.
+    Eval(cmd_eval::EvalArgs),
     /// Serve a Dolly model over an OpenAI-compatible HTTP API.
     Serve(cmd_serve::ServeArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
@@ -83,6 +86,7 @@ fn main() {
         Command::Data(c) => cmd_data::run(c),
         Command::Train(a) => cmd_train::run(*a, cli.threads),
         Command::Generate(a) => cmd_generate::run(a),
+        Command::Eval(a) => cmd_eval::run(a),
         Command::Serve(a) => cmd_serve::run(a),
         Command::Merge(a) => cmd_merge::run(a),
         Command::ExportGguf(a) => cmd_gguf::run_export(a),

@@ -102,9 +102,11 @@ impl Choice {
         let mut text = String::new();
         if id != self.stop_id {
             text = self.ts.push(id, dec).map_err(|e| e.to_string())?;
-            if let Some(lp) = lp {
-                piece.lps.push(LpEntry { id, lp: Some(lp) });
-            }
+        }
+        // `### End` is listed too (not in the text): lm-eval reads a continuation's scores as the entries between
+        // the prompt's and the one generated token, whatever that token is
+        if let Some(lp) = lp {
+            piece.lps.push(LpEntry { id, lp: Some(lp) });
         }
         if finish.is_some() {
             text.push_str(&self.ts.finish(|ids: &[u32]| tok.decode(ids)).map_err(|e| e.to_string())?);

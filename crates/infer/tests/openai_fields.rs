@@ -175,6 +175,16 @@ fn logprobs_and_echo_match_the_training_forward() {
     for i in 1..ids.len() {
         assert!((lps[i].as_f64().unwrap() - want[i - 1]).abs() < 2e-3, "prompt token {i}");
     }
+    // and their sum is minus the training loss of the same tokens (`Model::forward_loss`, what `dolly eval` and
+    // the trainer's eval report)
+    let m = model();
+    let labels: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let batch = OwnedBatch::dense(1, ids.len(), ids.clone(), labels);
+    let mut acts = Activations::new(&m.config, 1, ids.len(), false);
+    let (loss, count) = m.forward_loss(&batch.view(), &mut acts).unwrap();
+    assert_eq!(count, ids.len() - 1);
+    let echoed: f64 = lps[1..].iter().map(|x| x.as_f64().unwrap()).sum();
+    assert!((echoed + loss).abs() < 1e-3 * count as f64, "echo {echoed} vs loss {loss}");
     // echo with generation: the prompt's entries, then the answer's
     let g = ok(
         a,
