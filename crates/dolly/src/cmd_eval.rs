@@ -152,24 +152,6 @@ fn loss_by_category(
     Ok(out)
 }
 
-fn check_out_path(flag: &str, out: &Path, dataset: &str) -> anyhow::Result<()> {
-    if out.is_dir() {
-        bail!("{flag} {}: is a directory (give a file path)", out.display());
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        bail!("{flag} {}: directory {} does not exist", out.display(), parent.display());
-    }
-    let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x));
-    if same(out, Path::new(dataset)) {
-        bail!("{flag} {} is the dataset file", out.display());
-    }
-    Ok(())
-}
-
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
     ensure!(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1");
@@ -183,7 +165,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let split = split_settings(&a, &dirs)?;
     for (flag, p) in [("--output", &a.output), ("--metrics-json", &a.metrics_json)] {
         if let Some(p) = p {
-            check_out_path(flag, p, &split.dataset)?;
+            crate::flags::check_output_file(flag, p, Some(("dataset", Path::new(&split.dataset))))?;
         }
     }
     let src = crate::adapter_arg::resolve(&a.model, a.adapter.as_deref())?;

@@ -148,7 +148,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         None => None,
     };
     if let Some(out) = &a.output {
-        check_output(out, a.input.as_deref())?;
+        crate::flags::check_output_file("--output", out, a.input.as_deref().map(|i| ("--input", i)))?;
     }
     let (mut model, tok) = if crate::model_arg::is_gguf(&a.model) {
         ensure!(a.adapter.is_none(), "--adapter with a GGUF model: merge the adapter first (dolly merge), then export");
@@ -201,26 +201,6 @@ fn check_max_new(max_new: usize, ctx: usize) -> anyhow::Result<()> {
 }
 
 /// `--output` must be a file path in an existing directory, and not the input.
-fn check_output(out: &Path, input: Option<&Path>) -> anyhow::Result<()> {
-    if out.is_dir() {
-        bail!("--output {}: is a directory (give a file path)", out.display());
-    }
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        bail!("--output {}: directory {} does not exist", out.display(), parent.display());
-    }
-    if let Some(input) = input {
-        let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x));
-        if same(out, input) {
-            bail!("--output {} is the --input file", out.display());
-        }
-    }
-    Ok(())
-}
-
 /// One instruction: stream the answer (n = 1) or print each sequence.
 fn single(p: &Pipeline, instruction: &str, context: Option<&str>, stream: bool, round: u64) -> anyhow::Result<()> {
     let prompt = p.prompt_ids(instruction, context)?;

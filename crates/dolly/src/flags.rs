@@ -1,4 +1,7 @@
-//! Flag parsers shared by the subcommands: one shape for boolean flags (`--bf16`, `--greedy`, `--bf16 false`).
+//! Flag parsers and checks shared by the subcommands: one shape for boolean flags (`--bf16`, `--greedy`,
+//! `--bf16 false`), output-file paths.
+
+use std::path::Path;
 
 /// A boolean flag's value: `true|false` (also `1|0`, `yes|no`, `True|False`). Declared with `num_args = 0..=1,
 /// default_missing_value = "true"` so that a bare `--flag` means true.
@@ -14,4 +17,26 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 /// `--quantize TYPE`: a weight format of `neox::QuantType` (`q8_0`).
 pub fn parse_quant(s: &str) -> Result<neox::QuantType, String> {
     neox::QuantType::parse(s).ok_or_else(|| format!("unknown quantization `{s}` (supported: q8_0)"))
+}
+
+/// An output file flag (`flag` = `--output`, ...): not a directory, its directory exists, and it is not `input`
+/// (the file being read, named by its flag).
+pub fn check_output_file(flag: &str, out: &Path, input: Option<(&str, &Path)>) -> anyhow::Result<()> {
+    if out.is_dir() {
+        anyhow::bail!("{flag} {}: is a directory (give a file path)", out.display());
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        anyhow::bail!("{flag} {}: directory {} does not exist", out.display(), parent.display());
+    }
+    if let Some((what, input)) = input {
+        let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x));
+        if same(out, input) {
+            anyhow::bail!("{flag} {} is the {what} file", out.display());
+        }
+    }
+    Ok(())
 }

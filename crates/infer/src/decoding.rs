@@ -5,6 +5,10 @@
 //! on that call every running row feeds `[pad, .., pad, next token]` next to the newcomer's padded prompt.
 //! A finished or cancelled row is recycled at once (`KvCache::reset_row`): a newcomer takes the row (from its
 //! slot 0: every row has its own cache slots) while the others keep decoding.
+//! A group of rows can continue one prompt (`admit_group`: `n` sequences): the prompt is fed once, in the first
+//! row, and its keys, values and last logits are copied to the others before each samples its own token. With
+//! `prompt_logprobs`, that step also scores every prompt token (`take_prompt_logprobs`). Each row applies its
+//! logit rules (`penalties`) before sampling and reports log-probabilities of the raw logits when asked.
 //! Stops a row on the stop id (`### End`, kept as its last generated token) or on its token budget.
 //! Does not tokenize or decode text; never mutates the model.
 

@@ -1,9 +1,11 @@
-//! `infer`: Dolly's instruction pipeline at inference time (dolly-spec section 9) — sampling (`sampling`), response
-//! extraction (`extract`), UTF-8-safe incremental text streaming (`stream`), batched generation on the KV cache
-//! with left padding and rows joining a running batch (`decoding`), the request scheduler (`scheduler`) and the
-//! OpenAI-compatible HTTP server (`server`; its settings and their checks in `options`, request validation in
-//! `request`, connection handling in `conn`, `/tokenize` and `/detokenize` in `tokenize`). Does not train, and never mutates the model: per-request state
-//! (KV cache rows, RNG, stop rules) lives in `decoding::BatchDecoder`.
+//! `infer`: Dolly's instruction pipeline at inference time (dolly-spec section 9) — sampling (`sampling`), logit
+//! rules (`penalties`), log-probabilities (`logprobs`), response extraction (`extract`), UTF-8-safe incremental text
+//! streaming (`stream`) and stop strings (`stop`), batched generation on the KV cache with left padding, rows
+//! joining a running batch and groups of rows sharing one prefill (`decoding`), the request scheduler
+//! (`scheduler`) and the OpenAI-compatible HTTP server (`server`; its settings and their checks in `options`,
+//! request validation in `request`, responses in `respond` and `choice`, connection handling in `conn`, metrics
+//! and the request log in `observe`, `/tokenize` and `/detokenize` in `tokenize`). Does not train, and never
+//! mutates the model: per-request state (KV cache rows, RNG, stop rules) lives in `decoding::BatchDecoder`.
 
 pub mod auth;
 mod choice;
@@ -11,6 +13,7 @@ mod conn;
 mod cors;
 pub mod decoding;
 pub mod extract;
+mod fields;
 pub mod logprobs;
 mod observe;
 mod options;

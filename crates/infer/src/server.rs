@@ -1,12 +1,13 @@
-//! OpenAI-compatible HTTP server for a Dolly model: `POST /v1/completions`, `POST /v1/chat/completions` (both with
-//! SSE streaming), `GET /v1/models`, `GET /health`, `POST /tokenize` and `POST /detokenize` (`tokenize`);
-//! with an API key, bearer authentication on all but `/health` (`auth`). Requests are validated (`request`) and refused with an
-//! OpenAI-style JSON error; accepted ones go to the `scheduler` (bounded queue: 429 when full). A dropped
-//! connection drops the job's receiver, which cancels it. Completions wrap the prompt in Dolly's generation
-//! template unless `"raw_prompt": true`; chat uses the last user message as the instruction and earlier messages as
-//! the context. Streamed and non-streamed texts come from the same `TextStream`, so they are equal under greedy
-//! decoding. Connections (cap, header and idle timeouts, early 413, graceful drain) are handled by `conn`.
-//! Does not support `stop`, `logprobs`, `echo`, `n > 1`, tools or HTTP/2.
+//! OpenAI-compatible HTTP server for a Dolly model: `POST /v1/completions` (raw text or token-id prompts, one or
+//! several; Dolly's template with `--completions-template dolly`), `POST /v1/chat/completions` (the last user
+//! message is the instruction, earlier messages the context), both with SSE streaming; `GET /v1/models`,
+//! `GET /health`, `GET /metrics` (`observe`), `POST /tokenize` and `POST /detokenize` (`tokenize`), the chat page
+//! at `GET /`; with an API key, bearer authentication on all but `/health` and `/` (`auth`); CORS (`cors`).
+//! Requests are validated (`request`) and refused with an OpenAI-style JSON error naming the field; accepted ones
+//! go to the `scheduler` (bounded queue: 429 when full) as groups of rows, one per prompt and `n` rows each, and
+//! come back as choices (`respond`, `choice`). A dropped connection drops the job's receiver, which cancels it.
+//! Connections (cap, header and idle timeouts, early 413, graceful drain) are handled by `conn`.
+//! Does not support tools, JSON mode, `suffix` or HTTP/2 (refused or not offered).
 
 use crate::conn::{self, Limits};
 use crate::observe::{LoggedLater, Metrics};
