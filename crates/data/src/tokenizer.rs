@@ -53,6 +53,9 @@ pub struct DollyTokenizer {
     /// The most bytes of text one token can stand for (see `min_tokens_for_bytes`).
     max_token_bytes: usize,
     source: PathBuf,
+    /// The bytes of every id (`token_bytes`), built on first use: `tokenizers` clones its added-token map on
+    /// every lookup, too slow for a server's per-token log-probabilities.
+    bytes: std::sync::OnceLock<Vec<Box<[u8]>>>,
 }
 
 fn tok_err(path: &Path, what: &str, e: impl std::fmt::Display) -> DataError {
@@ -137,6 +140,7 @@ impl DollyTokenizer {
             vocab_size,
             max_token_bytes,
             source: source.to_path_buf(),
+            bytes: std::sync::OnceLock::new(),
         })
     }
 
@@ -181,15 +185,23 @@ impl DollyTokenizer {
 
     /// The raw bytes token `id` stands for: an added token's text, or a byte-level vocabulary entry mapped back
     /// through GPT-2's byte-to-character table (so a token holding part of a UTF-8 character gives that part).
-    /// Empty for an unknown id.
-    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(piece) = self.inner.id_to_token(id) else { return Vec::new() };
-        if self.inner.get_added_tokens_decoder().contains_key(&id) {
-            return piece.into_bytes();
-        }
-        let inv = byte_level_inverse();
-        let bytes: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
-        bytes.unwrap_or_else(|| piece.into_bytes())
+    /// Empty for an unknown id. The table of all ids is built on the first call (~50k short entries).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        let table = self.bytes.get_or_init(|| {
+            let added = self.inner.get_added_tokens_decoder();
+            let inv = byte_level_inverse();
+            (0..self.vocab_size as u32)
+                .map(|i| {
+                    let Some(piece) = self.inner.id_to_token(i) else { return Box::default() };
+                    if added.contains_key(&i) {
+                        return piece.into_bytes().into_boxed_slice();
+                    }
+                    let bytes: Option<Vec<u8>> = piece.chars().map(|c| inv.get(&c).copied()).collect();
+                    bytes.unwrap_or_else(|| piece.into_bytes()).into_boxed_slice()
+                })
+                .collect()
+        });
+        table.get(id as usize).map_or(&[], |b| b)
     }
 
     /// Plain `tokenizers` decode, no clean-up.

@@ -134,7 +134,7 @@ impl Choice {
         let (mut tokens, mut token_lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
         for e in lps {
             let bytes = tok.token_bytes(e.id);
-            tokens.push(json!(token_string(&bytes)));
+            tokens.push(json!(token_string(bytes)));
             offsets.push(json!(self.offset));
             self.offset += bytes.iter().filter(|&&b| b & 0xC0 != 0x80).count();
             match &e.lp {
@@ -146,7 +146,7 @@ impl Choice {
                     token_lps.push(json!(lp.logprob));
                     let mut top = Map::new();
                     for &(id, x) in &lp.top {
-                        top.entry(token_string(&tok.token_bytes(id))).or_insert(json!(x));
+                        top.entry(token_string(tok.token_bytes(id))).or_insert(json!(x));
                     }
                     tops.push(Value::Object(top));
                 }
@@ -159,7 +159,7 @@ impl Choice {
     pub fn chat_logprobs(tok: &DollyTokenizer, lps: &[LpEntry]) -> Value {
         let one = |id: u32, x: f32| {
             let bytes = tok.token_bytes(id);
-            json!({"token": token_string(&bytes), "logprob": x, "bytes": bytes})
+            json!({"token": token_string(bytes), "logprob": x, "bytes": bytes})
         };
         let content: Vec<Value> = lps
             .iter()

@@ -82,6 +82,8 @@ fn build(model: Arc<Model>, tokenizer: DollyTokenizer, opts: &ServerOptions) -> 
         batch_window: opts.batch_window,
     };
     model.prepare_decode();
+    // the token-bytes table of log-probability responses, built now rather than in the first such request
+    let _ = tokenizer.token_bytes(0);
     let scheduler = Scheduler::start(model.clone(), sched_cfg);
     let state = Arc::new(AppState {
         scheduler: scheduler.clone(),
