@@ -1,4 +1,4 @@
-//! `dolly export-gguf MODEL --type f32|f16|bf16|q8_0 --output OUT.gguf` and `dolly quantize MODEL --type q8_0
+//! `dolly export-gguf MODEL --type f32|f16|bf16|q8_0|q4_k --output OUT.gguf` and `dolly quantize MODEL --type q8_0|q4_k
 //! --output OUT.gguf`: a model directory (or a dolly checkpoint, or a hub id) as a llama.cpp GGUF file, with its
 //! tokenizer, ready for llama.cpp, Ollama and LM Studio (docs/gguf.md). A q8_0 export quantizes while loading,
 //! one tensor at a time, so it needs about the memory of the q8_0 file; f32/f16/bf16 exports load the model in
@@ -14,8 +14,9 @@ use std::time::Instant;
 pub struct GgufArgs {
     /// Model directory (config.json + weights + tokenizer.json), a dolly checkpoint, or a hub model id.
     pub model: String,
-    /// Weight type of the matrices: f32, f16, bf16 or q8_0 (LayerNorm weights and biases stay f32, as
-    /// llama.cpp writes them). `dolly quantize` takes q8_0.
+    /// Weight type of the matrices: f32, f16, bf16, q8_0 or q4_k (ggml's 4-bit k-quant, bit-identical to
+    /// llama-quantize's reference; needs rows of a multiple of 256 values) (LayerNorm weights and biases stay
+    /// f32, as llama.cpp writes them). `dolly quantize` takes q8_0 or q4_k.
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
     pub kind: GgufType,
     /// The GGUF file to write (written as a temporary file and renamed when complete).
@@ -31,14 +32,14 @@ pub struct GgufArgs {
 }
 
 fn parse_type(s: &str) -> Result<GgufType, String> {
-    GgufType::parse(s).ok_or_else(|| format!("unknown GGUF type `{s}` (supported: f32, f16, bf16, q8_0)"))
+    GgufType::parse(s).ok_or_else(|| format!("unknown GGUF type `{s}` (supported: f32, f16, bf16, q8_0, q4_k)"))
 }
 
 /// `dolly quantize`: the same as export-gguf, for quantized types only.
 pub fn run_quantize(a: GgufArgs) -> anyhow::Result<()> {
-    if a.kind != GgufType::Q8_0 {
+    if !matches!(a.kind, GgufType::Q8_0 | GgufType::Q4K) {
         bail!(
-            "dolly quantize writes quantized types (q8_0); use dolly export-gguf --type {:?} for float files",
+            "dolly quantize writes quantized types (q8_0, q4_k); use dolly export-gguf --type {:?} for float files",
             a.kind
         );
     }

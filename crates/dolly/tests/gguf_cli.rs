@@ -64,6 +64,36 @@ fn gguf_files_answer_as_their_model_directory() {
     assert_eq!(answer(f32.to_str().unwrap(), &["--quantize", "q8_0"]), answer(q8.to_str().unwrap(), &[]));
 }
 
+/// A q4_K file (pythia-70m widths, one layer: rows of 512 and 2048 values) is written and answers; it loads
+/// requantized to q8_0 (the format test is crates/neox/tests/gguf_model.rs).
+#[test]
+fn q4_k_files_are_written_and_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m70");
+    let tok = test_support::shared_file("20B_tokenizer.json");
+    let (ok, _, e) = run(&[
+        "init-model",
+        "--preset",
+        "pythia-70m",
+        "--num-hidden-layers",
+        "1",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--output",
+        m.to_str().unwrap(),
+    ]);
+    assert!(ok, "{e}");
+    let q4 = tmp.path().join("m70-q4_k.gguf");
+    let (ok, _, e) = run(&["quantize", m.to_str().unwrap(), "--type", "q4_k", "--output", q4.to_str().unwrap()]);
+    assert!(ok, "{e}");
+    // 4.5 bits a weight for the matrices (the f32 vectors are a few KiB)
+    let matrices = 2 * 50304 * 512 + 512 * 1536 + 512 * 512 + 2 * 512 * 2048;
+    let size = std::fs::metadata(&q4).unwrap().len() as f64;
+    assert!(size > matrices as f64 * 0.5625 && size < matrices as f64 * 0.5625 + 8e6, "{size}");
+    let a = answer(q4.to_str().unwrap(), &[]);
+    assert_eq!(a, answer(q4.to_str().unwrap(), &[]));
+}
+
 #[test]
 fn bad_outputs_types_and_combinations_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -71,8 +101,12 @@ fn bad_outputs_types_and_combinations_are_refused() {
     let dir = m.to_str().unwrap();
     let out = tmp.path().join("x.gguf");
     let o = out.to_str().unwrap();
-    let (ok, _, e) = run(&["export-gguf", dir, "--type", "q4_k", "--output", o]);
-    assert!(!ok && e.contains("unknown GGUF type `q4_k`"), "{e}");
+    let (ok, _, e) = run(&["export-gguf", dir, "--type", "q4_x", "--output", o]);
+    assert!(!ok && e.contains("unknown GGUF type `q4_x`"), "{e}");
+    // pythia-14m's 128-wide rows are not whole q4_K super-blocks
+    let (ok, _, e) = run(&["quantize", dir, "--type", "q4_k", "--output", o]);
+    assert!(!ok && e.contains("q4_K") && e.contains("256"), "{e}");
+    assert!(!out.exists(), "no partial file");
     let (ok, _, e) =
         run(&["export-gguf", dir, "--type", "f16", "--output", tmp.path().join("x.bin").to_str().unwrap()]);
     assert!(!ok && e.contains(".gguf"), "{e}");

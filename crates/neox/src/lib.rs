@@ -34,6 +34,13 @@ mod model_quant;
 pub mod optim;
 
 pub use backend::cpu::{Cpu, QuantType};
+
+/// ggml's reference block formats (the quantizers bit-identical to ggml's `quantize_row_*_ref`), for GGUF files
+/// and tools: q8_0 (blocks of 32) and q4_K (super-blocks of 256).
+pub mod ggml_quants {
+    pub use crate::kernels::q4k::{dequantize_q4_k, quantize_q4_k, BLOCK_BYTES as Q4_K_BYTES, QK_K};
+    pub use crate::kernels::q8::{dequantize_q8_0, quantize_q8_0};
+}
 pub use backend::Backend;
 pub use batch_input::{BatchInput, OwnedBatch, IGNORE_INDEX};
 pub use decode::KvCache;

@@ -9,6 +9,7 @@ use crate::backend::cpu::{Cpu, QuantBase, QuantType};
 use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
 use crate::gguf::{GgmlType, Gguf, GgufWriter, Value};
+use crate::kernels::q4k::{quantize_q4_k, QK_K};
 use crate::kernels::q8::{quantize_q8_0, Q8Matrix};
 use crate::kernels::w16::{bf16_to_f32, f32_to_bf16};
 use crate::layout::Layout;
@@ -24,6 +25,8 @@ pub enum GgufType {
     F16,
     Bf16,
     Q8_0,
+    /// ggml's 4-bit k-quant (rows must be whole super-blocks of 256 values).
+    Q4K,
 }
 
 impl GgufType {
@@ -33,6 +36,7 @@ impl GgufType {
             "f16" => Some(GgufType::F16),
             "bf16" => Some(GgufType::Bf16),
             "q8_0" => Some(GgufType::Q8_0),
+            "q4_k" => Some(GgufType::Q4K),
             _ => None,
         }
     }
@@ -43,15 +47,18 @@ impl GgufType {
             GgufType::F16 => GgmlType::F16,
             GgufType::Bf16 => GgmlType::BF16,
             GgufType::Q8_0 => GgmlType::Q8_0,
+            GgufType::Q4K => GgmlType::Q4_K,
         }
     }
 
-    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16).
+    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_Q4_K_S,
+    /// MOSTLY_BF16).
     fn file_type(self) -> u32 {
         match self {
             GgufType::F32 => 0,
             GgufType::F16 => 1,
             GgufType::Q8_0 => 7,
+            GgufType::Q4K => 14,
             GgufType::Bf16 => 32,
         }
     }
@@ -180,7 +187,7 @@ impl Model<Cpu> {
             ("gptneox.use_parallel_residual".into(), Value::Bool(c.use_parallel_residual)),
             ("gptneox.attention.layer_norm_epsilon".into(), Value::F32(c.layer_norm_eps as f32)),
         ];
-        if kind == GgufType::Q8_0 {
+        if matches!(kind, GgufType::Q8_0 | GgufType::Q4K) {
             kv.push(("general.quantization_version".into(), Value::U32(2)));
         }
         kv.extend(vocab_keys(&tok, c.vocab_size).map_err(|m| Error::invalid(format!("tokenizer.json: {m}")))?);
@@ -215,6 +222,11 @@ impl Model<Cpu> {
                     GgmlType::F32 => row.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
                     GgmlType::F16 => row.iter().for_each(|&v| buf.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
                     GgmlType::BF16 => row.iter().for_each(|&v| buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
+                    GgmlType::Q4_K => {
+                        crate::weights::check_quantizable(row, cols).map_err(|m| Error::tensor(path, &info.name, m))?;
+                        // (rows that are not whole super-blocks were refused by `add_tensor`)
+                        quantize_q4_k(row, &mut buf)
+                    }
                     _ => {
                         crate::weights::check_quantizable(row, cols).map_err(|m| Error::tensor(path, &info.name, m))?;
                         quantize_q8_0(row, &mut buf)
@@ -230,8 +242,9 @@ impl Model<Cpu> {
     }
 
     /// Load a GPT-NeoX GGUF file (ours or llama.cpp's): q8_0 matrices become a quantized base as they are
-    /// (other float matrices in such a file are quantized to q8_0), a file of f32/f16/bf16 matrices an f32
-    /// model. Returns the model and the file's tokenizer.json text when it embeds one.
+    /// (other float matrices in such a file are quantized to q8_0), q4_K matrices are dequantized and
+    /// requantized to q8_0 (no q4_K kernels yet: such a file decodes at q8_0's speed and memory), a file of
+    /// f32/f16/bf16 matrices an f32 model. Returns the model and the file's tokenizer.json text when it embeds one.
     pub fn load_gguf(path: &Path) -> Result<(Self, Option<String>)> {
         let g = Gguf::open(path)?;
         let config = gguf_config(&g)?;
@@ -252,7 +265,8 @@ impl Model<Cpu> {
             let name = extra.map_or("?", |t| t.name.as_str());
             return Err(Error::tensor(path, name, "not a tensor of a GPT-NeoX model"));
         }
-        let quant = found.iter().any(|(_, t)| t.kind == GgmlType::Q8_0);
+        // q4_K matrices (llama-quantize's files) become q8_0 too: there are no q4_K kernels yet
+        let quant = found.iter().any(|(_, t)| matches!(t.kind, GgmlType::Q8_0 | GgmlType::Q4_K));
         // what the model will hold, checked against this machine before allocating it
         let bytes: u64 =
             layout
@@ -300,7 +314,7 @@ impl Model<Cpu> {
                 continue;
             }
             let vals = floats(hf, t.kind).ok_or_else(|| {
-                named(format!("type {} is not supported here (f32, f16, bf16, q8_0 are)", t.kind.name()))
+                named(format!("type {} is not supported here (f32, f16, bf16, q8_0, q4_K are)", t.kind.name()))
             })?;
             if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
                 return Err(named(format!("value {} at index {i} is not finite", vals[i])));
@@ -336,6 +350,11 @@ fn floats(b: &[u8], kind: GgmlType) -> Option<Vec<f32>> {
         GgmlType::Q8_0 => {
             let mut v = vec![0f32; b.len() / crate::kernels::q8::BLOCK_BYTES * crate::kernels::q8::QK];
             crate::kernels::q8::dequantize_q8_0(b, &mut v);
+            v
+        }
+        GgmlType::Q4_K => {
+            let mut v = vec![0f32; b.len() / crate::kernels::q4k::BLOCK_BYTES * QK_K];
+            crate::kernels::q4k::dequantize_q4_k(b, &mut v);
             v
         }
         _ => return None,

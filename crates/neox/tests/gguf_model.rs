@@ -85,6 +85,48 @@ fn q8_0_files_hold_ggml_blocks_and_load_as_a_quantized_model() {
     assert_eq!(g.get("general.file_type").and_then(Value::as_u64), Some(7));
 }
 
+/// q4_K: the file's blocks are ggml's (our quantizer is bit-identical to `quantize_row_q4_K_ref`: the
+/// `kernels::q4k` fixture test); a q4_K file loads as a q8_0 model of the dequantized weights; rows that are not
+/// whole super-blocks are refused naming the tensor.
+#[test]
+fn q4_k_files_hold_ggml_super_blocks_and_load_requantized_to_q8_0() {
+    use neox::ggml_quants::{dequantize_q4_k, dequantize_q8_0, quantize_q4_k, quantize_q8_0};
+    let mut c = NeoxConfig::new_pythia(50304, 256, 2, 4, 512);
+    c.intermediate_size = 1024;
+    let (m, tok) = (Model::new_random(c, 5), tokenizer_json());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q4.gguf");
+    m.save_gguf(&path, GgufType::Q4K, "tiny", &tok).unwrap();
+    let g = Gguf::open(&path).unwrap();
+    assert_eq!(g.get("general.file_type").and_then(Value::as_u64), Some(14));
+    let name = "gpt_neox.layers.0.mlp.dense_4h_to_h.weight";
+    let info = m.layout.find(name).unwrap();
+    let w = &m.params()[info.range()];
+    let mut want = Vec::new();
+    quantize_q4_k(w, &mut want);
+    assert_eq!(g.data(g.tensor("blk.0.ffn_down.weight").unwrap()), &want[..]);
+    for t in g.tensors() {
+        let kind = if t.dims.len() == 2 { GgmlType::Q4_K } else { GgmlType::F32 };
+        assert_eq!(t.kind, kind, "{}", t.name);
+    }
+    let (back, _) = Model::load_gguf(&path).unwrap();
+    assert_eq!(back.quantized(), Some(QuantType::Q8_0));
+    // the loaded matrix = q8_0 of the dequantized q4_K blocks
+    let mut q4 = vec![0f32; w.len()];
+    dequantize_q4_k(&want, &mut q4);
+    let mut q8 = Vec::new();
+    quantize_q8_0(&q4, &mut q8);
+    let mut expect = vec![0f32; w.len()];
+    dequantize_q8_0(&q8, &mut expect);
+    assert_eq!(bits(&back.dequantized_params()[info.range()]), bits(&expect));
+    let ln = m.layout.find("gpt_neox.layers.1.input_layernorm.weight").unwrap();
+    assert_eq!(bits(&back.dequantized_params()[ln.range()]), bits(&m.params()[ln.range()]));
+    // 64-wide rows cannot be q4_K super-blocks
+    let e = model().save_gguf(&dir.path().join("bad.gguf"), GgufType::Q4K, "tiny", &tok).unwrap_err().to_string();
+    assert!(e.contains("q4_K") && e.contains("token_embd.weight") && e.contains("256"), "{e}");
+    assert!(!dir.path().join("bad.gguf").exists(), "no partial file");
+}
+
 #[test]
 fn f16_and_bf16_files_hold_the_rounded_weights() {
     let (m, tok) = (model(), tokenizer_json());

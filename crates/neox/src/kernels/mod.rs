@@ -25,6 +25,7 @@ pub(crate) mod matmul;
 pub(crate) mod matvec_bf16;
 pub(crate) mod matvec_f32;
 pub(crate) mod pool;
+pub(crate) mod q4k;
 pub(crate) mod q8;
 pub(crate) mod rank_r;
 pub(crate) mod rotary;
