@@ -6,10 +6,10 @@
     (venv: pip install -r tools/requirements.txt gguf==0.19.0 llama-cpp-python==0.3.36)
 
 For each preset: `dolly init-model` (random N(0, 0.02) weights, the GPT-NeoX-20B tokenizer), `dolly export-gguf`
-at f32, bf16 and q8_0, then
+at f32, bf16 and q8_0 (and q4_k with `--types f32,q4_k`), then
   1. gguf-py's GGUFReader reads every file (arch, tensor count, types);
-  2. llama.cpp's own quantizer (llama_model_quantize, ftype MOSTLY_Q8_0) applied to our f32 file gives the same
-     q8_0 tensor bytes as our q8_0 file;
+  2. llama.cpp's own quantizer (llama_model_quantize, ftype MOSTLY_Q8_0; MOSTLY_Q4_K_S with `pure`) applied to our
+     f32 file gives the same q8_0 (q4_K) tensor bytes as our q8_0 (q4_k) file;
   3. llama.cpp loads each file and its greedy tokens for a fixed prompt equal ours (neox example gguf_greedy);
   4. batch-1 decode tokens/s, llama.cpp and dolly alternating in rounds on the same file, 2 threads.
 Pinned: llama-cpp-python==0.3.36 (llama.cpp as vendored there), gguf==0.19.0. Developer-only; CI never runs it.
@@ -95,15 +95,20 @@ def main():
             assert bytes(arch.parts[arch.data[0]]).decode() == "gptneox"
             kinds = {str(t_.tensor_type.name) for t_ in r.tensors}
             print(f"{p} {t}: gguf-py reads {len(r.tensors)} tensors of types {sorted(kinds)}", flush=True)
-        # llama.cpp's quantizer on our f32 file against our q8_0 file, tensor by tensor
-        theirs = d / f"m{p}-q8_0-llama.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-        params.nthread = 2
-        if "f32" in files and "q8_0" in files:
+        # llama.cpp's quantizer on our f32 file against our quantized files, tensor by tensor (q4_k: `pure`, every
+        # matrix q4_K as ours are; llama.cpp's default q4_K_S/M mixes in q5_K/q6_K tensors)
+        for qt, ftype, pure in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, False),
+                                ("q4_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S, True)):
+            if "f32" not in files or qt not in files:
+                continue
+            theirs = d / f"m{p}-{qt}-llama.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftype
+            params.nthread = 2
+            params.pure = pure
             rc = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(theirs).encode(), ctypes.byref(params))
             assert rc == 0, f"llama_model_quantize returned {rc}"
-            ra, rb = gguf.GGUFReader(str(files["q8_0"])), gguf.GGUFReader(str(theirs))
+            ra, rb = gguf.GGUFReader(str(files[qt])), gguf.GGUFReader(str(theirs))
             tb = {t_.name: t_ for t_ in rb.tensors}
             same = diff = 0
             for t_ in ra.tensors:
@@ -113,7 +118,7 @@ def main():
                 else:
                     diff += 1
                     print(f"  differs: {t_.name} ours {t_.tensor_type.name} llama.cpp {o.tensor_type.name}")
-            print(f"{p} q8_0: {same} tensors byte-identical to llama.cpp's quantizer, {diff} differ", flush=True)
+            print(f"{p} {qt}: {same} tensors byte-identical to llama.cpp's quantizer, {diff} differ", flush=True)
         # greedy tokens, then speed
         for t, f in files.items():
             llm = llama(f)
