@@ -49,6 +49,10 @@ pub struct EvalArgs {
     /// Remove exact duplicate records first (default: the training run's, else off).
     #[arg(long, value_name = "BOOL", value_parser = parse_bool)]
     pub dedup: Option<bool>,
+    /// Evaluate with q8_0 weight matrices (ggml's 8-bit blocks; quantized while loading, ~1.06 bytes a weight):
+    /// the quality of a quantized model, and models too large for f32 here.
+    #[arg(long, value_name = "TYPE", value_parser = crate::flags::parse_quant)]
+    pub quantize: Option<neox::QuantType>,
     /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -209,7 +213,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         }
     };
 
-    let model = crate::adapter_arg::load(&src, tok.vocab_size(), None)?;
+    let model = crate::adapter_arg::load(&src, tok.vocab_size(), a.quantize)?;
     let t0 = Instant::now();
     let tallies = loss_by_category(&model, &chosen, &category, a.batch_size)?;
     let secs = t0.elapsed().as_secs_f64();

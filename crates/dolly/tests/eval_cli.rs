@@ -46,6 +46,22 @@ fn eval_matches_the_trainers_eval_and_writes_samples() {
     assert_eq!(tokens, m["tokens"].as_u64().unwrap());
     let weighted: f64 = cats.values().map(|c| c["loss"].as_f64().unwrap() * c["tokens"].as_f64().unwrap()).sum();
     assert!((weighted / tokens as f64 - got).abs() < 1e-9);
+    // q8_0 weights: the held-out loss moves by well under 1% (ggml's 8-bit blocks)
+    let mq = f.dir.path().join("mq.json");
+    let o = dolly()
+        .arg("eval")
+        .arg(&out)
+        .arg("--tokenizer")
+        .arg(test_support::shared_file("20B_tokenizer.json"))
+        .args(["--quantize", "q8_0", "--metrics-json"])
+        .arg(&mq)
+        .output()
+        .unwrap();
+    ok(&o);
+    let q: Value = serde_json::from_str(&std::fs::read_to_string(&mq).unwrap()).unwrap();
+    let ql = q["loss"].as_f64().unwrap();
+    assert!((ql - got).abs() < 0.01 * got, "q8_0 loss {ql} vs f32 {got}");
+    assert_eq!(q["tokens"], m["tokens"]);
     // the printed table ends with the total
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.lines().last().unwrap().starts_with("all "), "{table}");
