@@ -46,8 +46,8 @@ pub struct EvalArgs {
     /// context window).
     #[arg(long)]
     pub max_length: Option<usize>,
-    /// Remove exact duplicate records first (default: the training run's, else off).
-    #[arg(long, value_name = "BOOL", value_parser = parse_bool)]
+    /// Remove exact duplicate records first (default: the training run's, else off). `--dedup` = true.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub dedup: Option<bool>,
     /// Evaluate with q8_0 weight matrices (ggml's 8-bit blocks; quantized while loading, ~1.06 bytes a weight):
     /// the quality of a quantized model, and models too large for f32 here.
