@@ -238,7 +238,12 @@ pub(crate) fn completion(s: &AppState, body: Result<Bytes, BytesRejection>) -> R
         Prompts::Ids(list) => {
             let mut out = Vec::with_capacity(list.len());
             for ids in list {
-                let text = s.tokenizer.decode(&ids).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?;
+                // the text is only echoed or logged: a token-id generation request (lm-eval's generate_until) needs none
+                let text = if echo || s.log.prompts {
+                    s.tokenizer.decode(&ids).map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?
+                } else {
+                    String::new()
+                };
                 out.push((ids, text));
             }
             out

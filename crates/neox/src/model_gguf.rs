@@ -222,14 +222,14 @@ impl Model<Cpu> {
                     GgmlType::F32 => row.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
                     GgmlType::F16 => row.iter().for_each(|&v| buf.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
                     GgmlType::BF16 => row.iter().for_each(|&v| buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
-                    GgmlType::Q4_K => {
+                    kind => {
+                        // finite and within f16 scales (q4_K rows that are not whole super-blocks were refused
+                        // by `add_tensor`)
                         crate::weights::check_quantizable(row, cols).map_err(|m| Error::tensor(path, &info.name, m))?;
-                        // (rows that are not whole super-blocks were refused by `add_tensor`)
-                        quantize_q4_k(row, &mut buf)
-                    }
-                    _ => {
-                        crate::weights::check_quantizable(row, cols).map_err(|m| Error::tensor(path, &info.name, m))?;
-                        quantize_q8_0(row, &mut buf)
+                        match kind {
+                            GgmlType::Q4_K => quantize_q4_k(row, &mut buf),
+                            _ => quantize_q8_0(row, &mut buf),
+                        }
                     }
                 }
                 if buf.len() > 1 << 26 {
