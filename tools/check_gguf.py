@@ -8,8 +8,9 @@
 For each preset: `dolly init-model` (random N(0, 0.02) weights, the GPT-NeoX-20B tokenizer), `dolly export-gguf`
 at f32, bf16 and q8_0 (and q4_k with `--types f32,q4_k`), then
   1. gguf-py's GGUFReader reads every file (arch, tensor count, types);
-  2. llama.cpp's own quantizer (llama_model_quantize, ftype MOSTLY_Q8_0; MOSTLY_Q4_K_S with `pure`) applied to our
-     f32 file gives the same q8_0 (q4_K) tensor bytes as our q8_0 (q4_k) file;
+  2. llama.cpp's own quantizer (llama_model_quantize, ftype MOSTLY_Q8_0; MOSTLY_Q4_K_S with `pure` and the token
+     embedding and output tensor types set to q8_0, as ours keeps them) applied to our f32 file gives the same
+     q8_0 (q4_K) tensor bytes as our q8_0 (q4_k) file;
   3. llama.cpp loads each file and its greedy tokens for a fixed prompt equal ours (neox example gguf_greedy);
   4. batch-1 decode tokens/s, llama.cpp and dolly alternating in rounds on the same file, 2 threads.
 Pinned: llama-cpp-python==0.3.36 (llama.cpp as vendored there), gguf==0.19.0. Developer-only; CI never runs it.
@@ -96,7 +97,8 @@ def main():
             kinds = {str(t_.tensor_type.name) for t_ in r.tensors}
             print(f"{p} {t}: gguf-py reads {len(r.tensors)} tensors of types {sorted(kinds)}", flush=True)
         # llama.cpp's quantizer on our f32 file against our quantized files, tensor by tensor (q4_k: `pure`, every
-        # matrix q4_K as ours are; llama.cpp's default q4_K_S/M mixes in q5_K/q6_K tensors)
+        # layer matrix q4_K as ours are, with the embedding and head q8_0 as ours; llama.cpp's default q4_K_S/M
+        # mixes in q5_K/q6_K tensors)
         for qt, ftype, pure in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, False),
                                 ("q4_k", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S, True)):
             if "f32" not in files or qt not in files:
@@ -106,6 +108,9 @@ def main():
             params.ftype = ftype
             params.nthread = 2
             params.pure = pure
+            if pure:
+                params.token_embedding_type = int(gguf.GGMLQuantizationType.Q8_0)
+                params.output_tensor_type = int(gguf.GGMLQuantizationType.Q8_0)
             rc = llama_cpp.llama_model_quantize(str(files["f32"]).encode(), str(theirs).encode(), ctypes.byref(params))
             assert rc == 0, f"llama_model_quantize returned {rc}"
             ra, rb = gguf.GGUFReader(str(files[qt])), gguf.GGUFReader(str(theirs))

@@ -78,7 +78,7 @@ pub struct GenBench {
     /// and types; --quantize applies to float ones).
     #[arg(long, value_name = "PATH")]
     model: Option<String>,
-    /// Quantize the model's weight matrices (q8_0) and decode with the int8 kernels.
+    /// Quantize the model's weight matrices (q8_0 or q4_k) and decode with the int8 kernels.
     #[arg(long, value_name = "TYPE", value_parser = crate::flags::parse_quant)]
     quantize: Option<neox::QuantType>,
     #[arg(long)]

@@ -49,8 +49,8 @@ pub struct EvalArgs {
     /// Remove exact duplicate records first (default: the training run's, else off). `--dedup` = true.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub dedup: Option<bool>,
-    /// Evaluate with q8_0 weight matrices (ggml's 8-bit blocks; quantized while loading, ~1.06 bytes a weight):
-    /// the quality of a quantized model, and models too large for f32 here.
+    /// Evaluate with quantized weight matrices, q8_0 or q4_k (quantized while loading, ~1.06 or ~0.58 bytes a
+    /// weight): the quality of a quantized model, and models too large for f32 here.
     #[arg(long, value_name = "TYPE", value_parser = crate::flags::parse_quant)]
     pub quantize: Option<neox::QuantType>,
     /// Examples per forward pass.

@@ -34,10 +34,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_value = "false", default_missing_value = "true",
           value_parser = parse_bool)]
     pub bf16: bool,
-    /// Quantize the weight matrices while loading (q8_0: ggml's 8-bit blocks, 1.06 bytes per weight against 2 for
-    /// bf16): the fastest decoding on a memory-bound CPU and the least memory, at 8-bit weight precision. The
-    /// model is never held whole in f32; the KV cache is bf16. With an adapter, the base is resized and
-    /// quantized in memory, then the adapter's branches run in f32.
+    /// Quantize the weight matrices while loading: q8_0 (ggml's 8-bit blocks, 1.06 bytes per weight against 2
+    /// for bf16) or q4_k (ggml's 4-bit k-quant, 0.58 bytes, embedding and head kept in q8_0): the fastest
+    /// decoding on a memory-bound CPU and the least memory, at 8- or 4-bit weight precision. The model is never
+    /// held whole in f32; the KV cache is bf16. With an adapter, the base is resized and quantized in memory,
+    /// then the adapter's branches run in f32.
     #[arg(long, value_name = "TYPE", value_parser = parse_quant)]
     pub quantize: Option<neox::QuantType>,
     /// The instruction. Without it: an interactive loop when stdin is a terminal, else the instruction is read

@@ -1,8 +1,9 @@
 //! `dolly export-gguf MODEL --type f32|f16|bf16|q8_0|q4_k --output OUT.gguf` and `dolly quantize MODEL --type q8_0|q4_k
 //! --output OUT.gguf`: a model directory (or a dolly checkpoint, or a hub id) as a llama.cpp GGUF file, with its
-//! tokenizer, ready for llama.cpp, Ollama and LM Studio (docs/gguf.md). A q8_0 export quantizes while loading,
-//! one tensor at a time, so it needs about the memory of the q8_0 file; f32/f16/bf16 exports load the model in
-//! f32 (4 bytes per parameter). The file appears only when complete.
+//! tokenizer, ready for llama.cpp, Ollama and LM Studio (docs/gguf.md). A q8_0 or q4_k export quantizes while
+//! loading, one tensor at a time, so it needs about the memory of the quantized file; f32/f16/bf16 exports (and
+//! exports of a dolly checkpoint) load the model in f32 (4 bytes per parameter). The file appears only when
+//! complete.
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -15,8 +16,9 @@ pub struct GgufArgs {
     /// Model directory (config.json + weights + tokenizer.json), a dolly checkpoint, or a hub model id.
     pub model: String,
     /// Weight type of the matrices: f32, f16, bf16, q8_0 or q4_k (ggml's 4-bit k-quant, bit-identical to
-    /// llama-quantize's reference; needs rows of a multiple of 256 values) (LayerNorm weights and biases stay
-    /// f32, as llama.cpp writes them). `dolly quantize` takes q8_0 or q4_k.
+    /// llama-quantize's reference; the embedding, the head and rows that are not a multiple of 256 values in
+    /// q8_0) (LayerNorm weights and biases stay f32, as llama.cpp writes them). `dolly quantize` takes q8_0 or
+    /// q4_k.
     #[arg(long = "type", value_name = "TYPE", value_parser = parse_type)]
     pub kind: GgufType,
     /// The GGUF file to write (written as a temporary file and renamed when complete).
@@ -62,11 +64,24 @@ pub fn run_export(a: GgufArgs) -> anyhow::Result<()> {
     let model = match a.kind {
         GgufType::Q8_0 if !checkpoint => Model::load_quantized(&dir, QuantType::Q8_0)
             .with_context(|| format!("loading model {} as q8_0", dir.display()))?,
+        GgufType::Q4K if !checkpoint => Model::load_quantized(&dir, QuantType::Q4K)
+            .with_context(|| format!("loading model {} as q4_k", dir.display()))?,
         _ => crate::model_arg::load(&dir)?,
     };
     eprintln!("loaded {} in {:.1} s; writing {}", dir.display(), t0.elapsed().as_secs_f64(), a.output.display());
     let name = crate::adapter_arg::name_of(&dir);
     model.save_gguf(&a.output, a.kind, &name, &tok).with_context(|| format!("writing {}", a.output.display()))?;
+    if a.kind == GgufType::Q4K {
+        // say which matrices q4_K kept in q8_0
+        let g = neox::gguf::Gguf::open(&a.output).with_context(|| format!("reading back {}", a.output.display()))?;
+        let mats = g.tensors().iter().filter(|t| t.dims.len() == 2);
+        let q4 = mats.clone().filter(|t| t.kind == neox::gguf::GgmlType::Q4_K).count();
+        let q8 = mats.count() - q4;
+        eprintln!(
+            "{q4} matrices in q4_K, {q8} in q8_0 (the embedding, the head, and any whose rows are not a multiple \
+             of 256 values)"
+        );
+    }
     let bytes = std::fs::metadata(&a.output).map(|m| m.len()).unwrap_or(0);
     eprintln!(
         "wrote {} ({:.1} MiB) in {:.1} s",

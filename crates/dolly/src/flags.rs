@@ -14,9 +14,9 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
-/// `--quantize TYPE`: a weight format of `neox::QuantType` (`q8_0`).
+/// `--quantize TYPE`: a weight format of `neox::QuantType` (`q8_0`, `q4_k`).
 pub fn parse_quant(s: &str) -> Result<neox::QuantType, String> {
-    neox::QuantType::parse(s).ok_or_else(|| format!("unknown quantization `{s}` (supported: q8_0)"))
+    neox::QuantType::parse(s).ok_or_else(|| format!("unknown quantization `{s}` (supported: q8_0, q4_k)"))
 }
 
 /// An output file flag (`flag` = `--output`, ...): not a directory, its directory exists, and it is not `input`

@@ -57,9 +57,9 @@ enum Command {
     Serve(cmd_serve::ServeArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(cmd_merge::MergeArgs),
-    /// Write a model as a llama.cpp GGUF file (f32, f16, bf16 or q8_0), tokenizer included.
+    /// Write a model as a llama.cpp GGUF file (f32, f16, bf16, q8_0 or q4_k), tokenizer included.
     ExportGguf(cmd_gguf::GgufArgs),
-    /// Write a model as a quantized GGUF file (q8_0), quantizing one tensor at a time.
+    /// Write a model as a quantized GGUF file (q8_0 or q4_k), quantizing one tensor at a time.
     Quantize(cmd_gguf::GgufArgs),
 }
 

@@ -43,8 +43,8 @@ pub fn is_gguf(spec: &str) -> bool {
 }
 
 /// A GGUF model file and its tokenizer: `--tokenizer FILE` when given, else the tokenizer.json the file embeds
-/// (`dolly export-gguf` writes it; llama.cpp's converter does not, so its files need --tokenizer). q8_0 files
-/// load as they are; float files load in f32 and are quantized when `quant` is given.
+/// (`dolly export-gguf` writes it; llama.cpp's converter does not, so its files need --tokenizer). q8_0 and q4_K
+/// matrices load as they are; float files load in f32 and are quantized when `quant` is given.
 pub fn load_gguf(
     spec: &str,
     tokenizer: Option<&Path>,

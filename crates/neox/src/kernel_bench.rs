@@ -27,7 +27,7 @@ pub fn bf16_path() -> &'static str {
 }
 
 /// Allows or forbids the AMX path of the bf16 products for the whole process (on by default where the CPU has it).
-/// The int8 dot product the q8_0 decode kernels use here: "avx512vnni", "avx2" or "portable".
+/// The int8 dot product the q8_0 and q4_K kernels use here: "avx512vnni", "avx2" or "portable".
 pub fn q8_path() -> &'static str {
     crate::kernels::q8::path_name()
 }

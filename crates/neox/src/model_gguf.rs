@@ -5,11 +5,11 @@
 //! the file alone answers prompts exactly as the HF tokenizer splits them. Reading accepts such files from
 //! either writer; anything unknown or inconsistent is an error naming the key or tensor.
 
-use crate::backend::cpu::{Cpu, QuantBase, QuantType};
+use crate::backend::cpu::{Cpu, QMatrix, QuantBase, QuantType};
 use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
 use crate::gguf::{GgmlType, Gguf, GgufWriter, Value};
-use crate::kernels::q4k::{quantize_q4_k, QK_K};
+use crate::kernels::q4k::{quantize_q4_k, Q4KMatrix, QK_K};
 use crate::kernels::q8::{quantize_q8_0, Q8Matrix};
 use crate::kernels::w16::{bf16_to_f32, f32_to_bf16};
 use crate::layout::Layout;
@@ -25,7 +25,8 @@ pub enum GgufType {
     F16,
     Bf16,
     Q8_0,
-    /// ggml's 4-bit k-quant (rows must be whole super-blocks of 256 values).
+    /// ggml's 4-bit k-quant for the layers' matrices; the embedding, the head, and rows that are not whole
+    /// super-blocks of 256 in q8_0 (`QuantType::for_matrix`).
     Q4K,
 }
 
@@ -41,13 +42,17 @@ impl GgufType {
         }
     }
 
-    fn ggml(self) -> GgmlType {
+    /// The type of matrix `name` (rows of `cols` values) in a file of this type.
+    fn ggml(self, name: &str, cols: usize) -> GgmlType {
         match self {
             GgufType::F32 => GgmlType::F32,
             GgufType::F16 => GgmlType::F16,
             GgufType::Bf16 => GgmlType::BF16,
             GgufType::Q8_0 => GgmlType::Q8_0,
-            GgufType::Q4K => GgmlType::Q4_K,
+            GgufType::Q4K => match QuantType::Q4K.for_matrix(name, cols) {
+                QuantType::Q4K => GgmlType::Q4_K,
+                QuantType::Q8_0 => GgmlType::Q8_0,
+            },
         }
     }
 
@@ -199,7 +204,7 @@ impl Model<Cpu> {
         for p in &layout.params {
             let name = gguf_name(&p.name).ok_or_else(|| Error::invalid(format!("{}: no GGUF name", p.name)))?;
             let dims: Vec<u64> = p.shape.iter().rev().map(|&d| d as u64).collect();
-            let ty = if p.shape.len() == 2 { kind.ggml() } else { GgmlType::F32 };
+            let ty = if p.shape.len() == 2 { kind.ggml(&p.name, p.shape[1]) } else { GgmlType::F32 };
             w.add_tensor(&name, &dims, ty)?;
         }
         let h = c.num_attention_heads;
@@ -209,7 +214,12 @@ impl Model<Cpu> {
                 if p.name.contains("query_key_value") { qkv_rows(h, head_dim) } else { (0..p.shape[0]).collect() };
             let cols = if p.shape.len() == 2 { p.shape[1] } else { 1 };
             let mut buf = Vec::new();
-            if let (Some(m), GgmlType::Q8_0) = (self.be.quant_matrix(p.offset), info.kind) {
+            // a quantized model's blocks of the file's type are copied as they are
+            let held = self.be.quant_matrix(p.offset).filter(|m| match m.kind() {
+                QuantType::Q8_0 => info.kind == GgmlType::Q8_0,
+                QuantType::Q4K => info.kind == GgmlType::Q4_K,
+            });
+            if let Some(m) = held {
                 for &r in &rows {
                     m.write_blocks(r, r + 1, &mut buf);
                 }
@@ -223,12 +233,14 @@ impl Model<Cpu> {
                     GgmlType::F16 => row.iter().for_each(|&v| buf.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
                     GgmlType::BF16 => row.iter().for_each(|&v| buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),
                     kind => {
-                        // finite and within f16 scales (q4_K rows that are not whole super-blocks were refused
-                        // by `add_tensor`)
-                        crate::weights::check_quantizable(row, cols).map_err(|m| Error::tensor(path, &info.name, m))?;
-                        match kind {
-                            GgmlType::Q4_K => quantize_q4_k(row, &mut buf),
-                            _ => quantize_q8_0(row, &mut buf),
+                        // finite and within f16 scales (rows that are not whole blocks were refused by
+                        // `add_tensor`)
+                        let q = if kind == GgmlType::Q4_K { QuantType::Q4K } else { QuantType::Q8_0 };
+                        crate::weights::check_quantizable(q, row, cols)
+                            .map_err(|m| Error::tensor(path, &info.name, m))?;
+                        match q {
+                            QuantType::Q4K => quantize_q4_k(row, &mut buf),
+                            QuantType::Q8_0 => quantize_q8_0(row, &mut buf),
                         }
                     }
                 }
@@ -265,21 +277,17 @@ impl Model<Cpu> {
             let name = extra.map_or("?", |t| t.name.as_str());
             return Err(Error::tensor(path, name, "not a tensor of a GPT-NeoX model"));
         }
-        // q4_K matrices (llama-quantize's files) become q8_0 too: there are no q4_K kernels yet
+        // a file with q8_0 or q4_K matrices gives a quantized model (its float matrices quantized to q8_0)
         let quant = found.iter().any(|(_, t)| matches!(t.kind, GgmlType::Q8_0 | GgmlType::Q4_K));
         // what the model will hold, checked against this machine before allocating it
-        let bytes: u64 =
-            layout
-                .params
-                .iter()
-                .map(|p| {
-                    if quant && p.shape.len() == 2 {
-                        (p.numel() as u64 * 17).div_ceil(16)
-                    } else {
-                        4 * p.numel() as u64
-                    }
-                })
-                .sum();
+        let bytes: u64 = found
+            .iter()
+            .map(|(p, t)| match (quant, p.shape.len(), t.kind) {
+                (true, 2, GgmlType::Q4_K) => (p.numel() as f64 * QuantType::Q4K.bytes_per_weight()).ceil() as u64,
+                (true, 2, _) => (p.numel() as f64 * QuantType::Q8_0.bytes_per_weight()).ceil() as u64,
+                _ => 4 * p.numel() as u64,
+            })
+            .sum();
         common::check_fits(&format!("loading the model {}", path.display()), bytes).map_err(Error::invalid)?;
         // bf16 matrices decode from bf16 panels (exact for them), as `--bf16` would
         let bf16 = !quant && found.iter().all(|(p, t)| p.shape.len() == 1 || t.kind == GgmlType::BF16);
@@ -308,7 +316,13 @@ impl Model<Cpu> {
                 return Err(named(format!("a vector of type {} (vectors are f32, f16 or bf16)", t.kind.name())));
             }
             if quant && p.shape.len() == 2 && t.kind == GgmlType::Q8_0 {
-                base.push_matrix(p.offset, Q8Matrix::from_blocks(hf, rows, cols).map_err(named)?);
+                base.push_matrix(p.offset, QMatrix::Q8(Q8Matrix::from_blocks(hf, rows, cols).map_err(named)?));
+                // copied: the file's pages need not stay in this process's memory (a 12b file is 12.6 GB)
+                common::sysmem::forget_mapped_pages(bytes);
+                continue;
+            }
+            if quant && p.shape.len() == 2 && t.kind == GgmlType::Q4_K {
+                base.push_matrix(p.offset, QMatrix::Q4K(Q4KMatrix::from_blocks(hf, rows, cols).map_err(named)?));
                 // copied: the file's pages need not stay in this process's memory (a 12b file is 12.6 GB)
                 common::sysmem::forget_mapped_pages(bytes);
                 continue;
@@ -323,7 +337,8 @@ impl Model<Cpu> {
             match (quant, p.shape.len()) {
                 (false, _) => params[p.range()].copy_from_slice(&vals),
                 (true, 2) => {
-                    base.push_matrix(p.offset, crate::weights::quantize_matrix(&vals, rows, cols).map_err(named)?)
+                    let m = crate::weights::quantize_matrix(QuantType::Q8_0, &vals, rows, cols).map_err(named)?;
+                    base.push_matrix(p.offset, m)
                 }
                 (true, _) => base.push_vector(p.offset, &vals),
             }

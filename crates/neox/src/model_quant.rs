@@ -31,7 +31,7 @@ impl Model<Cpu> {
         for p in &layout.params {
             let row = be.tensor_f32(p.offset, p.numel());
             if p.shape.len() == 2 {
-                let m = weights::quantize_matrix(&row, p.shape[0], p.shape[1])
+                let m = weights::quantize_matrix(kind.for_matrix(&p.name, p.shape[1]), &row, p.shape[0], p.shape[1])
                     .map_err(|m| Error::invalid(format!("{}: {m}", p.name)))?;
                 q.push_matrix(p.offset, m);
             } else {

@@ -5,10 +5,9 @@
 //! found from the headers before the parameter buffer is allocated. Shard names may not leave the model
 //! directory (a hub cache snapshot's links into its own `blobs/` are fine). Writes safetensors atomically.
 
-use crate::backend::cpu::{QuantBase, QuantType};
+use crate::backend::cpu::{QMatrix, QuantBase, QuantType};
 use crate::config::NeoxConfig;
 use crate::error::{Error, Result};
-use crate::kernels::q8::Q8Matrix;
 use crate::layout::Layout;
 use crate::torch_bin::{self, TorchArchive};
 use safetensors::{Dtype, SafeTensors};
@@ -331,13 +330,16 @@ struct QuantDest {
 impl Dest for QuantDest {
     fn bytes(&self, layout: &Layout) -> u64 {
         let kind = self.base.as_ref().map_or(QuantType::Q8_0, |b| b.kind);
-        let (mut mats, mut vecs) = (0u64, 0u64);
+        let (mut mats, mut vecs) = (0f64, 0u64);
         for p in &layout.params {
-            *(if p.shape.len() == 2 { &mut mats } else { &mut vecs }) += p.numel() as u64;
+            match p.shape.len() {
+                2 => mats += p.numel() as f64 * kind.for_matrix(&p.name, p.shape[1]).bytes_per_weight(),
+                _ => vecs += p.numel() as u64,
+            }
         }
         // plus one tensor in f32 on the way
         let widest = layout.params.iter().map(|p| p.numel() as u64).max().unwrap_or(0);
-        (mats as f64 * kind.bytes_per_weight()) as u64 + 4 * (vecs + widest)
+        mats as u64 + 4 * (vecs + widest)
     }
     fn alloc(&mut self, _: usize) {}
     fn slot(&mut self, range: std::ops::Range<usize>) -> &mut [f32] {
@@ -351,25 +353,36 @@ impl Dest for QuantDest {
             base.push_vector(p.offset, &self.scratch);
             return Ok(());
         }
-        let m = quantize_matrix(&self.scratch, p.shape[0], p.shape[1])?;
+        let kind = base.kind.for_matrix(&p.name, p.shape[1]);
+        let m = quantize_matrix(kind, &self.scratch, p.shape[0], p.shape[1])?;
         base.push_matrix(p.offset, m);
         Ok(())
     }
 }
 
-/// A matrix (rows, cols) quantized to q8_0, or why it cannot be.
-pub(crate) fn quantize_matrix(w: &[f32], rows: usize, cols: usize) -> std::result::Result<Q8Matrix, String> {
-    check_quantizable(w, cols)?;
-    Ok(Q8Matrix::quantize(w, rows, cols))
+/// A matrix (rows, cols) quantized to `kind`, or why it cannot be.
+pub(crate) fn quantize_matrix(
+    kind: QuantType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> std::result::Result<QMatrix, String> {
+    check_quantizable(kind, w, cols)?;
+    Ok(QMatrix::quantize(kind, w, rows, cols))
 }
 
-/// Why values in rows of `cols` cannot be quantized to q8_0, if they cannot.
-pub(crate) fn check_quantizable(w: &[f32], cols: usize) -> std::result::Result<(), String> {
-    if cols == 0 || !cols.is_multiple_of(crate::kernels::q8::QK) {
-        return Err(format!("rows of {cols} values cannot be quantized to q8_0 (blocks of 32)"));
+/// Why values in rows of `cols` cannot be quantized to `kind`, if they cannot.
+pub(crate) fn check_quantizable(kind: QuantType, w: &[f32], cols: usize) -> std::result::Result<(), String> {
+    let (block, limit) = match kind {
+        // the block scale amax / 127 must be a finite f16 (at most 65504)
+        QuantType::Q8_0 => (crate::kernels::q8::QK, 65504.0 * 127.0),
+        // dmin = (largest -min of a sub-block) / 63 must be one too
+        QuantType::Q4K => (crate::kernels::q4k::QK_K, 65504.0 * 63.0),
+    };
+    if cols == 0 || !cols.is_multiple_of(block) {
+        return Err(format!("rows of {cols} values cannot be quantized to {} (blocks of {block})", kind.name()));
     }
-    // the block scale amax / 127 must be a finite f16 (at most 65504)
-    if let Some(i) = w.iter().position(|v| !v.is_finite() || v.abs() > 65504.0 * 127.0) {
+    if let Some(i) = w.iter().position(|v| !v.is_finite() || v.abs() > limit) {
         return Err(format!("value {} at index {i} cannot be quantized (not finite, or beyond f16 scales)", w[i]));
     }
     Ok(())

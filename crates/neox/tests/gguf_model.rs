@@ -85,12 +85,13 @@ fn q8_0_files_hold_ggml_blocks_and_load_as_a_quantized_model() {
     assert_eq!(g.get("general.file_type").and_then(Value::as_u64), Some(7));
 }
 
-/// q4_K: the file's blocks are ggml's (our quantizer is bit-identical to `quantize_row_q4_K_ref`: the
-/// `kernels::q4k` fixture test); a q4_K file loads as a q8_0 model of the dequantized weights; rows that are not
-/// whole super-blocks are refused naming the tensor.
+/// q4_K: the layers' matrices are ggml's super-blocks (our quantizer is bit-identical to
+/// `quantize_row_q4_K_ref`: the `kernels::q4k` fixture test), the embedding and head q8_0 blocks; the file loads
+/// as a q4_K model holding exactly those values, and that model (or one quantized in memory) writes the same
+/// file back. Rows that are not whole super-blocks are written in q8_0.
 #[test]
-fn q4_k_files_hold_ggml_super_blocks_and_load_requantized_to_q8_0() {
-    use neox::ggml_quants::{dequantize_q4_k, dequantize_q8_0, quantize_q4_k, quantize_q8_0};
+fn q4_k_files_hold_ggml_super_blocks_and_load_as_a_q4_k_model() {
+    use neox::ggml_quants::{dequantize_q4_k, quantize_q4_k, quantize_q8_0};
     let mut c = NeoxConfig::new_pythia(50304, 256, 2, 4, 512);
     c.intermediate_size = 1024;
     let (m, tok) = (Model::new_random(c, 5), tokenizer_json());
@@ -105,26 +106,45 @@ fn q4_k_files_hold_ggml_super_blocks_and_load_requantized_to_q8_0() {
     let mut want = Vec::new();
     quantize_q4_k(w, &mut want);
     assert_eq!(g.data(g.tensor("blk.0.ffn_down.weight").unwrap()), &want[..]);
+    let head = &m.params()[m.layout.find("embed_out.weight").unwrap().range()];
+    let mut want_head = Vec::new();
+    quantize_q8_0(head, &mut want_head);
+    assert_eq!(g.data(g.tensor("output.weight").unwrap()), &want_head[..]);
     for t in g.tensors() {
-        let kind = if t.dims.len() == 2 { GgmlType::Q4_K } else { GgmlType::F32 };
+        let kind = match (t.dims.len(), t.name.as_str()) {
+            (1, _) => GgmlType::F32,
+            (_, "token_embd.weight" | "output.weight") => GgmlType::Q8_0,
+            _ => GgmlType::Q4_K,
+        };
         assert_eq!(t.kind, kind, "{}", t.name);
     }
     let (back, _) = Model::load_gguf(&path).unwrap();
-    assert_eq!(back.quantized(), Some(QuantType::Q8_0));
-    // the loaded matrix = q8_0 of the dequantized q4_K blocks
+    assert_eq!(back.quantized(), Some(QuantType::Q4K));
     let mut q4 = vec![0f32; w.len()];
     dequantize_q4_k(&want, &mut q4);
-    let mut q8 = Vec::new();
-    quantize_q8_0(&q4, &mut q8);
-    let mut expect = vec![0f32; w.len()];
-    dequantize_q8_0(&q8, &mut expect);
-    assert_eq!(bits(&back.dequantized_params()[info.range()]), bits(&expect));
+    assert_eq!(bits(&back.dequantized_params()[info.range()]), bits(&q4));
     let ln = m.layout.find("gpt_neox.layers.1.input_layernorm.weight").unwrap();
     assert_eq!(bits(&back.dequantized_params()[ln.range()]), bits(&m.params()[ln.range()]));
-    // 64-wide rows cannot be q4_K super-blocks
-    let e = model().save_gguf(&dir.path().join("bad.gguf"), GgufType::Q4K, "tiny", &tok).unwrap_err().to_string();
-    assert!(e.contains("q4_K") && e.contains("token_embd.weight") && e.contains("256"), "{e}");
-    assert!(!dir.path().join("bad.gguf").exists(), "no partial file");
+    // the loaded model's blocks are written as they are; quantizing in memory gives the same file
+    let again = dir.path().join("again.gguf");
+    back.save_gguf(&again, GgufType::Q4K, "tiny", &tok).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap());
+    let q = m.into_quantized(QuantType::Q4K).unwrap();
+    assert_eq!(bits(&q.dequantized_params()), bits(&back.dequantized_params()));
+    // 64-wide rows cannot be q4_K super-blocks: those matrices are q8_0
+    let small = dir.path().join("small.gguf");
+    model().save_gguf(&small, GgufType::Q4K, "tiny", &tok).unwrap();
+    let g = Gguf::open(&small).unwrap();
+    for t in g.tensors() {
+        let kind = match (t.dims.len(), t.dims[0]) {
+            (1, _) => GgmlType::F32,
+            // dense_4h_to_h has rows of 256
+            (_, 256) => GgmlType::Q4_K,
+            _ => GgmlType::Q8_0,
+        };
+        assert_eq!(t.kind, kind, "{} {:?}", t.name, t.dims);
+    }
+    assert_eq!(Model::load_gguf(&small).unwrap().0.quantized(), Some(QuantType::Q4K));
 }
 
 #[test]

@@ -1,9 +1,10 @@
-//! q8_0 against the model it was quantized from, on a trained model (issue 15's quality check): held-out loss
-//! over the test split `dolly train` made (the same --test-size, --seed, --max-length), and the greedy answers of
-//! the first N test prompts, token by token, against the bf16-decoding model (Dolly's inference dtype).
+//! A quantized model (q8_0 or q4_k) against the model it was quantized from, on a trained model (issue 15's
+//! quality check): held-out loss over the test split `dolly train` made (the same --test-size, --seed,
+//! --max-length), and the greedy answers of the first N test prompts, token by token, against the bf16-decoding
+//! model (Dolly's inference dtype).
 //!
 //!     cargo run --release -p train --example quant_quality -- out/dolly-14m ../shared/data/databricks-dolly-15k.jsonl \
-//!         [TEST_SIZE=200] [SEED=42] [MAX_LENGTH=512] [PROMPTS=20] [NEW_TOKENS=64]
+//!         [TEST_SIZE=200] [SEED=42] [MAX_LENGTH=512] [PROMPTS=20] [NEW_TOKENS=64] [TYPE=q8_0]
 use data::{BadRecordPolicy, DollyTokenizer, HubOptions, PrepareOptions, TestSize};
 use neox::{Activations, Model, QuantType};
 use std::path::Path;
@@ -35,10 +36,12 @@ fn main() {
     let opts = PrepareOptions { max_length, seed: seed as u64, test_size: TestSize::Count(test_size), dedup: false };
     let prep = data::prepare_examples(&loaded.records, &tok, &opts).unwrap();
     let f = Model::load(dir).unwrap();
-    let q = Model::load_quantized(dir, QuantType::Q8_0).unwrap();
+    let kind = args.get(8).map_or(QuantType::Q8_0, |s| QuantType::parse(s).expect("q8_0 or q4_k"));
+    let name = kind.name();
+    let q = Model::load_quantized(dir, kind).unwrap();
     let (lf, lq) = (loss(&f, &prep.test), loss(&q, &prep.test));
     println!(
-        "held-out loss over {} examples: f32 {lf:.5}, q8_0 {lq:.5} ({:+.3}%)",
+        "held-out loss over {} examples: f32 {lf:.5}, {name} {lq:.5} ({:+.3}%)",
         prep.test.len(),
         100.0 * (lq / lf - 1.0)
     );
@@ -55,7 +58,7 @@ fn main() {
         identical += usize::from(w == g);
     }
     println!(
-        "greedy answers, {} prompts x {new} tokens: q8_0 = bf16 on {same}/{total} tokens ({:.1}%) before the first difference; {identical} answers identical",
+        "greedy answers, {} prompts x {new} tokens: {name} = bf16 on {same}/{total} tokens ({:.1}%) before the first difference; {identical} answers identical",
         ps.len(),
         100.0 * same as f64 / total as f64
     );

@@ -81,6 +81,62 @@ macro_rules! const_rows {
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
 pub(crate) use const_rows;
 
+/// `$name(dst, w, x, o0, o1)`: output columns o0..o1 of every input row of a quantized few-row product, by
+/// `$tile::<R, M>(w, o, x, r0, res)` over R = `$r` weight rows x M <= 4 input rows (`$W` the weight, `$X` the
+/// quantized input rows, with a field `n`). Shared by the q8_0 and q4_K kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+macro_rules! few_row_tiles {
+    ($name:ident, $tile:ident, $feat:literal, $r:literal, $W:ty, $X:ty) => {
+        /// Columns o0..o1 of every row: R weight rows x up to 4 inputs per tile (R x 4 accumulators in
+        /// registers); more inputs take further passes over the same weight rows, which are then in L1.
+        ///
+        /// # Safety
+        /// The CPU features of this path are present; `dst`, `w` and `x` are as the product's entry asserted.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::int_plus_one)] // `o + R <= o1` reads as "R more rows fit", also for R = 1
+        pub(super) unsafe fn $name(dst: &crate::kernels::matvec_f32::Dest<'_>, w: &$W, x: &$X, o0: usize, o1: usize) {
+            macro_rules! rows {
+                ($R:literal, $o:expr) => {{
+                    let o = $o;
+                    let mut r = 0;
+                    while r < x.n {
+                        let left = x.n - r;
+                        macro_rules! go {
+                            ($M:literal) => {{
+                                let mut res = [[0f32; $M]; $R];
+                                $tile::<$R, $M>(w, o, x, r, &mut res);
+                                for (i, row) in res.iter().enumerate() {
+                                    for (m, &y) in row.iter().enumerate() {
+                                        dst.put(r + m, o + i, y);
+                                    }
+                                }
+                                r += $M;
+                            }};
+                        }
+                        match left {
+                            1 => go!(1),
+                            2 => go!(2),
+                            3 => go!(3),
+                            _ => go!(4),
+                        }
+                    }
+                }};
+            }
+            let mut o = o0;
+            while o + $r <= o1 {
+                rows!($r, o);
+                o += $r;
+            }
+            while o < o1 {
+                rows!(1, o);
+                o += 1;
+            }
+        }
+    };
+}
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use few_row_tiles;
+
 /// Asserts that a few-row Linear gives a row the same bits whether other rows share the call or not (batched
 /// decoding then gives the same greedy ids as decoding alone): `linear(out, inp, w, dims)` on random (N, IC) inputs
 /// and (OC, IC) weights, all `n` rows in one call against groups of each size in `groups`, for a few shapes.

@@ -19,8 +19,8 @@ mod quant;
 mod vectors;
 
 pub use kv::CpuKv;
-pub(crate) use quant::QuantBase;
 pub use quant::QuantType;
+pub(crate) use quant::{QMatrix, QuantBase};
 
 use frozen::Base16;
 use lora::CpuLora;
@@ -117,7 +117,7 @@ impl Cpu {
     }
 
     /// The quantized matrix at layout offset `off`, if the base is quantized.
-    pub(crate) fn quant_matrix(&self, off: usize) -> Option<&crate::kernels::q8::Q8Matrix> {
+    pub(crate) fn quant_matrix(&self, off: usize) -> Option<&quant::QMatrix> {
         self.quant.as_ref().and_then(|q| q.matrix(off))
     }
 
@@ -251,7 +251,7 @@ impl Cpu {
         use std::borrow::Cow;
         if let Some(m) = self.quant_matrix(off) {
             let mut v = vec![0f32; len];
-            for (r, row) in v.chunks_exact_mut(m.cols).enumerate() {
+            for (r, row) in v.chunks_exact_mut(m.cols()).enumerate() {
                 m.dequantize_row(r, row);
             }
             return Cow::Owned(v);

@@ -10,7 +10,6 @@ use crate::kernels::math::{gelu_bwd_inplace, gelu_fwd, round_bf16_slice};
 use crate::kernels::matmul::{linear_bwd_input, linear_bwd_input_t, linear_fwd_t, Dims};
 use crate::kernels::matvec_bf16::linear_panels;
 use crate::kernels::matvec_f32::{linear_rows, FEW_ROWS};
-use crate::kernels::q8::linear_q8;
 use crate::kernels::rotary::{rope_apply, rope_table, RopeTable};
 use crate::kernels::w16::{bf16_to_f32, linear_bwd_input_w16, linear_fwd_w16};
 use crate::kernels::{pool, SendPtr, SMALL};
@@ -157,7 +156,7 @@ impl Backend for Cpu {
         // on the transposed copy, which training's backward also reads; a bf16 base has its own products;
         // bf16 compute trains on the bf16 kernel where the CPU has one
         if let Some(q) = self.quant_matrix(lin.w) {
-            linear_q8(out, inp, q, bias, d, accumulate)
+            q.linear(out, inp, bias, d, accumulate)
         } else if pass == Pass::Train && self.bf16_products() {
             self.linear_fwd_bf16(out, inp, lin, d, accumulate)
         } else if let Some(w16) = self.base_bits(lin.w, len) {

@@ -20,7 +20,7 @@
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 use super::matmul::Dims;
 use super::matvec_f32::Dest;
@@ -80,7 +80,7 @@ pub fn dequantize_q8_0(blocks: &[u8], out: &mut [f32]) {
 /// One 64-byte cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(crate) struct Line(pub [u8; 64]);
 
 /// Weight rows stored together (`Q8Matrix`): the rows a tile reads at once.
 const GROUP: usize = 4;
@@ -246,7 +246,7 @@ impl Q8Matrix {
     }
 }
 
-fn bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+pub(crate) fn bytes_mut(lines: &mut [Line]) -> &mut [u8] {
     // SAFETY: `Line` is 64 plain bytes (repr(C)); the slice covers exactly these lines.
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) }
 }

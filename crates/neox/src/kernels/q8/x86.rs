@@ -3,7 +3,6 @@
 //! signed one, so w = −128 (possible in files from other quantizers) is exact and x is never −128 (ours).
 
 use super::{Q8Matrix, QRows};
-use crate::kernels::matvec_f32::Dest;
 use std::arch::x86_64::*;
 
 pub fn vnni() -> bool {
@@ -117,64 +116,27 @@ unsafe fn tile_avx2<const R: usize, const M: usize>(
     }
     for i in 0..R {
         for m in 0..M {
-            // a fixed pairwise order: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1
-            let v = acc[i][m];
-            let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-            res[i][m] = _mm_cvtss_f32(s1);
+            res[i][m] = hsum256(acc[i][m]);
         }
     }
 }
 
-macro_rules! tiles {
-    ($name:ident, $tile:ident, $feat:literal, $r:literal) => {
-        /// Columns o0..o1 of every row: R weight rows x up to 4 inputs per tile (R x 4 accumulators in
-        /// registers); more inputs take further passes over the same weight rows, which are then in L1.
-        ///
-        /// # Safety
-        /// The CPU features of this path are present; `dst`, `w` and `x` are as `linear_q8` asserted.
-        #[target_feature(enable = $feat)]
-        pub unsafe fn $name(dst: &Dest<'_>, w: &Q8Matrix, x: &QRows, o0: usize, o1: usize) {
-            macro_rules! rows {
-                ($R:literal, $o:expr) => {{
-                    let o = $o;
-                    let mut r = 0;
-                    while r < x.n {
-                        let left = x.n - r;
-                        macro_rules! go {
-                            ($M:literal) => {{
-                                let mut res = [[0f32; $M]; $R];
-                                $tile::<$R, $M>(w, o, x, r, &mut res);
-                                for (i, row) in res.iter().enumerate() {
-                                    for (m, &y) in row.iter().enumerate() {
-                                        dst.put(r + m, o + i, y);
-                                    }
-                                }
-                                r += $M;
-                            }};
-                        }
-                        match left {
-                            1 => go!(1),
-                            2 => go!(2),
-                            3 => go!(3),
-                            _ => go!(4),
-                        }
-                    }
-                }};
-            }
-            let mut o = o0;
-            while o + $r <= o1 {
-                rows!($r, o);
-                o += $r;
-            }
-            while o < o1 {
-                rows!(1, o);
-                o += 1;
-            }
-        }
-    };
+/// The sum of 8 lanes in a fixed pairwise order: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1.
+#[inline]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    _mm_cvtss_f32(s1)
 }
 
-tiles!(block_vnni, tile_vnni, "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c", 4);
-tiles!(block_avx2, tile_avx2, "avx2,fma,f16c", 2);
+crate::kernels::few_row_tiles!(
+    block_vnni,
+    tile_vnni,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c",
+    4,
+    Q8Matrix,
+    QRows
+);
+crate::kernels::few_row_tiles!(block_avx2, tile_avx2, "avx2,fma,f16c", 2, Q8Matrix, QRows);

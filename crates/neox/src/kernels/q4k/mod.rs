@@ -3,7 +3,15 @@
 //! 4-bit quants; weight = d * scale_j * q - dmin * min_j for sub-block j of 32. The quantizer is ggml's reference
 //! (`quantize_row_q4_K_ref`, what `llama-quantize` runs without an importance matrix) statement for statement,
 //! with its float operations in the same order, so its blocks are bit-identical to ggml's built without fused
-//! multiply-add (`tools/make_q4k_fixtures.py`). Not yet here: the int8 decode kernels and GGUF export of q4_K.
+//! multiply-add (`tools/make_q4k_fixtures.py`). `matrix` holds q4_K weights for the decode kernels (`x86`).
+
+mod matrix;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use matrix::{linear_q4k, Q4KMatrix};
 
 use half::f16;
 
@@ -100,6 +108,24 @@ pub fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The 12 bytes that hold eight 6-bit scales and eight 6-bit mins (the inverse of `scale_min`: all 96 bits
+/// are used, so unpacking and packing again gives a file's bytes back).
+pub fn pack_scale_min(sc: &[u8; 8], m: &[u8; 8]) -> [u8; 12] {
+    let mut sm = [0u8; 12];
+    for j in 0..8 {
+        let (ls, lm) = (sc[j] & 63, m[j] & 63);
+        if j < 4 {
+            sm[j] |= ls;
+            sm[j + 4] |= lm;
+        } else {
+            sm[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            sm[j - 4] |= (ls >> 4) << 6;
+            sm[j] |= (lm >> 4) << 6;
+        }
+    }
+    sm
+}
+
 /// Append the q4_K super-blocks of `x` (a multiple of 256 values, finite) to `out`.
 pub fn quantize_q4_k(x: &[f32], out: &mut Vec<u8>) {
     assert!(x.len().is_multiple_of(QK_K), "q4_K: {} values are not whole super-blocks of {QK_K}", x.len());
@@ -129,20 +155,13 @@ pub fn quantize_q4_k(x: &[f32], out: &mut Vec<u8>) {
         }
         let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
         let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-        let mut sm = [0u8; 12];
+        let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
         for j in 0..8 {
             // (C stores the int in a uint8_t first, then takes the minimum)
-            let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
-            let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
-            if j < 4 {
-                sm[j] = ls;
-                sm[j + 4] = lm;
-            } else {
-                sm[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-                sm[j - 4] |= (ls >> 4) << 6;
-                sm[j] |= (lm >> 4) << 6;
-            }
+            ls[j] = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+            lm[j] = (nearest_int(inv_min * mins[j]) as u8).min(63);
         }
+        let sm = pack_scale_min(&ls, &lm);
         let d = f16::from_f32(max_scale / 63.0);
         let dmin = f16::from_f32(max_min / 63.0);
         for j in 0..8 {
@@ -182,59 +201,5 @@ pub fn dequantize_q4_k(blocks: &[u8], out: &mut [f32]) {
                 y[32 + l] = d2 * (q[l] >> 4) as f32 - m2;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fixture(name: &str) -> Vec<u8> {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quant").join(name);
-        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-    }
-
-    fn floats(b: &[u8]) -> Vec<f32> {
-        b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-
-    /// Reference: ggml's `quantize_row_q4_K_ref` (llama-cpp-python 0.3.36's llama.cpp, gcc -ffp-contract=off),
-    /// and gguf-py 0.19.0's Q4_K dequantize, from tools/make_q4k_fixtures.py.
-    #[test]
-    fn quantizer_matches_ggml_bit_for_bit_and_dequantize_matches_gguf_py() {
-        let x = floats(&fixture("q4_k_input.f32"));
-        let want = fixture("q4_k_blocks.bin");
-        let mut got = Vec::new();
-        quantize_q4_k(&x, &mut got);
-        assert_eq!(got.len(), want.len());
-        for (i, (g, w)) in got.chunks(BLOCK_BYTES).zip(want.chunks(BLOCK_BYTES)).enumerate() {
-            assert_eq!(g, w, "super-block {i}");
-        }
-        let deq_want = floats(&fixture("q4_k_dequant.f32"));
-        let mut deq = vec![0f32; x.len()];
-        dequantize_q4_k(&want, &mut deq);
-        for (i, (a, b)) in deq.iter().zip(&deq_want).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "value {i}: {a} vs gguf-py {b}");
-        }
-    }
-
-    #[test]
-    fn round_trip_error_is_bounded_by_the_sub_block_steps() {
-        // each value is within half a quantization step (plus the 6-bit scale's rounding) of its sub-block
-        let x: Vec<f32> = (0..4 * QK_K).map(|i| ((i as f32 * 0.37).sin() * 0.05) + (i % 7) as f32 * 1e-3).collect();
-        let mut q = Vec::new();
-        quantize_q4_k(&x, &mut q);
-        assert_eq!(q.len(), 4 * BLOCK_BYTES);
-        let mut y = vec![0f32; x.len()];
-        dequantize_q4_k(&q, &mut y);
-        for (sb, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
-            let range = xs.iter().cloned().fold(f32::MIN, f32::max) - xs.iter().cloned().fold(f32::MAX, f32::min);
-            let worst = xs.iter().zip(ys).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            // a step is range / 15; 6-bit scales and mins add at most a step more
-            assert!(worst <= 2.0 * range / 15.0, "sub-block {sb}: error {worst}, range {range}");
-        }
-        assert_eq!(nearest_int(2.5), 2);
-        assert_eq!(nearest_int(3.5), 4);
-        assert_eq!(nearest_int(-2.5), -2);
     }
 }
